@@ -1,0 +1,1 @@
+"""Flax NNX models: backbone, task heads and the multi-task container."""
