@@ -1,0 +1,321 @@
+"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip) and vanilla clip.
+
+All three take, as ``updates``, a mapping ``{task_name: gradient pytree shaped like params}``
+(head leaves a task does not touch hold zeros) and return one summed, params-shaped pytree,
+so each can be the first link of an ``optax.chain``.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tbgc_jax._src.masks import MaskOrFn, mask_leaves
+
+_F32 = jnp.float32
+
+
+class TaskClipState(NamedTuple):
+  """Per-task diagnostics of the last update, plus a running count of dropped task gradients.
+
+  Every field maps task name -> scalar. Read them with `tbgc_jax.task_diagnostics`.
+  """
+
+  total_norm: dict[str, jax.Array]  # f32[]: L2 norm of the task's raw gradient.
+  backbone_norm: dict[str, jax.Array]  # f32[]: L2 norm of its backbone leaves (0 if no mask).
+  backbone_scale: dict[str, jax.Array]  # f32[]: factor applied to its backbone leaves.
+  head_scale: dict[str, jax.Array]  # f32[]: factor applied to its other leaves.
+  num_nonfinite: dict[str, jax.Array]  # i32[]: updates in which its gradient was non-finite.
+
+
+def _check_tasks(tasks: Sequence[str], where: str) -> tuple[str, ...]:
+  tasks = tuple(tasks)
+  if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
+    raise ValueError(f"{where}: tasks must be a non-empty sequence of distinct names, got {tasks}")
+  # Summing in sorted-name order makes the result bitwise independent of the task order.
+  return tuple(sorted(tasks))
+
+
+def _split_grads(updates: Any, tasks: tuple[str, ...], params: Any, where: str):
+  """Validates the per-task mapping and returns (treedef, {task: leaves})."""
+  if not isinstance(updates, Mapping):
+    raise TypeError(
+        f"{where}: updates must be a mapping task name -> gradient pytree, got "
+        f"{type(updates).__name__}")
+  if set(updates) != set(tasks):
+    raise ValueError(
+        f"{where}: got gradients for tasks {sorted(updates)}, expected exactly {sorted(tasks)} "
+        "(updates must map each task name to a gradient pytree shaped like params)")
+  reference_name = "params" if params is not None else f"the gradient of task {tasks[0]!r}"
+  reference = params if params is not None else updates[tasks[0]]
+  treedef = jax.tree.structure(reference)
+  leaves = {}
+  for task in tasks:
+    task_def = jax.tree.structure(updates[task])
+    if task_def != treedef:
+      raise ValueError(
+          f"{where}: the gradient of task {task!r} does not match {reference_name}: "
+          f"got structure {task_def}, expected {treedef}")
+    leaves[task] = jax.tree.leaves(updates[task])
+  return treedef, leaves
+
+
+def _sum_squares(leaves: Sequence[jax.Array], select: Sequence[bool], want: bool) -> jax.Array:
+  terms = [
+      jnp.sum(jnp.square(x.astype(_F32)))
+      for x, s in zip(leaves, select, strict=True) if s == want]
+  return sum(terms, jnp.zeros([], _F32))
+
+
+def _safe_ratio(num, den):
+  """num / den, with den == 0 mapped to a harmless 1 (callers select the result away)."""
+  return num / jnp.where(den > 0, den, 1.0)
+
+
+def _clip_factor(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
+  """min(1, max_norm / norm), with no 0/0: a zero (or small enough) norm gives 1."""
+  return jnp.where(norm > max_norm, _safe_ratio(max_norm, norm), 1.0)
+
+
+def _task_transform(
+    max_norm, backbone_mask: MaskOrFn | None, tasks: Sequence[str], *, method: str,
+    rescale_heads: bool = True, drop_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  """Shared implementation of the three methods ('tbgc', 'per_task', 'vanilla')."""
+  where = {"tbgc": "tbgc", "per_task": "per_task_clip", "vanilla": "vanilla_clip"}[method]
+  tasks = _check_tasks(tasks, where)
+
+  def is_backbone(tree) -> list[bool]:
+    if backbone_mask is None:
+      return [False] * len(jax.tree.leaves(tree))
+    return mask_leaves(backbone_mask, tree, where=where)
+
+  def init_fn(params):
+    if backbone_mask is not None and not any(is_backbone(params)):
+      raise ValueError(f"{where}: backbone_mask selects no parameter leaf as backbone")
+    zeros = {t: jnp.zeros([], _F32) for t in tasks}
+    ones = {t: jnp.ones([], _F32) for t in tasks}
+    return TaskClipState(
+        total_norm=zeros, backbone_norm=dict(zeros), backbone_scale=ones, head_scale=dict(ones),
+        num_nonfinite={t: jnp.zeros([], jnp.int32) for t in tasks})
+
+  def update_fn(updates, state, params=None):
+    treedef, leaves = _split_grads(updates, tasks, params, where)
+    select = is_backbone(updates[tasks[0]])
+    if method == "tbgc" and not any(select):
+      raise ValueError(f"{where}: backbone_mask selects no gradient leaf as backbone")
+    s = jnp.asarray(max_norm, _F32)
+
+    # Pass 1: per task, backbone and head sums of squares in float32.
+    bb_sq = {t: _sum_squares(leaves[t], select, True) for t in tasks}
+    head_sq = {t: _sum_squares(leaves[t], select, False) for t in tasks}
+    total_sq = {t: bb_sq[t] + head_sq[t] for t in tasks}
+    finite = {t: jnp.isfinite(total_sq[t]) for t in tasks}
+    keep = finite if drop_nonfinite else {t: jnp.asarray(True) for t in tasks}
+    total = {t: jnp.sqrt(total_sq[t]) for t in tasks}
+    bb = {t: jnp.sqrt(bb_sq[t]) for t in tasks}
+
+    if method == "vanilla":
+      summed = [
+          sum(jnp.where(keep[t], leaves[t][i].astype(_F32), 0.0) for t in tasks)
+          for i in range(len(select))
+      ]
+      c = _clip_factor(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in summed)), s)
+      bb_scale = head_scale = {t: jnp.where(keep[t], c, 0.0) for t in tasks}
+      out = [x * c for x in summed]
+    else:
+      clip = {t: _clip_factor(total[t], s) for t in tasks}
+      bb_scale, head_scale = dict(clip), dict(clip)
+      if method == "tbgc":
+        # Clip then rescale the backbone part to norm S: the combined factor on the raw
+        # gradient is S / ||backbone(g)||, whatever the clip did. A task with no backbone
+        # gradient cannot be rescaled and keeps its clipped gradient.
+        rescale = {t: jnp.where(bb[t] > 0, _safe_ratio(s, bb[t]), clip[t]) for t in tasks}
+        bb_scale = rescale
+        if rescale_heads:
+          head_scale = dict(rescale)
+      bb_scale = {t: jnp.where(keep[t], bb_scale[t], 0.0) for t in tasks}
+      head_scale = {t: jnp.where(keep[t], head_scale[t], 0.0) for t in tasks}
+      # Pass 2: scale and sum. `where`, not a product, so a dropped NaN task adds 0, not NaN.
+      out = [
+          sum(
+              jnp.where(keep[t], leaves[t][i].astype(_F32) * (bb_scale if sel else head_scale)[t],
+                        0.0)
+              for t in tasks)
+          for i, sel in enumerate(select)
+      ]
+
+    dtypes = [jnp.result_type(*(leaves[t][i] for t in tasks)) for i in range(len(select))]
+    out = jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(out, dtypes, strict=True)])
+    new_state = TaskClipState(
+        total_norm=total, backbone_norm=bb, backbone_scale=bb_scale, head_scale=head_scale,
+        num_nonfinite={
+            t: state.num_nonfinite[t] + (~finite[t]).astype(jnp.int32) for t in tasks})
+    return out, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def tbgc(
+    max_norm: float | jax.Array,
+    backbone_mask: MaskOrFn,
+    *,
+    tasks: Sequence[str],
+    rescale: bool = True,
+    rescale_heads: bool = True,
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Task-level backbone-oriented gradient clipping (TBGC).
+
+  For each task ``t``, with ``S = max_norm`` and ``B(.)`` the backbone part of a gradient:
+
+  .. math::
+
+    g_t \leftarrow g_t \min(1, S / \|g_t\|), \qquad
+    g_t \leftarrow g_t \, S / \|B(g_t)\|, \qquad
+    \text{update} = \textstyle\sum_t g_t,
+
+  so every task moves the shared backbone with a gradient of norm exactly ``S``. Because the
+  second step scales the whole task gradient by one factor, the first step cancels out: the
+  result is ``g_t * S / ||B(g_t)||`` for the raw ``g_t``. With ``rescale_heads=False`` only
+  the backbone leaves are rescaled and the head leaves keep the clipped gradient
+  ``g_t * min(1, S / ||g_t||)``; with ``rescale=False`` this is TBGC* (`per_task_clip`).
+
+  Edge cases: a task whose gradient is all zeros adds nothing; a task with a zero backbone
+  gradient keeps its clipped gradient. A task whose gradient holds a NaN or inf (detected
+  from its float32 sum of squares, which also flags norms above ~1.8e19) is dropped from this
+  update when ``drop_nonfinite`` (the default), so one exploding task cannot poison the
+  shared backbone, and counted in the state's ``num_nonfinite``; set it to False to let
+  non-finite values through, e.g. to an ``optax.apply_if_finite`` later in the chain.
+
+  Norms are computed in float32 whatever the gradient dtype; outputs keep the gradients'
+  dtype. The transform changes the pytree structure (a mapping of task trees in, one tree
+  out), so it must be the *first* link of a chain: wrap only what follows it in
+  ``optax.apply_if_finite`` or ``optax.MultiSteps``. To schedule ``max_norm`` use
+  ``optax.inject_hyperparams(tbgc, static_args=("backbone_mask", "tasks"))``.
+
+  Args:
+    max_norm: ``S``, the per-task maximum norm and the backbone norm every task is
+      rescaled to (0.1 in the paper). May be a traced scalar.
+    backbone_mask: a pytree of bools shaped like params (or a prefix of it), True on
+      backbone leaves, or a callable ``params -> mask`` such as `tbgc_jax.path_mask`.
+    tasks: the task names; ``update`` expects exactly these keys.
+    rescale: rescale each task's backbone gradient to norm ``S`` (False: TBGC*).
+    rescale_heads: apply the rescale factor to the head leaves too (the paper's formula).
+    drop_nonfinite: drop a task's contribution for this update when its gradient is
+      non-finite.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+
+  References:
+    Zhang et al., `Task-level Backbone-oriented Gradient Clip for Multi-Task Foundation
+    Model Learning`, CVPR 2023 Foundation Model Challenge workshop.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, tbgc_jax
+    >>> params = {"backbone": jnp.ones(3), "head": jnp.ones(2)}
+    >>> tx = optax.chain(
+    ...     tbgc_jax.tbgc(0.1, {"backbone": True, "head": False}, tasks=("a", "b")),
+    ...     optax.adamw(1e-4))
+    >>> grads = {"a": {"backbone": jnp.full(3, 5.0), "head": jnp.ones(2)},
+    ...          "b": {"backbone": jnp.full(3, 1e-3), "head": jnp.zeros(2)}}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> {t: round(float(d["backbone_norm_after"]), 6)
+    ...  for t, d in tbgc_jax.task_diagnostics(state).items()}
+    {'a': 0.1, 'b': 0.1}
+  """
+  return _task_transform(
+      max_norm, backbone_mask, tasks, method="tbgc" if rescale else "per_task",
+      rescale_heads=rescale_heads, drop_nonfinite=drop_nonfinite)
+
+
+def per_task_clip(
+    max_norm: float | jax.Array,
+    backbone_mask: MaskOrFn | None = None,
+    *,
+    tasks: Sequence[str],
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  """TBGC*: clips each task's gradient by its own global norm, then sums them.
+
+  ``update = sum_t g_t * min(1, max_norm / ||g_t||)``. Same input convention, edge cases and
+  chain position as `tbgc`.
+
+  Args:
+    max_norm: per-task maximum global norm.
+    backbone_mask: optional; only used for the backbone-norm diagnostics in the state.
+    tasks: the task names; ``update`` expects exactly these keys.
+    drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+  """
+  return _task_transform(max_norm, backbone_mask, tasks, method="per_task",
+                         drop_nonfinite=drop_nonfinite)
+
+
+def vanilla_clip(
+    max_norm: float | jax.Array,
+    backbone_mask: MaskOrFn | None = None,
+    *,
+    tasks: Sequence[str],
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  """The baseline: sums the task gradients, then clips the sum by its global norm.
+
+  ``update = g * min(1, max_norm / ||g||)`` with ``g = sum_t g_t``: the same result as
+  ``optax.clip_by_global_norm`` on the summed gradient (without its NaN at 0/0), plus
+  per-task diagnostics in the state (the paper's Figure 1 is these backbone norms).
+
+  Args:
+    max_norm: maximum global norm of the summed gradient.
+    backbone_mask: optional; only used for the backbone-norm diagnostics in the state.
+    tasks: the task names; ``update`` expects exactly these keys.
+    drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+  """
+  return _task_transform(max_norm, backbone_mask, tasks, method="vanilla",
+                         drop_nonfinite=drop_nonfinite)
+
+
+def task_diagnostics(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
+  """Reads the per-task norms and scales of the last update from an optimizer state.
+
+  Finds the `TaskClipState` anywhere inside ``opt_state`` (a chain, ``inject_hyperparams``
+  or ``MultiSteps`` state) and returns, per task: ``total_norm`` and ``backbone_norm`` of the
+  raw gradient, ``backbone_scale`` and ``head_scale`` (the factors applied; 0 for a dropped
+  task), ``backbone_norm_after`` (= backbone_norm * backbone_scale, the task's backbone
+  contribution; S for every task under TBGC) and ``num_nonfinite``. Works on traced or
+  concrete states; nothing is fetched to the host.
+
+  Args:
+    opt_state: an optimizer state containing exactly one `TaskClipState`.
+
+  Returns:
+    ``{task: {name: scalar}}``.
+  """
+  found = [
+      x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TaskClipState))
+      if isinstance(x, TaskClipState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"task_diagnostics: expected exactly one TaskClipState in the optimizer state, "
+        f"found {len(found)}")
+  st = found[0]
+  return {
+      t: {
+          "total_norm": st.total_norm[t],
+          "backbone_norm": st.backbone_norm[t],
+          "backbone_norm_after": st.backbone_norm[t] * st.backbone_scale[t],
+          "backbone_scale": st.backbone_scale[t],
+          "head_scale": st.head_scale[t],
+          "num_nonfinite": st.num_nonfinite[t],
+      }
+      for t in st.total_norm
+  }
