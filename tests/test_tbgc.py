@@ -391,21 +391,3 @@ def test_path_mask_on_nnx_state():
   grads = jax.tree.map(jnp.ones_like, params)
   out, _ = jax.jit(tx.update)({"cls": grads}, tx.init(params), params)
   np.testing.assert_allclose(_norm(jax.tree.leaves(out["backbone"])), S, rtol=1e-6)
-
-
-def test_per_task_value_and_grad_matches_separate_grads():
-  def loss(p, x, scale):
-    return scale * jnp.sum(jnp.tanh(p["w"] @ x)), {"mean": jnp.mean(x)}
-
-  params = {"w": jnp.asarray(np.random.default_rng(5).normal(size=(3, 4)), jnp.float32)}
-  batches = {"a": jnp.ones(4), "b": jnp.arange(4.0)}
-  fn_a = tbgc_jax.per_task_value_and_grad({"a": loss, "b": loss}, has_aux=True)
-  (losses, aux), grads = jax.jit(fn_a)(params, batches, 3.0)
-  for t in "ab":
-    (want_loss, want_aux), want_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        params, batches[t], 3.0)
-    np.testing.assert_allclose(losses[t], want_loss, rtol=1e-6)
-    np.testing.assert_allclose(aux[t]["mean"], want_aux["mean"])
-    chex.assert_trees_all_close(grads[t], want_grad, rtol=1e-6)
-  with pytest.raises(ValueError, match="expected exactly"):
-    fn_a(params, {"a": batches["a"]}, 3.0)
