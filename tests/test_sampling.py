@@ -25,9 +25,10 @@ def test_bilinear_sample_matches_scipy_map_coordinates():
 
 def test_bilinear_sample_gradients():
   rng = np.random.default_rng(1)
-  value = rng.normal(size=(1, 4, 4, 2))
+  value = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
   # Keep points away from integer coordinates, where bilinear sampling has kinks.
   xy = np.floor(rng.uniform(-1.0, 4.0, size=(1, 6, 2))) + rng.uniform(0.2, 0.8, size=(1, 6, 2))
+  xy = xy.astype(np.float32)
   check_grads(bilinear_sample, (value, xy), order=1, modes=["rev"], eps=1e-4)
 
 
