@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
 from tbgc_jax.data.records import IGNORE_LABEL
+from tbgc_jax.data.transforms import resize
 
 _log = logging.getLogger(__name__)
 _OVERFLOW = {"examples": 0, "boxes": 0}
@@ -41,16 +41,8 @@ def _fit(ex: dict, image_hw: Sequence[int]) -> dict:
   if h <= image_hw[0] and w <= image_hw[1]:
     return ex
   s = min(image_hw[0] / h, image_hw[1] / w)
-  if s >= 1.0:
-    return ex
-  nh, nw = min(image_hw[0], max(1, round(h * s))), min(image_hw[1], max(1, round(w * s)))
-  ex = dict(ex)
-  ex["image"] = cv2.resize(ex["image"], (nw, nh), interpolation=cv2.INTER_AREA)
-  if "boxes" in ex:
-    ex["boxes"] = ex["boxes"] * np.asarray([nw / w, nh / h, nw / w, nh / h], np.float32)
-  if isinstance(ex.get("label"), np.ndarray) and ex["label"].ndim == 2:
-    ex["label"] = cv2.resize(ex["label"], (nw, nh), interpolation=cv2.INTER_NEAREST)
-  return ex
+  return resize(ex, (min(image_hw[0], max(1, round(h * s))),
+                     min(image_hw[1], max(1, round(w * s)))))
 
 
 def pad_example(ex: dict, task: str, image_hw: Sequence[int], max_boxes: int = 100,

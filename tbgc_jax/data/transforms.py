@@ -55,7 +55,9 @@ def resize(ex: Example, out_hw: tuple[int, int]) -> Example:
   interp = cv2.INTER_AREA if oh * ow < h * w else cv2.INTER_LINEAR
   ex["image"] = cv2.resize(ex["image"], (ow, oh), interpolation=interp)
   if _is_seg(ex):
-    ex["label"] = cv2.resize(ex["label"], (ow, oh), interpolation=cv2.INTER_NEAREST)
+    # NEAREST_EXACT samples at pixel centres like the bilinear image resize (plain NEAREST
+    # is offset by up to half a source pixel).
+    ex["label"] = cv2.resize(ex["label"], (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
   if "boxes" in ex:
     ex["boxes"] = np.asarray(ex["boxes"], np.float32) * np.asarray(
         [ow / w, oh / h, ow / w, oh / h], np.float32)
