@@ -168,6 +168,12 @@ def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int | None
   opts = grain.ReadOptions(num_threads=read_threads) if read_threads else None
   it_ds = ds.to_iter_dataset(opts) if opts else ds.to_iter_dataset()
   if num_workers > 0:
+    # grain's worker processes read absl flags; outside ``absl.app.run`` they are unparsed
+    # and grain raises UnparsedFlagAccessError. Use the defaults in that case.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it_ds)
 
