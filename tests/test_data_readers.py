@@ -218,3 +218,23 @@ def test_tfds_missing_is_a_clear_error_not_a_download(tmp_path):
     readers.TfdsClsSource("train", data_dir=str(data_dir))
   # Nothing was fetched or written.
   assert not data_dir.exists() or not any(p.is_file() for p in data_dir.rglob("*"))
+
+
+def test_reduced_decode_scales_boxes(tmp_path):
+  img = np.zeros((64, 96, 3), np.uint8)
+  img[16:48, 24:56] = 255
+  os.makedirs(tmp_path / "i")
+  cv2.imwrite(str(tmp_path / "i" / "a.jpg"), img)
+  (tmp_path / "a.json").write_text(json.dumps({
+      "images": [{"id": 3, "file_name": "a.jpg", "height": 64, "width": 96}],
+      "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [24, 16, 32, 32]}],
+      "categories": [{"id": 1, "name": "x"}]}))
+  recs, _ = readers.read_coco(str(tmp_path / "a.json"), str(tmp_path / "i"))
+  full = RecordSource(recs, "det", 1)[0]
+  half = RecordSource(recs, "det", 1, min_decode_side=40)[0]  # 96 // 2 >= 40, 96 // 4 < 40
+  assert full["image"].shape == (64, 96, 3) and half["image"].shape == (32, 48, 3)
+  np.testing.assert_allclose(half["boxes"], full["boxes"] / 2)
+  np.testing.assert_array_equal(half["orig_hw"], [64, 96])
+  ys, xs = np.nonzero(half["image"].max(-1) > 127)
+  np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], half["boxes"][0],
+                             atol=1)

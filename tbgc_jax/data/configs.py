@@ -7,6 +7,8 @@ of a trainer config: ``config.data = configs.tiny()``). Per task:
   ``source.train`` / ``source.val``: keyword arguments of that reader
   (``tbgc_jax.data.pipeline.make_source``).
 - ``policy`` ("strict" | "skip") and ``deep_check`` (decode everything while reading).
+- ``min_decode_side`` (det): decode large JPEGs at 1/2, 1/4 or 1/8 size when the long side
+  stays >= this (TT100K 2048 -> 1024 for a 608 network input); 0 disables.
 - ``num_classes``; ``batch_size`` (per device); ``image_size`` (fixed train (H, W));
   ``eval_image_size``; ``max_boxes`` (det).
 - ``augment``: ``mode`` "multi_branch" (``branches``, ``probs_start``, ``probs_end``) or
@@ -108,7 +110,7 @@ def challenge(det_root: str = "data/tt100k", seg_root: str = "data/bdd100k",
                              "image_dir": f"{det_root}/images/val"}},
           "policy": "skip", "deep_check": False, "num_classes": 45,
           "batch_size": 2, "image_size": (608, 608), "eval_image_size": (608, 608),
-          "max_boxes": 100,
+          "max_boxes": 100, "min_decode_side": 608,
           "augment": _det(608, (480, 608), (608, 608), 10.0),
           "eval_augment": "resize_fit(size=(608, 608))",
       },

@@ -79,7 +79,7 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     raise ValueError(f"source format {fmt!r} is not available for task {task!r}")
   if not records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
-  source = RecordSource(records, task, nc)
+  source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0))
   if task == "det":
     max_boxes = int(task_cfg["max_boxes"])
     over = sum(len(r.labels) > max_boxes for r in records)

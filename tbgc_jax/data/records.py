@@ -114,9 +114,18 @@ def image_size(path: str) -> tuple[int, int]:
   return h, w
 
 
-def read_image(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 RGB [H,W,3] with OpenCV; clear error if unreadable."""
-  im = cv2.imread(path, cv2.IMREAD_COLOR)
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def read_image(path: str, reduce: int = 1) -> np.ndarray:
+  """Decodes an image file to uint8 RGB [H,W,3] with OpenCV; clear error if unreadable.
+
+  Args:
+    path: image file.
+    reduce: 1, 2, 4 or 8: decode at 1/reduce size (JPEG DCT scaling: much faster).
+  """
+  im = cv2.imread(path, _REDUCED[reduce])
   if im is None:
     raise DataValidationError(f"{path}: field 'image': expected a readable image file")
   return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
@@ -136,7 +145,8 @@ def read_label_map(path: str) -> np.ndarray:
 
 def check_label_values(path: str, lab: np.ndarray, num_classes: int) -> np.ndarray | None:
   """Returns the invalid class ids of a label map (outside [0, num_classes) and not 255)."""
-  vals = np.unique(lab)
+  # bincount over uint8 is ~20x faster than np.unique (no sort) on a 1280x720 map.
+  vals = np.nonzero(np.bincount(lab.ravel(), minlength=256))[0]
   bad = vals[(vals >= num_classes) & (vals != IGNORE_LABEL)]
   return bad if bad.size else None
 
@@ -148,28 +158,46 @@ class RecordSource:
     records: the records of one task (all ``DetRecord``, ``SegRecord`` or ``ClsRecord``).
     task: "det", "seg" or "cls".
     num_classes: number of classes (checked again at decode time for segmentation).
+    min_decode_side: detection only: when > 0, images whose long side is at least 2x (4x,
+      8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to match (``orig_hw`` stays
+      the size on disk). Set it to the largest long edge the augmentations produce.
   """
 
-  def __init__(self, records: Sequence[Any], task: str, num_classes: int):
+  def __init__(self, records: Sequence[Any], task: str, num_classes: int,
+               min_decode_side: int = 0):
     if task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     self.records = list(records)
     self.task = task
     self.num_classes = num_classes
+    self.min_decode_side = int(min_decode_side)
+
+  def _reduce(self, path: str) -> int:
+    if self.task != "det" or self.min_decode_side <= 0:
+      return 1
+    long_side = max(image_size(path))
+    r = 8
+    while r > 1 and long_side // r < self.min_decode_side:
+      r //= 2
+    return r
 
   def __len__(self) -> int:
     return len(self.records)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     rec = self.records[index]
-    image = read_image(rec.image_path)
+    reduce = self._reduce(rec.image_path)
+    image = read_image(rec.image_path, reduce)
+    orig_hw = image.shape[:2] if reduce == 1 else image_size(rec.image_path)
     ex = {
         "image": image,
         "index": np.int32(index),
-        "orig_hw": np.asarray(image.shape[:2], np.int32),
+        "orig_hw": np.asarray(orig_hw, np.int32),
     }
     if self.task == "det":
-      ex["boxes"] = np.asarray(rec.boxes, np.float32).reshape(-1, 4)
+      sy, sx = image.shape[0] / orig_hw[0], image.shape[1] / orig_hw[1]
+      ex["boxes"] = np.asarray(rec.boxes, np.float32).reshape(-1, 4) * np.float32(
+          [sx, sy, sx, sy])
       ex["labels"] = np.asarray(rec.labels, np.int32).reshape(-1)
       ex["image_id"] = np.int32(rec.image_id)
     elif self.task == "seg":
