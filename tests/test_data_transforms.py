@@ -202,3 +202,24 @@ def test_config_errors():
   with pytest.raises(ValueError, match="summing to 1"):
     build_augment({"mode": "multi_branch", "branches": ["hflip", "noise"],
                    "probs_start": [0.5, 0.6]})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "challenge", "parallel"])
+def test_presets_build(preset):
+  from tbgc_jax.data import configs
+
+  data = configs.tiny() if preset == "tiny" else configs.challenge()
+  if preset == "parallel":
+    data = configs.use_parallel_baseline(data)
+  assert data.det.image_size == ((608, 608) if preset != "tiny" else (160, 192))
+  for task in ("det", "seg", "cls"):
+    aug = build_augment(data[task].augment, _Source("det"))
+    want = RandomChoice if (task != "cls" and preset != "parallel") else type(build_chain(""))
+    assert isinstance(aug, want)
+    build_chain(data[task].eval_augment)
+  if preset == "challenge":
+    assert (data.det.batch_size, data.seg.batch_size, data.cls.batch_size) == (2, 2, 8)
+    ms = build_augment(data.det.augment).branches[0].transforms[0]
+    assert (ms.long_edge, ms.short_min, ms.short_max) == (608, 480, 608)
+    rr = build_augment(data.seg.augment).branches[0].transforms[0]
+    assert (rr.ratio_min, rr.ratio_max) == (0.5, 2.0)
