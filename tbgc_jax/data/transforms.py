@@ -304,9 +304,10 @@ class MixUp(Transform):
   def apply(self, ex, rng):
     if self.source is None:
       raise ValueError("MixUp needs a source to read the second example from")
-    other = self.source[int(rng.integers(0, len(self.source)))]
+    j = int(rng.integers(0, len(self.source)))
     if _is_seg(ex):
       return ex
+    other = self.source[j]
     h, w = ex["image"].shape[:2]
     oh, ow = other["image"].shape[:2]
     s = min(h / oh, w / ow)
