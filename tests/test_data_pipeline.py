@@ -149,3 +149,16 @@ def test_embedded_generation_is_deterministic(data_cfg, tmp_path):
     with open(os.path.join(root, rel), "rb") as f, open(os.path.join(ref, rel), "rb") as g:
       assert f.read() == g.read(), rel
   assert embedded.embedded_dir().endswith(embedded.VERSION) or os.environ.get("TBGC_DATA_DIR")
+
+
+def test_shards_partition_the_records(data_cfg):
+  cfg = data_cfg.cls
+  src = pipeline.make_source(cfg, "cls", "train")
+  seen = []
+  for k in range(3):
+    ds = pipeline.train_dataset(cfg, "cls", seed=0, num_epochs=1, batch_size=1, shard_index=k,
+                                shard_count=3, source=src)
+    idx = [int(ds[j]["index"][0]) for j in range(len(ds))]
+    assert all(i % 3 == k for i in idx)
+    seen += idx
+  assert sorted(seen) == list(range(len(src)))
