@@ -201,14 +201,16 @@ def _write_cls(root: str, split: str, n: int, rng, bgs, digits, targets) -> None
     f.writelines(lines)
 
 
-def generate(root: str) -> None:
-  """Writes the three embedded datasets under ``root`` (deterministic)."""
+def generate(root: str, tasks: tuple[str, ...] = ("det", "seg", "cls")) -> None:
+  """Writes the embedded datasets of ``tasks`` under ``root`` (deterministic per task)."""
   from sklearn.datasets import load_digits
 
   d = load_digits()
   bgs = _load_backgrounds()
   writers = {"det": _write_det, "seg": _write_seg, "cls": _write_cls}
   for ti, task in enumerate(("det", "seg", "cls")):
+    if task not in tasks:
+      continue
     for si, split in enumerate(("train", "val")):
       digits, targets = _digit_pool(split, d.images, d.target)
       rng = np.random.default_rng([20230623, ti, si])
@@ -216,29 +218,37 @@ def generate(root: str) -> None:
 
 
 def ensure_embedded(root: str | None = None) -> str:
-  """Returns the embedded data folder, generating it first if missing (safe across processes).
+  """Returns the embedded data folder, generating it first if missing (safe across processes:
+  one process generates under a file lock, the others wait; the result appears atomically).
 
   Args:
     root: folder to use (default ``embedded_dir()``).
   """
+  import fcntl
+
   root = root or embedded_dir()
   if os.path.isfile(os.path.join(root, "DONE")):
     return root
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=parent)
-  try:
-    generate(tmp)
-    with open(os.path.join(tmp, "DONE"), "w") as f:
-      f.write(VERSION + "\n")
+  with open(os.path.abspath(root) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.isfile(os.path.join(root, "DONE")):
+      return root
+    tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=parent)
     try:
-      os.rename(tmp, root)  # atomic; fails if another process finished first
-    except OSError:
-      if not os.path.isfile(os.path.join(root, "DONE")):
-        raise
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+      generate(tmp)
+      with open(os.path.join(tmp, "DONE"), "w") as f:
+        f.write(VERSION + "\n")
+      if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
+      if os.path.exists(root):  # never delete a user's folder
+        raise FileExistsError(f"{root}: exists without a DONE marker; remove it or point "
+                              "TBGC_DATA_DIR at an empty or new folder")
+      os.rename(tmp, root)
+    finally:
+      if os.path.isdir(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
   return root
 
 
