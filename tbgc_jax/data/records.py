@@ -1,0 +1,232 @@
+"""Record schema per task, validation policies and random-access sources that decode records.
+
+A *record* is what a reader returns: file paths plus annotations, cheap to hold for a whole
+dataset. A *source* turns record ``i`` into an *example*: a dict of numpy arrays with the
+decoded image, the annotations and bookkeeping fields. Examples have variable shapes; the
+pipeline makes them fixed-shape (``tbgc_jax.data.batching``).
+
+Example keys (all tasks): ``image`` uint8 [H,W,3] RGB, ``index`` int32 (record position),
+``orig_hw`` int32 [2]. Detection adds ``boxes`` float32 [n,4] xyxy pixels, ``labels`` int32
+[n], ``image_id`` int32. Segmentation adds ``label`` uint8 [H,W] (255 = ignore).
+Classification adds ``label`` int32.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+TASKS = ("det", "seg", "cls")
+IGNORE_LABEL = 255
+POLICIES = ("strict", "skip")
+
+_log = logging.getLogger(__name__)
+
+
+class DataValidationError(ValueError):
+  """A record does not match what its on-disk format requires (strict policy)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DetRecord:
+  """One detection image: path, COCO image id, boxes xyxy in pixels and contiguous labels."""
+
+  image_path: str
+  image_id: int
+  boxes: np.ndarray  # float32 [n, 4] xyxy, pixels of the image on disk
+  labels: np.ndarray  # int32 [n] in [0, num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegRecord:
+  """One segmentation image and its label map (uint8 PNG, class ids, 255 = ignore)."""
+
+  image_path: str
+  label_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClsRecord:
+  """One classification image and its class id."""
+
+  image_path: str
+  label: int
+
+
+class Validator:
+  """Applies a validation policy: ``strict`` raises, ``skip`` drops, counts and logs once.
+
+  Usage: call ``fail(...)`` for each problem (returns normally only under ``skip``), and
+  ``summary(kept)`` once after reading.
+  """
+
+  def __init__(self, policy: str, dataset: str):
+    if policy not in POLICIES:
+      raise ValueError(f"validation policy must be one of {POLICIES}, got {policy!r}")
+    self.policy = policy
+    self.dataset = dataset
+    self.skipped: collections.Counter[str] = collections.Counter()
+    self.first: dict[str, str] = {}
+
+  def fail(self, file: str, field: str, expected: str, got: Any) -> None:
+    """Reports one problem: raises under ``strict``, records it under ``skip``."""
+    msg = f"{file}: field {field!r}: expected {expected}, got {got!r}"
+    if self.policy == "strict":
+      raise DataValidationError(msg)
+    reason = f"{field}: expected {expected}"
+    self.skipped[reason] += 1
+    self.first.setdefault(reason, msg)
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def summary(self, kept: int) -> str:
+    """Logs (once) and returns a one-paragraph summary of the skipped records."""
+    if not self.skipped:
+      return ""
+    lines = [f"{self.dataset}: skipped {self.num_skipped} record(s), kept {kept}:"]
+    for reason, n in self.skipped.most_common():
+      lines.append(f"  {n} x {reason} (first: {self.first[reason]})")
+    text = "\n".join(lines)
+    _log.warning("%s", text)
+    return text
+
+
+def image_size(path: str) -> tuple[int, int]:
+  """Returns (h, w) of an image file from its header (no full decode).
+
+  Raises:
+    OSError: the file is missing or not a readable image.
+  """
+  # PIL reads only the header here; OpenCV has no header-only API.
+  from PIL import Image
+
+  with Image.open(path) as im:
+    w, h = im.size
+  return h, w
+
+
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def read_image(path: str, reduce: int = 1) -> np.ndarray:
+  """Decodes an image file to uint8 RGB [H,W,3] with OpenCV; clear error if unreadable.
+
+  Args:
+    path: image file.
+    reduce: 1, 2, 4 or 8: decode at 1/reduce size (JPEG DCT scaling: much faster).
+  """
+  im = cv2.imread(path, _REDUCED[reduce])
+  if im is None:
+    raise DataValidationError(f"{path}: field 'image': expected a readable image file")
+  return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def read_label_map(path: str) -> np.ndarray:
+  """Decodes a single-channel uint8 label PNG; clear error if unreadable or not 2-D uint8."""
+  lab = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  if lab is None:
+    raise DataValidationError(f"{path}: field 'label': expected a readable PNG label map")
+  if lab.ndim != 2 or lab.dtype != np.uint8:
+    raise DataValidationError(
+        f"{path}: field 'label': expected a single-channel uint8 map, got shape {lab.shape} "
+        f"dtype {lab.dtype}")
+  return lab
+
+
+def check_label_values(path: str, lab: np.ndarray, num_classes: int) -> np.ndarray | None:
+  """Returns the invalid class ids of a label map (outside [0, num_classes) and not 255)."""
+  # bincount over uint8 is ~20x faster than np.unique (no sort) on a 1280x720 map.
+  vals = np.nonzero(np.bincount(lab.ravel(), minlength=256))[0]
+  bad = vals[(vals >= num_classes) & (vals != IGNORE_LABEL)]
+  return bad if bad.size else None
+
+
+class RecordSource:
+  """Random-access source (grain-compatible: ``__len__``/``__getitem__``) decoding records.
+
+  Args:
+    records: the records of one task (all ``DetRecord``, ``SegRecord`` or ``ClsRecord``).
+    task: "det", "seg" or "cls".
+    num_classes: number of classes (checked again at decode time for segmentation).
+    min_decode_side: detection only: when > 0, images whose long side is at least 2x (4x,
+      8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to match (``orig_hw`` stays
+      the size on disk). Set it to the largest long edge the augmentations produce.
+  """
+
+  def __init__(self, records: Sequence[Any], task: str, num_classes: int,
+               min_decode_side: int = 0):
+    if task not in TASKS:
+      raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    self.records = list(records)
+    self.task = task
+    self.num_classes = num_classes
+    self.min_decode_side = int(min_decode_side)
+
+  def _reduce(self, path: str) -> int:
+    if self.task != "det" or self.min_decode_side <= 0:
+      return 1
+    long_side = max(image_size(path))
+    r = 8
+    while r > 1 and long_side // r < self.min_decode_side:
+      r //= 2
+    return r
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    rec = self.records[index]
+    reduce = self._reduce(rec.image_path)
+    image = read_image(rec.image_path, reduce)
+    orig_hw = image.shape[:2] if reduce == 1 else image_size(rec.image_path)
+    ex = {
+        "image": image,
+        "index": np.int32(index),
+        "orig_hw": np.asarray(orig_hw, np.int32),
+    }
+    if self.task == "det":
+      sy, sx = image.shape[0] / orig_hw[0], image.shape[1] / orig_hw[1]
+      ex["boxes"] = np.asarray(rec.boxes, np.float32).reshape(-1, 4) * np.float32(
+          [sx, sy, sx, sy])
+      ex["labels"] = np.asarray(rec.labels, np.int32).reshape(-1)
+      ex["image_id"] = np.int32(rec.image_id)
+    elif self.task == "seg":
+      lab = read_label_map(rec.label_path)
+      if lab.shape != image.shape[:2]:
+        raise DataValidationError(
+            f"{rec.label_path}: field 'label': expected size {image.shape[:2]} of "
+            f"{rec.image_path}, got {lab.shape}")
+      bad = check_label_values(rec.label_path, lab, self.num_classes)
+      if bad is not None:
+        raise DataValidationError(
+            f"{rec.label_path}: field 'label': expected class ids in [0, {self.num_classes}) "
+            f"or 255, got {bad.tolist()}")
+      ex["label"] = lab
+    else:
+      ex["label"] = np.int32(rec.label)
+    return ex
+
+  def __repr__(self) -> str:
+    return f"RecordSource(task={self.task!r}, n={len(self)})"
+
+
+def check_path(v: Validator, path: str, ref: str, field: str) -> tuple[int, int] | None:
+  """Checks that ``path`` exists and has a readable image header; returns (h, w) or None."""
+  if not os.path.isfile(path):
+    v.fail(ref, field, "an existing image file", path)
+    return None
+  try:
+    return image_size(path)
+  except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+    v.fail(path, field, "a readable image file", f"{type(e).__name__}: {e}")
+    return None
