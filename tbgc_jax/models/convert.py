@@ -213,7 +213,7 @@ def infer_config(state_dict: Mapping) -> InternImageConfig:
     CheckpointMismatchError: if no preset matches.
   """
   names = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-  for name, config in PRESETS.items():
+  for config in PRESETS.values():
     table = official_param_table(config)
     if len(table) == len(names) and all(names.get(s.official) == s.shape for s in table):
       return config
