@@ -2,7 +2,6 @@
 
 from tbgc_jax.models.classification import ClassificationHead as ClassificationHead
 from tbgc_jax.models.classification import arcface_logits as arcface_logits
-from tbgc_jax.models.convert import load_backbone_weights as load_backbone_weights
 from tbgc_jax.models.dcnv3 import DCNv3 as DCNv3
 from tbgc_jax.models.dcnv3 import dcnv3_core as dcnv3_core
 from tbgc_jax.models.internimage import PRESETS as PRESETS
