@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 from tbgc_jax.models import convert
+from tbgc_jax.models.classification import ClassificationHead
 from tbgc_jax.models.internimage import PRESETS, InternImage
+from tbgc_jax.models.multitask import MultiTaskModel
 
 TINY = PRESETS["tiny"]
 
@@ -62,6 +64,14 @@ def test_convert_save_load_places_values(tmp_path):
       sd["levels.1.blocks.0.dcn.dw_conv.0.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(
       model.levels[0].downsample.norm.bias[...], sd["levels.0.downsample.norm.1.bias"])
+  # The multi-task model: only its backbone is filled.
+  multi = nnx.eval_shape(lambda: MultiTaskModel(
+      InternImage(TINY, rngs=nnx.Rngs(0)),
+      {"cls": ClassificationHead((16, 32, 64, 128), 3, rngs=nnx.Rngs(0))}))
+  convert.load_backbone_weights(multi, path)
+  np.testing.assert_array_equal(
+      multi.backbone.patch_embed.conv2.bias[...], sd["patch_embed.conv2.bias"])
+  assert isinstance(multi.heads["cls"].centers.get_value(), jax.ShapeDtypeStruct)
 
 
 def test_conv_layout_matches_torch_semantics():
