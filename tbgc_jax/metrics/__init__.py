@@ -1,1 +1,5 @@
-"""Task metrics: detection mAP50, segmentation mIoU, classification top-1, and their exports."""
+"""Evaluation metrics of the three tasks."""
+
+from tbgc_jax.metrics.classification import Top1Accuracy as Top1Accuracy
+from tbgc_jax.metrics.classification import top1_accuracy as top1_accuracy
+from tbgc_jax.metrics.classification import top1_counts as top1_counts

@@ -1,0 +1,115 @@
+"""The multi-task model: one shared backbone and one head per task.
+
+Parameter paths are ``("backbone", ...)`` for the shared backbone and ``("heads", task,
+...)`` for each head, so the TBGC backbone mask is one line from the path
+(``backbone_mask``). A forward for one task runs the backbone on that task's images and only
+that task's head, so the gradient of ``task_loss(task, ...)`` is exactly zero on the other
+heads.
+
+Example:
+  >>> from flax import nnx
+  >>> from tbgc_jax.models.internimage import InternImage
+  >>> from tbgc_jax.models.classification import ClassificationHead
+  >>> rngs = nnx.Rngs(0)
+  >>> backbone = InternImage("tiny", rngs=rngs)
+  >>> model = MultiTaskModel(
+  ...     backbone, {"cls": ClassificationHead(backbone.out_channels, 196, rngs=rngs)})
+  >>> mask = backbone_mask(nnx.state(model, nnx.Param))
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# ImageNet statistics (RGB, 0-1 scale), as used to pretrain the InternImage checkpoints.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 RGB ``[B, H, W, 3]`` -> float32 ``(x / 255 - mean) / std`` (ImageNet)."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+  std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+class MultiTaskModel(nnx.Module):
+  """Shared backbone + a dict of task heads (keys among "det", "seg", "cls").
+
+  Attributes:
+    backbone: ``__call__(x [B,H,W,3] normalised) -> 4 NHWC maps``, with ``out_channels``.
+    heads: ``nnx.Dict`` of heads with ``loss(features, batch, rng)`` and
+      ``predict(features, batch)``.
+  """
+
+  def __init__(self, backbone: nnx.Module, heads: Mapping[str, nnx.Module]):
+    """Builds the container.
+
+    Args:
+      backbone: the shared backbone.
+      heads: ``{task: head}``.
+    """
+    if not heads:
+      raise ValueError("MultiTaskModel needs at least one head")
+    self.backbone = backbone
+    self.heads = nnx.Dict(dict(heads))
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return tuple(self.heads.keys())
+
+  def _head(self, task: str) -> nnx.Module:
+    if task not in self.heads:
+      raise KeyError(f"no head for task {task!r}; the model has {sorted(self.heads.keys())}")
+    return self.heads[task]
+
+  def features(self, batch: dict) -> list[jax.Array]:
+    """Backbone features of ``batch["image"]`` (uint8, normalised here, on device)."""
+    return self.backbone(normalize_images(batch["image"]))
+
+  def task_loss(
+      self, task: str, batch: dict, rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss of one task: backbone on that task's images, then only that task's head.
+
+    Args:
+      task: "det", "seg" or "cls" (a key of ``heads``).
+      batch: that task's batch (see the shared batch interface).
+      rng: key for loss-side randomness of the head.
+
+    Returns:
+      ``(scalar float32 loss, {name: scalar diagnostic})`` from the head.
+    """
+    head = self._head(task)
+    return head.loss(self.features(batch), batch, rng)
+
+  def task_predict(self, task: str, batch: dict) -> dict[str, jax.Array]:
+    """Fixed-shape predictions of one task's head."""
+    head = self._head(task)
+    return head.predict(self.features(batch), batch)
+
+
+def _first_key(path) -> str | int | None:
+  if not path:
+    return None
+  entry = path[0]
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return None
+
+
+def backbone_mask(params_state):
+  """Bool pytree, True on the leaves under ``backbone`` (for TBGC / ``optax.masked``).
+
+  Args:
+    params_state: the parameters of a ``MultiTaskModel`` (``nnx.state(model, nnx.Param)``,
+      its gradients, or the same as a pure dict).
+
+  Returns:
+    A pytree of the same structure with bool leaves.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _first_key(path) == "backbone", params_state)
