@@ -30,7 +30,9 @@ def make_loss_fns(graphdef: nnx.GraphDef, tasks: Sequence[str], weights: dict[st
 
   def make(k: int, task: str):
     def loss(params, batch, rest, rng):
-      model = nnx.merge(graphdef, params, rest)
+      # copy=True: fresh Variables owned by this trace, so drop path may advance its rng count
+      # inside grad / switch traces (flax raises TraceContextError otherwise).
+      model = nnx.merge(graphdef, params, rest, copy=True)
       _reseed(model, jax.random.fold_in(rng, 2 * k + 1))
       value, metrics = model.task_loss(task, batch, jax.random.fold_in(rng, 2 * k))
       return weights[task] * value, metrics
