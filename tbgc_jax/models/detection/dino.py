@@ -377,7 +377,8 @@ class DINOHead(nnx.Module):
       valid = valid & jnp.asarray(batch["valid"], bool)[:, None]
     # Padded targets get a harmless unit box (finite costs and losses everywhere).
     boxes = jnp.where(valid[..., None], boxes, jnp.asarray([0.5, 0.5, 1.0, 1.0]))
-    return boxes, jnp.asarray(batch["labels"], jnp.int32), valid
+    labels = jnp.where(valid, jnp.asarray(batch["labels"], jnp.int32), 0)
+    return boxes, labels, valid
 
   def loss(self, features: Sequence[jax.Array], batch: dict,
            rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
