@@ -27,26 +27,31 @@ def _rand_cxcywh(rng, *shape):
   return np.concatenate([c, wh], -1).astype(np.float32)
 
 
+@jax.jit
+def _box_fns(a, b):
+  ax = box_ops.box_cxcywh_to_xyxy(a)
+  bx = box_ops.box_cxcywh_to_xyxy(b)
+  return (ax, bx, box_ops.box_xyxy_to_cxcywh(ax), box_ops.pairwise_generalized_box_iou(ax, bx),
+          box_ops.pairwise_box_iou(ax, bx), box_ops.generalized_box_iou(ax[:3], bx),
+          box_ops.generalized_box_iou(ax, ax))
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 10_000))
 def test_box_conversions_and_giou_match_numpy(seed):
   rng = np.random.default_rng(seed)
   a = _rand_cxcywh(rng, 5)
   b = _rand_cxcywh(rng, 3)
-  ax = np.asarray(box_ops.box_cxcywh_to_xyxy(a))
-  bx = np.asarray(box_ops.box_cxcywh_to_xyxy(b))
-  np.testing.assert_allclose(box_ops.box_xyxy_to_cxcywh(ax), a, atol=1e-6)
+  ax, bx, back, pg, pi, el, self_giou = map(np.asarray, _box_fns(a, b))
+  np.testing.assert_allclose(back, a, atol=1e-6)
   np.testing.assert_allclose(ax[:, 2] - ax[:, 0], a[:, 2], atol=1e-6)
-  pg = np.asarray(box_ops.pairwise_generalized_box_iou(ax, bx))
-  pi = np.asarray(box_ops.pairwise_box_iou(ax, bx))
   for i in range(5):
     for j in range(3):
       g, u = _np_giou(ax[i], bx[j])
       np.testing.assert_allclose(pg[i, j], g, atol=1e-5)
       np.testing.assert_allclose(pi[i, j], u, atol=1e-5)
-  el = np.asarray(box_ops.generalized_box_iou(ax[:3], bx))
   np.testing.assert_allclose(el, np.diag(pg[:3]), atol=1e-6)
-  np.testing.assert_allclose(box_ops.generalized_box_iou(ax, ax), 1.0, atol=1e-6)
+  np.testing.assert_allclose(self_giou, 1.0, atol=1e-6)
   assert (pg >= -1 - 1e-6).all() and (pg <= 1 + 1e-6).all()
 
 
