@@ -69,9 +69,11 @@ class MSDeformAttn(nnx.Module):
 
     Args:
       query: ``[B, Q, C]`` queries (positional embedding already added).
-      reference_points: ``[B, Q, L, 2]`` points ``(x, y)`` normalised to [0, 1] of each
-        level's valid region, or ``[B, Q, L, 4]`` boxes ``(cx, cy, w, h)``, in which case
-        offsets scale with the box size.
+      reference_points: ``[B, Q, L, 2]`` points ``(x, y)`` normalised to [0, 1] over each
+        level's whole (padded) map, or ``[B, Q, L, 4]`` boxes ``(cx, cy, w, h)``, in which
+        case offsets scale with the box size. No valid-ratio scaling happens here: for
+        padded inputs, multiply coordinates normalised to the valid region by the valid
+        ratio first (Deformable DETR's ``reference_points * valid_ratios``).
       values: ``L`` feature maps ``[B, H_l, W_l, C]``.
       value_masks: optional ``L`` bool maps ``[B, H_l, W_l]``, True on valid pixels; padded
         pixels are zeroed before sampling.

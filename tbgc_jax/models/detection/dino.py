@@ -1,0 +1,497 @@
+"""DINO detection head (Zhang et al. 2022, "DINO: DETR with Improved DeNoising Anchor Boxes").
+
+Multi-scale deformable encoder over projected backbone levels (plus extra stride-2 levels),
+mixed query selection (top-k encoder proposals give anchor boxes, content queries are
+learned), a decoder with iterative box refinement and look-forward-twice, and contrastive
+denoising (CDN) queries in training. Every shape is fixed by the config and the batch's
+padded sizes, so a jitted step compiles once.
+
+Conventions: boxes in the batch are xyxy pixels of the network input; inside the head they
+are normalised cxcywh relative to the valid image (``image_hw``). Feature maps are NHWC,
+padded bottom/right like the image.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tbgc_jax.models.deform_attn import MSDeformAttn
+from tbgc_jax.models.detection.box_ops import (
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+    inverse_sigmoid,
+)
+from tbgc_jax.models.detection.losses import match_predictions, set_prediction_losses
+
+CHALLENGE_NUM_CLASSES = 45  # TT100K classes of the CVPR 2023 foundation-model challenge
+
+
+@dataclasses.dataclass(frozen=True)
+class DINOConfig:
+  """Sizes and loss settings of `DINOHead` (defaults: the challenge baseline).
+
+  Attributes:
+    hidden_dim: model width.
+    num_queries: matching queries (top-k encoder proposals).
+    num_denoising: budget of denoising queries; with ``N`` padded targets per image the head
+      uses ``max(1, num_denoising // (2 N))`` groups of ``N`` positive + ``N`` negative queries.
+    num_encoder_layers, num_decoder_layers: depths.
+    num_heads: attention heads; num_points: deformable sampling points per head and level.
+    ffn_dim: feed-forward width; dropout: dropout rate (NNX "dropout" stream).
+    feature_levels: which backbone outputs (0..3 = strides 4..32) are projected.
+    num_extra_levels: extra levels made by stride-2 3x3 convs on top (DINO: 1, stride 64).
+    norm_groups: GroupNorm groups of the input projections.
+    label_noise_ratio, box_noise_scale: CDN noise (DINO: 0.5, 1.0).
+    num_select: top-k detections returned by `predict`.
+    focal_alpha, focal_gamma: focal loss parameters.
+    cost_class, cost_bbox, cost_giou: Hungarian matching cost weights.
+    loss_class, loss_bbox, loss_giou: loss weights (same for every decoder layer, the
+      encoder proposals and the denoising queries).
+    pos_temperature: temperature of the encoder's sine positional embedding.
+  """
+
+  hidden_dim: int = 256
+  num_queries: int = 900
+  num_denoising: int = 100
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  num_heads: int = 8
+  num_points: int = 4
+  ffn_dim: int = 2048
+  dropout: float = 0.0
+  feature_levels: tuple[int, ...] = (1, 2, 3)
+  num_extra_levels: int = 1
+  norm_groups: int = 32
+  label_noise_ratio: float = 0.5
+  box_noise_scale: float = 1.0
+  num_select: int = 100
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+  cost_class: float = 2.0
+  cost_bbox: float = 5.0
+  cost_giou: float = 2.0
+  loss_class: float = 1.0
+  loss_bbox: float = 5.0
+  loss_giou: float = 2.0
+  pos_temperature: float = 20.0
+
+
+def dino_challenge_config(**overrides) -> DINOConfig:
+  """The challenge baseline: 900 queries, 100 denoising queries, 6/6 layers, width 256,
+  8 heads, 4 points, 4 levels (strides 8-64). Use with ``num_classes=CHALLENGE_NUM_CLASSES``."""
+  return dataclasses.replace(DINOConfig(), **overrides)
+
+
+def dino_tiny_config(**overrides) -> DINOConfig:
+  """A CPU-sized setting for tests and the overfit benchmark."""
+  tiny = DINOConfig(hidden_dim=32, num_queries=20, num_denoising=16, num_encoder_layers=1,
+                    num_decoder_layers=2, num_heads=2, num_points=2, ffn_dim=64,
+                    norm_groups=8, num_select=20)
+  return dataclasses.replace(tiny, **overrides)
+
+
+def _sine_embed(coords: jax.Array, num_feats: int, temperature: float) -> jax.Array:
+  """Sine/cosine features of each coordinate, concatenated: ``[..., n] -> [..., n * F]``."""
+  dim_t = temperature ** (2.0 * (np.arange(num_feats) // 2) / num_feats)
+  x = coords[..., None] / jnp.asarray(dim_t, coords.dtype)
+  x = jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])], -1)
+  return x.reshape(*coords.shape[:-1], coords.shape[-1] * num_feats)
+
+
+class _MLP(nnx.Module):
+  """Linear layers with ReLU between; the last layer optionally starts at zero."""
+
+  def __init__(self, dims: Sequence[int], zero_last: bool = False, *, rngs: nnx.Rngs):
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+      last = i == len(dims) - 2
+      init = nnx.initializers.zeros if (last and zero_last) else nnx.initializers.lecun_normal()
+      layers.append(nnx.Linear(a, b, kernel_init=init, rngs=rngs))
+    self.layers = nnx.List(layers)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = jax.nn.relu(x)
+    return x
+
+
+class _FFN(nnx.Module):
+  """Post-norm feed-forward block with residual."""
+
+  def __init__(self, dim: int, ffn_dim: int, dropout: float, *, rngs: nnx.Rngs):
+    self.lin1 = nnx.Linear(dim, ffn_dim, rngs=rngs)
+    self.lin2 = nnx.Linear(ffn_dim, dim, rngs=rngs)
+    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(x + self.drop(self.lin2(self.drop(jax.nn.relu(self.lin1(x))))))
+
+
+def _split_levels(x: jax.Array, shapes: Sequence[tuple[int, int]]) -> list[jax.Array]:
+  out, start = [], 0
+  for h, w in shapes:
+    out.append(x[:, start:start + h * w].reshape(x.shape[0], h, w, x.shape[-1]))
+    start += h * w
+  return out
+
+
+class _EncoderLayer(nnx.Module):
+  def __init__(self, cfg: DINOConfig, num_levels: int, *, rngs: nnx.Rngs):
+    d = cfg.hidden_dim
+    self.attn = MSDeformAttn(d, num_levels, cfg.num_heads, cfg.num_points, rngs=rngs)
+    self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.norm = nnx.LayerNorm(d, rngs=rngs)
+    self.ffn = _FFN(d, cfg.ffn_dim, cfg.dropout, rngs=rngs)
+
+  def __call__(self, src, pos, ref, shapes, masks):
+    attn = self.attn(src + pos, ref, _split_levels(src, shapes), masks)
+    return self.ffn(self.norm(src + self.drop(attn)))
+
+
+class _DecoderLayer(nnx.Module):
+  def __init__(self, cfg: DINOConfig, num_levels: int, *, rngs: nnx.Rngs):
+    d = cfg.hidden_dim
+    self.self_attn = nnx.MultiHeadAttention(
+        cfg.num_heads, d, dropout_rate=cfg.dropout, decode=False, rngs=rngs)
+    self.norm_self = nnx.LayerNorm(d, rngs=rngs)
+    self.cross_attn = MSDeformAttn(d, num_levels, cfg.num_heads, cfg.num_points, rngs=rngs)
+    self.norm_cross = nnx.LayerNorm(d, rngs=rngs)
+    self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.ffn = _FFN(d, cfg.ffn_dim, cfg.dropout, rngs=rngs)
+
+  def __call__(self, tgt, query_pos, ref, values, masks, attn_mask):
+    q = tgt + query_pos
+    tgt = self.norm_self(tgt + self.drop(self.self_attn(q, q, tgt, mask=attn_mask)))
+    cross = self.cross_attn(tgt + query_pos, ref, values, masks)
+    return self.ffn(self.norm_cross(tgt + self.drop(cross)))
+
+
+class DINOHead(nnx.Module):
+  """DINO detection head on multi-scale backbone features.
+
+  Args:
+    in_channels: channels of the 4 backbone outputs (strides 4, 8, 16, 32).
+    num_classes: detection classes (labels in ``[0, num_classes)``).
+    config: sizes and loss settings; `dino_challenge_config()` by default.
+    rngs: NNX rngs ("params", and "dropout" when ``config.dropout > 0``).
+  """
+
+  def __init__(self, in_channels: Sequence[int], num_classes: int,
+               config: DINOConfig | None = None, *, rngs: nnx.Rngs):
+    cfg = config if config is not None else dino_challenge_config()
+    for lv in cfg.feature_levels:
+      if not 0 <= lv < len(in_channels):
+        raise ValueError(f"DINOConfig.feature_levels={cfg.feature_levels} indexes outside the "
+                         f"{len(in_channels)} backbone levels")
+    if cfg.hidden_dim % cfg.norm_groups:
+      raise ValueError(f"DINOConfig.hidden_dim={cfg.hidden_dim} is not divisible by "
+                       f"norm_groups={cfg.norm_groups}")
+    self.config = cfg
+    self.num_classes = num_classes
+    d = cfg.hidden_dim
+    self.num_levels = len(cfg.feature_levels) + cfg.num_extra_levels
+    proj_convs, proj_norms = [], []
+    for lv in cfg.feature_levels:
+      proj_convs.append(nnx.Conv(in_channels[lv], d, (1, 1), rngs=rngs))
+      proj_norms.append(nnx.GroupNorm(d, cfg.norm_groups, rngs=rngs))
+    for i in range(cfg.num_extra_levels):
+      c_in = in_channels[cfg.feature_levels[-1]] if i == 0 else d
+      proj_convs.append(nnx.Conv(c_in, d, (3, 3), strides=2, padding=1, rngs=rngs))
+      proj_norms.append(nnx.GroupNorm(d, cfg.norm_groups, rngs=rngs))
+    self.proj_convs = nnx.List(proj_convs)
+    self.proj_norms = nnx.List(proj_norms)
+    self.level_embed = nnx.Param(
+        nnx.initializers.normal(1.0)(rngs.params(), (self.num_levels, d)))
+    self.encoder = nnx.List([_EncoderLayer(cfg, self.num_levels, rngs=rngs)
+                             for _ in range(cfg.num_encoder_layers)])
+    prior_bias = nnx.initializers.constant(-math.log((1 - 0.01) / 0.01))
+    self.enc_output = nnx.Linear(d, d, rngs=rngs)
+    self.enc_output_norm = nnx.LayerNorm(d, rngs=rngs)
+    self.enc_class = nnx.Linear(d, num_classes, bias_init=prior_bias, rngs=rngs)
+    self.enc_bbox = _MLP((d, d, d, 4), zero_last=True, rngs=rngs)
+    self.tgt_embed = nnx.Embed(cfg.num_queries, d, rngs=rngs)
+    self.label_enc = nnx.Embed(num_classes + 1, d, rngs=rngs)
+    self.ref_point_head = _MLP((2 * d, d, d), rngs=rngs)
+    self.decoder = nnx.List([_DecoderLayer(cfg, self.num_levels, rngs=rngs)
+                             for _ in range(cfg.num_decoder_layers)])
+    self.decoder_norm = nnx.LayerNorm(d, rngs=rngs)
+    # Class and box heads shared by the decoder layers (DINO's default).
+    self.class_embed = nnx.Linear(d, num_classes, bias_init=prior_bias, rngs=rngs)
+    self.bbox_embed = _MLP((d, d, d, 4), zero_last=True, rngs=rngs)
+
+  # --- encoder -------------------------------------------------------------------------
+
+  def _valid_hw(self, batch: dict) -> tuple[jax.Array, tuple[int, int]]:
+    """Valid (h, w) per example as float, and the padded input size."""
+    ref = batch["image_mask"] if "image_mask" in batch else batch["image"]
+    size = (ref.shape[1], ref.shape[2])
+    hw = jnp.asarray(batch["image_hw"], jnp.float32)
+    ok = jnp.all(hw > 0, axis=-1, keepdims=True)
+    if "valid" in batch:
+      ok = ok & jnp.asarray(batch["valid"])[:, None]
+    return jnp.where(ok, hw, jnp.asarray(size, jnp.float32)), size
+
+  def _encode(self, features: Sequence[jax.Array], batch: dict):
+    cfg = self.config
+    if len(features) < max(cfg.feature_levels) + 1:
+      raise ValueError(f"DINOHead got {len(features)} feature maps, config.feature_levels="
+                       f"{cfg.feature_levels}")
+    hw, size = self._valid_hw(batch)
+    ratio = hw / jnp.asarray(size, jnp.float32)  # [B, 2] (h, w) share of the padded input
+    srcs = []
+    for i, lv in enumerate(cfg.feature_levels):
+      srcs.append(self.proj_norms[i](self.proj_convs[i](features[lv].astype(jnp.float32))))
+    x = features[cfg.feature_levels[-1]].astype(jnp.float32)
+    for i in range(cfg.num_extra_levels):
+      j = len(cfg.feature_levels) + i
+      x = self.proj_norms[j](self.proj_convs[j](x))
+      srcs.append(x)
+    shapes = [(s.shape[1], s.shape[2]) for s in srcs]
+    masks, flat, pos, centres, props, mflat = [], [], [], [], [], []
+    two_pi = 2.0 * math.pi
+    for lvl, (s, (h, w)) in enumerate(zip(srcs, shapes, strict=True)):
+      vh = jnp.ceil(ratio[:, 0] * h)  # valid rows / cols of this level
+      vw = jnp.ceil(ratio[:, 1] * w)
+      m = ((jnp.arange(h)[None, :, None] < vh[:, None, None])
+           & (jnp.arange(w)[None, None, :] < vw[:, None, None]))
+      masks.append(m)
+      ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
+                            jnp.arange(w, dtype=jnp.float32) + 0.5, indexing="ij")
+      # Token centres normalised to the valid region (x, y).
+      cx = xs[None] / (ratio[:, 1, None, None] * w)
+      cy = ys[None] / (ratio[:, 0, None, None] * h)
+      pe = _sine_embed(jnp.stack([cy, cx], -1) * two_pi, cfg.hidden_dim // 2,
+                       cfg.pos_temperature)
+      b = s.shape[0]
+      flat.append(s.reshape(b, h * w, -1))
+      pos.append(pe.reshape(b, h * w, -1) + self.level_embed[...][lvl])
+      centres.append(jnp.stack([xs / w, ys / h], -1).reshape(1, h * w, 2))
+      wh = jnp.full_like(cx, 0.05 * 2.0 ** lvl)
+      props.append(jnp.stack([cx, cy, wh, wh], -1).reshape(b, h * w, 4))
+      mflat.append(m.reshape(b, h * w))
+    src = jnp.concatenate(flat, 1)
+    pos = jnp.concatenate(pos, 1)
+    # Encoder reference points: each token's centre in full-map normalised coordinates,
+    # the same point on every level (MSDeformAttn reads the padded maps).
+    ref = jnp.broadcast_to(jnp.concatenate(centres, 1)[:, :, None, :],
+                           (src.shape[0], src.shape[1], self.num_levels, 2))
+    for layer in self.encoder:
+      src = layer(src, pos, ref, shapes, masks)
+    return src, shapes, masks, jnp.concatenate(props, 1), jnp.concatenate(mflat, 1), ratio
+
+  def _select_queries(self, memory, proposals, token_mask):
+    """Two-stage query selection: top-k encoder proposals become the decoder's anchors."""
+    cfg = self.config
+    if memory.shape[1] < cfg.num_queries:
+      raise ValueError(f"DINOHead: {memory.shape[1]} encoder tokens < num_queries="
+                       f"{cfg.num_queries}; use a larger input or fewer queries")
+    ok = token_mask & jnp.all((proposals > 0.01) & (proposals < 0.99), -1)
+    prop_unact = jnp.where(ok[..., None], inverse_sigmoid(proposals), 0.0)
+    out = jnp.where(ok[..., None], memory, 0.0)
+    out = self.enc_output_norm(self.enc_output(out))
+    logits = self.enc_class(out)
+    coord_unact = self.enc_bbox(out) + prop_unact
+    score = jnp.where(ok, logits.max(-1), -1e9)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(score), cfg.num_queries)
+    enc_logits = jnp.take_along_axis(logits, idx[..., None], axis=1)
+    enc_coord_unact = jnp.take_along_axis(coord_unact, idx[..., None], axis=1)
+    return enc_logits, enc_coord_unact
+
+  # --- decoder -------------------------------------------------------------------------
+
+  def _decode(self, tgt, ref_unact, memory, shapes, masks, ratio, attn_mask):
+    """Runs the decoder; returns per-layer ``(logits, boxes)`` with look-forward-twice."""
+    values = _split_levels(memory, shapes)
+    scale = jnp.concatenate([ratio[:, ::-1], ratio[:, ::-1]], -1)[:, None, :]  # (w, h, w, h)
+    ref = jax.nn.sigmoid(jax.lax.stop_gradient(ref_unact))
+    prev = ref  # the previous layer's (undetached) refined boxes
+    outputs = []
+    for layer in self.decoder:
+      ref_in = ref * scale
+      sine = _sine_embed(ref_in * (2.0 * math.pi), self.config.hidden_dim // 2, 10000.0)
+      query_pos = self.ref_point_head(sine)
+      ref_levels = jnp.broadcast_to(ref_in[:, :, None, :],
+                                    (*ref_in.shape[:2], self.num_levels, 4))
+      tgt = layer(tgt, query_pos, ref_levels, values, masks, attn_mask)
+      hs = self.decoder_norm(tgt)
+      delta = self.bbox_embed(hs)
+      # Look forward twice: this layer's box loss also trains the previous layer's refinement.
+      boxes = jax.nn.sigmoid(delta + inverse_sigmoid(prev))
+      prev = jax.nn.sigmoid(delta + inverse_sigmoid(ref))
+      ref = jax.lax.stop_gradient(prev)
+      outputs.append((self.class_embed(hs), boxes))
+    return outputs
+
+  def _denoising(self, boxes, labels, target_valid, rng):
+    """Contrastive denoising queries from noised ground truth (fixed number of groups)."""
+    cfg = self.config
+    b, n = labels.shape
+    groups = max(1, cfg.num_denoising // (2 * n))
+    num_dn = 2 * n * groups
+    k_flip, k_lab, k_sign, k_part = jax.random.split(rng, 4)
+    rep_labels = jnp.tile(labels, (1, 2 * groups))
+    rep_boxes = jnp.tile(boxes, (1, 2 * groups, 1))
+    rep_valid = jnp.tile(target_valid, (1, 2 * groups))
+    is_neg = np.tile(np.repeat([False, True], n), groups)
+    flip = jax.random.uniform(k_flip, (b, num_dn)) < cfg.label_noise_ratio * 0.5
+    noisy_labels = jnp.where(flip, jax.random.randint(k_lab, (b, num_dn), 0, self.num_classes),
+                             rep_labels)
+    xyxy = box_cxcywh_to_xyxy(rep_boxes)
+    half = jnp.concatenate([rep_boxes[..., 2:], rep_boxes[..., 2:]], -1) * 0.5
+    sign = jax.random.randint(k_sign, (b, num_dn, 4), 0, 2).astype(jnp.float32) * 2.0 - 1.0
+    part = jax.random.uniform(k_part, (b, num_dn, 4)) + jnp.asarray(is_neg, jnp.float32)[:, None]
+    xyxy = jnp.clip(xyxy + sign * part * half * cfg.box_noise_scale, 0.0, 1.0)
+    ref_unact = inverse_sigmoid(box_xyxy_to_cxcywh(xyxy))
+    tgt = self.label_enc(noisy_labels)
+    target_of_dn = jnp.where(rep_valid & ~is_neg[None],
+                             jnp.tile(jnp.arange(n, dtype=jnp.int32), 2 * groups)[None], -1)
+    # Attention mask (True = may attend): matching queries never see denoising queries,
+    # denoising groups never see each other; denoising queries of padded targets are hidden.
+    total = num_dn + cfg.num_queries
+    group = np.concatenate([np.arange(num_dn) // (2 * n), np.full(cfg.num_queries, -1)])
+    allowed = (group[None, :] == group[:, None]) | (group[None, :] < 0)
+    key_ok = jnp.concatenate([rep_valid, jnp.ones((b, cfg.num_queries), bool)], 1)
+    mask = (jnp.asarray(allowed)[None] & key_ok[:, None, :]) | jnp.eye(total, dtype=bool)[None]
+    return tgt, ref_unact, target_of_dn, rep_valid, groups, mask[:, None]
+
+  def _content_queries(self, b: int) -> jax.Array:
+    """Learned content queries (mixed query selection), ``[B, num_queries, C]``."""
+    emb = self.tgt_embed.embedding[...]
+    return jnp.broadcast_to(emb[None], (b, *emb.shape))
+
+  # --- public API ----------------------------------------------------------------------
+
+  def _targets(self, batch: dict, hw: jax.Array):
+    wh = jnp.concatenate([hw[:, ::-1], hw[:, ::-1]], -1)[:, None, :]
+    boxes = box_xyxy_to_cxcywh(jnp.asarray(batch["boxes"], jnp.float32) / wh)
+    valid = jnp.asarray(batch["box_mask"], bool)
+    if "valid" in batch:
+      valid = valid & jnp.asarray(batch["valid"], bool)[:, None]
+    # Padded targets get a harmless unit box (finite costs and losses everywhere).
+    boxes = jnp.where(valid[..., None], boxes, jnp.asarray([0.5, 0.5, 1.0, 1.0]))
+    labels = jnp.where(valid, jnp.asarray(batch["labels"], jnp.int32), 0)
+    return boxes, labels, valid
+
+  def loss(self, features: Sequence[jax.Array], batch: dict,
+           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Training loss: matched focal/L1/GIoU on every decoder layer, encoder proposals and
+    denoising queries, each normalised by the number of valid boxes in the batch.
+
+    Args:
+      features: backbone feature maps (NHWC, strides 4-32).
+      batch: a "det" batch (``image_mask``/``image``, ``image_hw``, ``boxes``, ``labels``,
+        ``box_mask``, optional ``valid``).
+      rng: key for the denoising noise.
+
+    Returns:
+      ``(total, diagnostics)``; diagnostics hold the last layer's unweighted ``loss_ce``,
+      ``loss_bbox``, ``loss_giou``, the weighted sums ``loss_aux`` (earlier decoder layers),
+      ``loss_enc`` (encoder proposals), ``loss_dn`` (denoising, all layers) and ``num_boxes``.
+    """
+    cfg = self.config
+    memory, shapes, masks, proposals, token_mask, ratio = self._encode(features, batch)
+    enc_logits, enc_coord_unact = self._select_queries(memory, proposals, token_mask)
+    hw, _ = self._valid_hw(batch)
+    tboxes, tlabels, tvalid = self._targets(batch, hw)
+    b = tboxes.shape[0]
+    dn_tgt, dn_ref, target_of_dn, dn_valid, groups, attn_mask = self._denoising(
+        tboxes, tlabels, tvalid, rng)
+    tgt = self._content_queries(b)
+    num_dn = dn_tgt.shape[1]
+    outputs = self._decode(jnp.concatenate([dn_tgt, tgt], 1),
+                           jnp.concatenate([dn_ref, enc_coord_unact], 1),
+                           memory, shapes, masks, ratio, attn_mask)
+    num_boxes = jnp.maximum(tvalid.sum().astype(jnp.float32), 1.0)
+    ex_valid = (jnp.asarray(batch["valid"], jnp.float32) if "valid" in batch
+                else jnp.ones((b,), jnp.float32))
+    query_w = jnp.broadcast_to(ex_valid[:, None], (b, cfg.num_queries))
+
+    def weighted(parts):
+      return (cfg.loss_class * parts["loss_ce"] + cfg.loss_bbox * parts["loss_bbox"]
+              + cfg.loss_giou * parts["loss_giou"])
+
+    # All matchings (every decoder layer and the encoder proposals) in one vmapped Hungarian
+    # call: one while-loop to compile instead of one per layer.
+    sets = [(lg[:, num_dn:], bx[:, num_dn:]) for lg, bx in outputs]
+    sets.append((enc_logits, jax.nn.sigmoid(enc_coord_unact)))
+    n_sets = len(sets)
+    all_logits = jnp.concatenate([lg for lg, _ in sets], 0)
+    all_boxes = jnp.concatenate([bx for _, bx in sets], 0)
+    tile = lambda x: jnp.concatenate([x] * n_sets, 0)
+    toq = match_predictions(all_logits, all_boxes, tile(tlabels), tile(tboxes), tile(tvalid),
+                            cfg.cost_class, cfg.cost_bbox, cfg.cost_giou, cfg.focal_alpha,
+                            cfg.focal_gamma).reshape(n_sets, b, -1)
+    parts = [set_prediction_losses(lg, bx, tlabels, tboxes, toq[i], query_w, num_boxes,
+                                   cfg.focal_alpha, cfg.focal_gamma)
+             for i, (lg, bx) in enumerate(sets)]
+    layer_parts, enc_parts = parts[:-1], parts[-1]
+    dn_parts = [set_prediction_losses(lg[:, :num_dn], bx[:, :num_dn], tlabels, tboxes,
+                                      target_of_dn, dn_valid.astype(jnp.float32),
+                                      num_boxes * groups, cfg.focal_alpha, cfg.focal_gamma)
+                for lg, bx in outputs]
+    loss_last = weighted(layer_parts[-1])
+    loss_aux = sum((weighted(p) for p in layer_parts[:-1]), jnp.float32(0.0))
+    loss_enc = weighted(enc_parts)
+    loss_dn = sum((weighted(p) for p in dn_parts), jnp.float32(0.0))
+    total = loss_last + loss_aux + loss_enc + loss_dn
+    diag = dict(layer_parts[-1])
+    diag.update(loss_aux=loss_aux, loss_enc=loss_enc, loss_dn=loss_dn, num_boxes=num_boxes)
+    return total.astype(jnp.float32), diag
+
+  def predict(self, features: Sequence[jax.Array], batch: dict) -> dict[str, jax.Array]:
+    """Top-k detections over (query, class) pairs of the last decoder layer.
+
+    Args:
+      features: backbone feature maps.
+      batch: needs ``image_hw`` and ``image_mask`` (or ``image``).
+
+    Returns:
+      ``scores`` float32 ``[B, k]`` (sigmoid, descending), ``labels`` int32 ``[B, k]``,
+      ``boxes`` float32 ``[B, k, 4]`` xyxy in pixels of the network input
+      (``k = config.num_select``); map them to the original image with `rescale_boxes`.
+    """
+    cfg = self.config
+    memory, shapes, masks, proposals, token_mask, ratio = self._encode(features, batch)
+    _, enc_coord_unact = self._select_queries(memory, proposals, token_mask)
+    b = memory.shape[0]
+    tgt = self._content_queries(b)
+    logits, boxes = self._decode(tgt, enc_coord_unact, memory, shapes, masks, ratio, None)[-1]
+    k = min(cfg.num_select, logits.shape[1] * logits.shape[2])
+    scores, idx = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, -1), k)
+    labels = (idx % self.num_classes).astype(jnp.int32)
+    query = idx // self.num_classes
+    boxes = jnp.take_along_axis(boxes, query[..., None], axis=1)
+    hw, _ = self._valid_hw(batch)
+    wh = jnp.concatenate([hw[:, ::-1], hw[:, ::-1]], -1)[:, None, :]
+    return {"scores": scores, "labels": labels, "boxes": box_cxcywh_to_xyxy(boxes) * wh}
+
+
+def rescale_boxes(boxes, image_hw, orig_hw):
+  """Maps xyxy boxes from network-input pixels to original-image pixels (clipped).
+
+  Undoes the pipeline's resize (padding is bottom/right, so it needs no shift). Works on
+  numpy arrays (host) or JAX arrays (device).
+
+  Args:
+    boxes: ``[B, K, 4]`` xyxy in pixels of the network input.
+    image_hw: ``[B, 2]`` valid (h, w) after resizing.
+    orig_hw: ``[B, 2]`` original (h, w).
+
+  Returns:
+    ``[B, K, 4]`` xyxy in original pixels, float32.
+  """
+  xp = np if isinstance(boxes, np.ndarray) else jnp
+  image_hw = xp.maximum(xp.asarray(image_hw, xp.float32), 1.0)
+  orig_hw = xp.asarray(orig_hw, xp.float32)
+  scale = (orig_hw / image_hw)[:, None, ::-1]  # (sx, sy)
+  xy = xp.asarray(boxes, xp.float32).reshape(*boxes.shape[:-1], 2, 2) * scale[:, :, None, :]
+  xy = xp.clip(xy, 0.0, orig_hw[:, None, None, ::-1])
+  return xy.reshape(boxes.shape).astype(xp.float32)
