@@ -2,6 +2,7 @@
 
 from tbgc_jax.models.segmentation.head import Mask2FormerHead as Mask2FormerHead
 from tbgc_jax.models.segmentation.head import PixelDecoder as PixelDecoder
+from tbgc_jax.models.segmentation.head import attention_mask as attention_mask
 from tbgc_jax.models.segmentation.head import challenge_config as challenge_config
 from tbgc_jax.models.segmentation.head import tiny_config as tiny_config
 from tbgc_jax.models.segmentation.losses import importance_points as importance_points

@@ -87,6 +87,28 @@ def _groups(dim: int) -> int:
   return min(32, dim)
 
 
+def attention_mask(mask_logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """Masked attention's "attend" mask from the previous layer's mask prediction.
+
+  Args:
+    mask_logits: ``[B, h, w, Q]`` mask logits resized to the attended level.
+    valid: optional ``[B, h, w]`` bool, False on image padding.
+
+  Returns:
+    ``[B, Q, h * w]`` bool, True where the query attends: pixels whose mask probability is
+    >= 0.5 (and valid); a query with no such pixel attends to every valid pixel (the original's
+    fix against an all-masked softmax).
+  """
+  b, h, w, q = mask_logits.shape
+  attend = (mask_logits >= 0.0).reshape(b, h * w, q).transpose(0, 2, 1)
+  if valid is None:
+    everywhere = jnp.ones_like(attend)
+  else:
+    everywhere = jnp.broadcast_to(valid.reshape(b, 1, h * w), attend.shape)
+  attend &= everywhere
+  return jnp.where(attend.any(-1, keepdims=True), attend, everywhere)
+
+
 class _ConvNorm(nnx.Module):
   """Conv + GroupNorm (+ ReLU), the pixel decoder's building block."""
 
@@ -273,15 +295,7 @@ class Mask2FormerHead(nnx.Module):
     class_logits = self.class_embed(x)
     masks = jnp.einsum("bqc,bhwc->bqhw", self.mask_embed(x), mask_features)
     small = _resize(masks.transpose(0, 2, 3, 1), target_hw)
-    attend = jax.lax.stop_gradient(small) >= 0.0  # sigmoid >= 0.5
-    attend = attend.reshape(attend.shape[0], -1, attend.shape[-1]).transpose(0, 2, 1)
-    if level_valid is not None:
-      attend &= level_valid.reshape(level_valid.shape[0], 1, -1)
-    # A query whose mask is empty at this scale attends to every (valid) pixel.
-    everywhere = (jnp.ones_like(attend) if level_valid is None
-                  else jnp.broadcast_to(level_valid.reshape(attend.shape[0], 1, -1),
-                                        attend.shape))
-    attend = jnp.where(attend.any(-1, keepdims=True), attend, everywhere)
+    attend = attention_mask(jax.lax.stop_gradient(small), level_valid)
     return class_logits, masks, attend
 
   def __call__(self, features: Sequence[jax.Array],
