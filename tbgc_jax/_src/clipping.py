@@ -62,11 +62,26 @@ def _split_grads(updates: Any, tasks: tuple[str, ...], params: Any, where: str):
   return treedef, leaves
 
 
+_SMALL_LEAF = 1 << 16  # elements
+
+
 def _sum_squares(leaves: Sequence[jax.Array], select: Sequence[bool], want: bool) -> jax.Array:
-  terms = [
-      jnp.sum(jnp.square(x.astype(_F32)))
-      for x, s in zip(leaves, select, strict=True) if s == want]
-  return sum(terms, jnp.zeros([], _F32))
+  """Float32 sum of squares of the selected leaves.
+
+  Large leaves are reduced one by one, in place. Small leaves (biases, norm scales: most of
+  a real model's leaves, little of its size) are concatenated and reduced once: XLA:CPU
+  compiles every reduction kernel separately, and one per leaf takes minutes to compile for
+  a few hundred leaves x 3 tasks; concatenating everything instead copies the whole gradient.
+  """
+  chosen = [x for x, s in zip(leaves, select, strict=True) if s == want]
+  small = [x.astype(_F32).ravel() for x in chosen if x.size < _SMALL_LEAF]
+  total = jnp.zeros([], _F32)
+  if small:
+    total = jnp.sum(jnp.square(jnp.concatenate(small)))
+  for x in chosen:
+    if x.size >= _SMALL_LEAF:
+      total = total + jnp.sum(jnp.square(x.astype(_F32)))
+  return total
 
 
 def _safe_ratio(num, den):
@@ -122,7 +137,7 @@ def _task_transform(
           sum(jnp.where(keep[t], leaves[t][i].astype(_F32), 0.0) for t in tasks)
           for i in range(len(select))
       ]
-      c = _clip_factor(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in summed)), s)
+      c = _clip_factor(jnp.sqrt(_sum_squares(summed, [True] * len(summed), True)), s)
       bb_scale = head_scale = {t: jnp.where(keep[t], c, 0.0) for t in tasks}
       out = [x * c for x in summed]
     else:
