@@ -1,0 +1,36 @@
+"""The paper's recipe on the challenge data (TT100K, BDD100K, Stanford Cars).
+
+InternImage + DINO (900 queries, 100 denoising, 6/6 layers) + Mask2Former (100 queries, 9
+layers) + MLP-shortcut/ArcFace(0.4) heads; 100 epochs; AdamW lr 1e-4, weight decay 1e-4,
+backbone lr x0.1; cosine decay with 5 warm-up epochs (ratio 0.001); TBGC with max norm 0.1;
+per-device batch det 2 / seg 2 / cls 8; Table 1 augmentation branches.
+
+  python train.py --config configs/challenge.py:/data/tt100k,/data/bdd100k,/data/cars \\
+      --workdir /ckpt/run1 --config.model.pretrained=/weights/internimage_t.npz
+"""
+
+import ml_collections
+
+from configs import tiny
+from tbgc_jax.data import configs as data_configs
+
+
+def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collections.ConfigDict:
+  """``roots``: detection, segmentation and classification data roots, comma separated."""
+  det_root, seg_root, cls_root = roots.split(",")
+  c = tiny.get_config()
+  c.data = data_configs.challenge(det_root, seg_root, cls_root)
+  c.model.backbone = "t"
+  c.model.drop_path_rate = 0.1
+  c.model.det.preset = "challenge"
+  c.model.seg.preset = "challenge"
+  c.model.cls.hidden_dim = 0  # MLP width = backbone width
+  c.optim.lr = 1e-4
+  c.optim.backbone_lr_mult = 0.1
+  c.optim.warmup_epochs = 5
+  c.num_epochs = 100
+  c.log_every = 50
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+  c.num_workers = 6
+  return c

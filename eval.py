@@ -1,0 +1,47 @@
+"""Evaluates a checkpoint: det mAP50, seg mIoU, cls top-1 and their mean (the challenge score).
+
+  python eval.py --config configs/tiny.py --workdir /tmp/tbgc_tiny [--step N] \\
+      [--submission /tmp/submission.json]
+
+Prints a table, writes ``<workdir>/eval_metrics_<step>.json``, and with --submission the
+challenge submission (``cls``, ``dec``, ``seg`` sections).
+"""
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_SPLIT = flags.DEFINE_string("split", "val", "Data split to evaluate.")
+_SUBMISSION = flags.DEFINE_string("submission", None, "Write the challenge submission JSON here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from tbgc_jax.trainer import evaluate as eval_lib
+  from tbgc_jax.trainer.train import Setup, restore_params
+
+  setup = Setup(_CONFIG.value)
+  params, step = restore_params(setup, _WORKDIR.value, _STEP.value)
+  metrics, submission = eval_lib.evaluate(
+      setup.config, setup.eval_graphdef, params, setup.rest, setup.mesh, split=_SPLIT.value,
+      submission=_SUBMISSION.value is not None)
+  print(f"step {step}, split {_SPLIT.value}")
+  print(eval_lib.format_table(metrics))
+  out = os.path.join(_WORKDIR.value, f"eval_metrics_{step}.json")
+  with open(out, "w") as f:
+    json.dump({"step": step, "split": _SPLIT.value, **metrics}, f, indent=2)
+  if _SUBMISSION.value:
+    with open(_SUBMISSION.value, "w") as f:
+      json.dump(submission, f)
+    print(f"submission written to {_SUBMISSION.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,273 @@
+"""``train_and_evaluate(config, workdir)``: the multi-task trainer with TBGC (paper's Algorithm 1).
+
+One step takes one batch per task. Inside one jitted, donated step: per task, forward and
+``jax.grad`` of that task's loss (one task's activations alive at a time), the gradient method
+(``none``/``vanilla``/``tbgc_star``/``tbgc``), then AdamW with the backbone learning rate
+multiplier. Data parallel over a ``jax.sharding.Mesh`` of all devices; orbax checkpoints of the
+model, optimizer and grain iterator states with automatic resume; JSONL/TensorBoard logs and
+plots; evaluation at the end.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from tbgc_jax.data import configs as data_configs
+from tbgc_jax.data import pipeline
+from tbgc_jax.models.multitask import backbone_mask
+from tbgc_jax.trainer import evaluate as eval_lib
+from tbgc_jax.trainer import logs
+from tbgc_jax.trainer.model_factory import build_model
+from tbgc_jax.trainer.optim import GRAD_METHODS, make_optimizer
+from tbgc_jax.trainer.step import STEP_MODES, make_train_step
+
+TASKS = ("det", "seg", "cls")
+AUGMENT_MODES = ("multi_branch", "parallel")
+_log = logging.getLogger(__name__)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, with a message naming the field, on an invalid value or combination."""
+  tasks = tuple(config.tasks)
+  if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(TASKS):
+    raise ValueError(f"config.tasks must be distinct names among {TASKS}, got {tasks}")
+  if config.grad.method not in GRAD_METHODS:
+    raise ValueError(f"config.grad.method must be one of {GRAD_METHODS}, got "
+                     f"{config.grad.method!r}")
+  if config.grad.method != "none" and not config.grad.max_norm > 0:
+    raise ValueError(f"config.grad.max_norm must be > 0 with method {config.grad.method!r}, "
+                     f"got {config.grad.max_norm}")
+  if config.grad.step_mode not in STEP_MODES:
+    raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
+                     f"{config.grad.step_mode!r}")
+  if config.augment_mode not in AUGMENT_MODES:
+    raise ValueError(f"config.augment_mode must be one of {AUGMENT_MODES}, got "
+                     f"{config.augment_mode!r}")
+  for task in tasks:
+    if task not in config.data:
+      raise ValueError(f"config.data has no section for task {task!r}")
+    if task not in config.loss_weights or not config.loss_weights[task] > 0:
+      raise ValueError(f"config.loss_weights.{task} must be > 0")
+  if not config.total_steps > 0 and not config.num_epochs > 0:
+    raise ValueError("set config.num_epochs or config.total_steps to a positive value")
+  if config.log_every <= 0 or config.checkpoint_every <= 0:
+    raise ValueError("config.log_every and config.checkpoint_every must be positive")
+  if config.mesh_devices < 0 or config.mesh_devices > jax.device_count():
+    raise ValueError(f"config.mesh_devices must be in [0, {jax.device_count()}] (0 = all), "
+                     f"got {config.mesh_devices}")
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  devices = jax.devices()[: config.mesh_devices or None]
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+class Setup:
+  """Everything ``train_and_evaluate`` and ``eval.py`` build from a config, in one place."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate_config(config)
+    if config.augment_mode == "parallel":
+      data_configs.use_parallel_baseline(config.data)
+    self.config = config
+    self.tasks = tuple(config.tasks)
+    self.mesh = make_mesh(config)
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.data_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+    def create():
+      return build_model(config, rngs=nnx.Rngs(config.seed))
+
+    abstract = nnx.eval_shape(create)
+    abstract.train()
+    self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    self.eval_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    self.params, self.rest = jax.jit(
+        lambda: tuple(nnx.split(create(), nnx.Param, ...)[1:]),
+        out_shardings=(jax.tree.map(lambda _: self.replicated, abs_params),
+                       jax.tree.map(lambda _: self.replicated, abs_rest)))()
+    if config.model.pretrained:
+      from tbgc_jax.models.convert import load_backbone_weights
+
+      model = nnx.merge(self.graphdef, self.params, self.rest)
+      load_backbone_weights(model, config.model.pretrained)
+      _, params, _ = nnx.split(model, nnx.Param, ...)
+      self.params = jax.device_put(params, self.replicated)
+
+  def local_batch_size(self, task: str) -> int:
+    """Examples of ``task`` per step on this host: per-device batch x this host's devices."""
+    local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+    return int(self.config.data[task].batch_size) * local
+
+
+def _schedule_lengths(setup: Setup, sources: dict) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): an epoch is one pass over the largest task's data."""
+  per_task = {t: len(sources[t]) // jax.process_count() // setup.local_batch_size(t)
+              for t in setup.tasks}
+  for t, n in per_task.items():
+    if n < 1:
+      raise ValueError(f"task {t!r}: {len(sources[t])} training examples do not fill one "
+                       f"batch of {setup.local_batch_size(t)} per host")
+  steps_per_epoch = max(per_task.values())
+  cfg = setup.config
+  total = int(cfg.total_steps) if cfg.total_steps > 0 else int(cfg.num_epochs) * steps_per_epoch
+  return steps_per_epoch, total
+
+
+def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=int(config.keep_checkpoints), enable_async_checkpointing=True,
+          create=True),
+  )
+
+
+def _state_args(state, iterators, config) -> ocp.args.Composite:
+  items = {"state": ocp.args.StandardSave(state),
+           "config": ocp.args.JsonSave(config.to_dict())}
+  items.update({f"data_{t}": grain.checkpoint.CheckpointSave(it) for t, it in iterators.items()})
+  return ocp.args.Composite(**items)
+
+
+def _restore_args(abstract_state, iterators) -> ocp.args.Composite:
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  items.update({f"data_{t}": grain.checkpoint.CheckpointRestore(it)
+                for t, it in iterators.items()})
+  return ocp.args.Composite(**items)
+
+
+def restore_params(setup: Setup, workdir: str, step: int | None = None):
+  """Parameters of the latest (or a given) finalized checkpoint in ``workdir``."""
+  mngr = _checkpoint_manager(workdir, setup.config)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no finalized checkpoint under {workdir}/checkpoints")
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.replicated), setup.params)
+  # Restore only the parameters: a partial restore of the "state" item.
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item={"params": abstract},
+          restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=setup.replicated),
+                                    {"params": abstract}),
+          partial_restore=True)))
+  mngr.close()
+  return restored["state"]["params"], step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict[str, float]:
+  """Trains on ``config`` in ``workdir`` (resuming from its latest checkpoint), then evaluates.
+
+  Args:
+    config: a trainer config (see ``configs/tiny.py``).
+    workdir: where checkpoints, logs, plots and metrics go.
+    stop_after: stop (after checkpointing) once this step is reached, as a preemption would;
+      a later call resumes. For tests and time-boxed jobs.
+
+  Returns:
+    The evaluation metrics (empty if stopped early).
+  """
+  setup = Setup(config)
+  tasks, is_main = setup.tasks, jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  sources = {t: pipeline.make_source(config.data[t], t, "train") for t in tasks}
+  steps_per_epoch, total_steps = _schedule_lengths(setup, sources)
+  iterators = {}
+  for t in tasks:
+    per_host = len(sources[t]) // jax.process_count()
+    epochs = math.ceil(total_steps * setup.local_batch_size(t) / per_host) + 1
+    iterators[t] = pipeline.train_iterator(
+        config.data[t], t, seed=config.seed + 1000 * (TASKS.index(t) + 1), num_epochs=epochs,
+        batch_size=setup.local_batch_size(t), num_workers=int(config.num_workers),
+        shard_index=jax.process_index(), shard_count=jax.process_count(), source=sources[t])
+
+  tx, schedules = make_optimizer(config, tasks, backbone_mask, total_steps, steps_per_epoch)
+  state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": setup.params,
+      "opt_state": jax.jit(tx.init)(setup.params),
+      "rng": jax.random.PRNGKey(config.seed),
+  }
+  state = jax.device_put(state, setup.replicated)
+
+  mngr = _checkpoint_manager(workdir, config)
+  latest = mngr.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.replicated), state)
+    state = mngr.restore(latest, args=_restore_args(abstract, iterators))["state"]
+    _log.info("resumed from step %d in %s", latest, workdir)
+
+  jstep = make_train_step(setup.graphdef, tasks, tx, schedules, config, backbone_mask,
+                          setup.mesh, state, setup.rest)
+  writer = logs.MetricWriter(workdir, enabled=is_main)
+  from tqdm import tqdm
+
+  start = int(state["step"])
+  bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train",
+             dynamic_ncols=True)
+  pending: list[tuple[int, Any, float]] = []
+  flush_t = time.perf_counter()
+  last_step = min(total_steps, stop_after) if stop_after else total_steps
+
+  def flush():
+    nonlocal flush_t
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m, _ in pending])
+    now = time.perf_counter()
+    wall = (now - flush_t) / len(pending)
+    flush_t = now
+    for (step, _, wait), metrics in zip(pending, fetched, strict=True):
+      row = {k: float(v) for k, v in metrics.items()}
+      logs.check_finite(step, row, tasks)
+      row.update(step_time=wall, data_wait=wait)
+      writer.write(step, row)
+    bar.set_postfix({t: f"{float(fetched[-1][f'{t}/loss']):.3g}" for t in tasks})
+    pending.clear()
+
+  for step in range(start, last_step):
+    t0 = time.perf_counter()
+    host = {t: next(iterators[t]) for t in tasks}
+    wait = time.perf_counter() - t0
+    batches = {t: eval_lib.global_batch(b, setup.data_sharding) for t, b in host.items()}
+    state, metrics = jstep(state, setup.rest, batches)
+    pending.append((step, metrics, wait))
+    bar.update(1)
+    done = step + 1
+    save = done % config.checkpoint_every == 0 or done == last_step
+    if done % config.log_every == 0 or save:
+      flush()  # raises on a non-finite loss before anything is saved
+    if save:
+      mngr.save(done, args=_state_args(state, iterators, config))
+  flush()
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  if int(state["step"]) < total_steps:
+    return {}
+
+  if is_main and os.path.exists(writer.path):
+    logs.plot_training(writer.path, workdir, tasks)
+  metrics, _ = eval_lib.evaluate(config, setup.eval_graphdef, state["params"], setup.rest,
+                                 setup.mesh)
+  if is_main:
+    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+      json.dump({"step": int(state["step"]), **metrics}, f, indent=2)
+    print(eval_lib.format_table(metrics))
+  return metrics

@@ -1,0 +1,123 @@
+"""End to end: the tiny config trains, checkpoints, resumes bitwise, evaluates; eval.py CLI;
+the same step on 1 and 8 devices; config validation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent compilation cache: later runs in this module (and eval.py) reuse compiles."""
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+
+
+def _config(**overrides):
+  c = tiny.get_config()
+  c.total_steps = 4
+  c.log_every = 2
+  c.checkpoint_every = 2
+  c.mesh_devices = 1
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def _params(workdir, config):
+  params, step = restore_params(Setup(config), workdir)
+  return jax.device_get(params), step
+
+
+def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
+  config = _config()
+  stopped = str(tmp_path / "stopped")
+  # A run stopped after step 2 (as a preemption would), then resumed to the end ...
+  assert train_and_evaluate(config, stopped, stop_after=2) == {}
+  assert sorted(os.listdir(os.path.join(stopped, "checkpoints"))) == ["2"]
+  metrics = train_and_evaluate(config, stopped)
+  # ... ends with exactly the parameters of an uninterrupted run.
+  straight = str(tmp_path / "straight")
+  train_and_evaluate(config, straight)
+  got, step = _params(stopped, config)
+  want, _ = _params(straight, config)
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+  assert set(metrics) == {"det/mAP50", "seg/mIoU", "cls/top1", "score"}
+  assert all(0.0 <= v <= 1.0 for v in metrics.values())
+  np.testing.assert_allclose(metrics["score"], np.mean(
+      [metrics["det/mAP50"], metrics["seg/mIoU"], metrics["cls/top1"]]))
+  rows = [json.loads(x) for x in open(os.path.join(stopped, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [0, 1, 2, 3]
+  for task in ("det", "seg", "cls"):
+    # TBGC: every task's backbone contribution has norm max_norm.
+    assert all(abs(r[f"{task}/backbone_grad_norm_after"] - 0.1) < 1e-5 for r in rows)
+    assert all(np.isfinite(r[f"{task}/loss"]) for r in rows)
+  for name in ("loss.png", "backbone_grad_norm.png", "eval_metrics.json"):
+    assert os.path.exists(os.path.join(stopped, name)), name
+
+  # eval.py on the latest checkpoint, with the challenge submission.
+  submission = tmp_path / "submission.json"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=cache_dir)
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "eval.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+       "--workdir", stopped, "--config.mesh_devices=1", f"--submission={submission}"],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "score (mean)" in result.stdout
+  cli = json.load(open(os.path.join(stopped, "eval_metrics_4.json")))
+  for k, v in metrics.items():
+    np.testing.assert_allclose(cli[k], v, atol=1e-6, err_msg=k)
+  sub = json.load(open(submission))
+  assert set(sub) == {"cls", "dec", "seg"}
+  assert len(sub["cls"]) == 100 and all(isinstance(v, int) for v in sub["cls"].values())
+  assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in sub["dec"])
+  assert len(sub["seg"]) == 60
+
+
+def test_one_and_eight_devices_agree(tmp_path, cache_dir):
+  """Same global batch (8 cls images) on a 1-device and an 8-device mesh."""
+  results = {}
+  for devices, per_device in ((1, 8), (8, 1)):
+    config = _config(**{"tasks": ("cls",), "mesh_devices": devices, "total_steps": 3,
+                        "data.cls.batch_size": per_device, "checkpoint_every": 2})
+    workdir = str(tmp_path / f"d{devices}")
+    train_and_evaluate(config, workdir, stop_after=2)
+    results[devices] = _params(workdir, config)[0]
+  for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[8]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("grad.method", "clip", "config.grad.method"),
+    ("tasks", ("det", "pose"), "config.tasks"),
+    ("augment_mode", "mixed", "config.augment_mode"),
+    ("grad.max_norm", 0.0, "config.grad.max_norm"),
+    ("grad.step_mode", "eager", "config.grad.step_mode"),
+    ("loss_weights.seg", 0.0, "config.loss_weights.seg"),
+])
+def test_invalid_configs_fail_at_start(key, value, message):
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    Setup(_config(**{key: value}))

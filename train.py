@@ -1,0 +1,31 @@
+"""Trains the multi-task model with TBGC, then evaluates it.
+
+  python train.py --config configs/tiny.py --workdir /tmp/tbgc_tiny [--config.grad.method=vanilla]
+
+Resumes automatically from the latest finalized checkpoint in --workdir. On several hosts,
+run the same command on every host with the coordinator address (see README, "Many GPUs").
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax
+
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  from tbgc_jax.trainer.train import train_and_evaluate
+
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
