@@ -134,7 +134,7 @@ def make_train_step(
     grads = {t: outs[t][1] for t in tasks}
     return update(state, losses, aux, grads)
 
-  apply_jit = jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=(0, 1))
+  apply_jit = jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0)
 
   def step(state, rest, batches):
     outs = {t: grad_jits[t](state["params"], rest, batches[t], state["rng"], state["step"])
