@@ -13,6 +13,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file."
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and metrics go here.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (default: cluster auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of hosts.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This host's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,7 +25,8 @@ def main(argv):
   import jax
 
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from tbgc_jax.trainer.train import train_and_evaluate
 
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
