@@ -122,24 +122,30 @@ def _digit_pool(split: str, images: np.ndarray, targets: np.ndarray):
   return images[idx], targets[idx]
 
 
+def _paste_digits(img, rng, digits, hw, count, size_range):
+  """Pastes a random number of digits onto ``img``; yields ``(x, y, digit_index, alpha)``."""
+  placed = []
+  for _ in range(int(rng.integers(*count))):
+    size = int(rng.integers(*size_range))
+    pos = _place(rng, hw, size, placed)
+    if pos is None:
+      continue
+    placed.append((*pos, size))
+    k = int(rng.integers(len(digits)))
+    alpha = _digit_alpha(digits[k], size)
+    _compose(img, alpha, pos[0], pos[1], _ink(rng))
+    yield pos[0], pos[1], k, alpha
+
+
 def _write_det(root: str, split: str, n: int, rng, bgs, digits, targets) -> None:
   os.makedirs(os.path.join(root, "det", "images", split), exist_ok=True)
   os.makedirs(os.path.join(root, "det", "annotations"), exist_ok=True)
   images, anns = [], []
   for i in range(n):
     img = _background(rng, bgs, DET_HW)
-    placed = []
-    for _ in range(int(rng.integers(2, 6))):
-      size = int(rng.integers(20, 45))
-      pos = _place(rng, DET_HW, size, placed)
-      if pos is None:
-        continue
-      placed.append((*pos, size))
-      k = int(rng.integers(len(digits)))
-      alpha = _digit_alpha(digits[k], size)
-      _compose(img, alpha, pos[0], pos[1], _ink(rng))
+    for x, y, k, alpha in _paste_digits(img, rng, digits, DET_HW, (2, 6), (20, 45)):
       ys, xs = np.nonzero(alpha > 0.25)
-      x0, y0 = pos[0] + xs.min(), pos[1] + ys.min()
+      x0, y0 = x + xs.min(), y + ys.min()
       bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
       anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(targets[k]) + 1,
                    "bbox": [float(x0), float(y0), float(bw), float(bh)],
@@ -161,17 +167,9 @@ def _write_seg(root: str, split: str, n: int, rng, bgs, digits, targets) -> None
   for i in range(n):
     img = _background(rng, bgs, SEG_HW)
     lab = np.zeros(SEG_HW, np.uint8)
-    placed = []
-    for _ in range(int(rng.integers(2, 5))):
-      size = int(rng.integers(28, 57))
-      pos = _place(rng, SEG_HW, size, placed)
-      if pos is None:
-        continue
-      placed.append((*pos, size))
-      k = int(rng.integers(len(digits)))
-      alpha = _digit_alpha(digits[k], size)
-      _compose(img, alpha, pos[0], pos[1], _ink(rng))
-      region = lab[pos[1]:pos[1] + size, pos[0]:pos[0] + size]
+    for x, y, k, alpha in _paste_digits(img, rng, digits, SEG_HW, (2, 5), (28, 57)):
+      size = alpha.shape[0]
+      region = lab[y:y + size, x:x + size]
       region[alpha > 0.15] = 255
       region[alpha > 0.5] = int(targets[k]) + 1
     name = f"{split}_{i:05d}"
