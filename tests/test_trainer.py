@@ -121,3 +121,18 @@ def test_one_and_eight_devices_agree(tmp_path, cache_dir):
 def test_invalid_configs_fail_at_start(key, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     Setup(_config(**{key: value}))
+
+
+def test_drop_path_masks_follow_the_step_key():
+  """Stochastic depth must differ between step keys and repeat for the same key."""
+  from tbgc_jax.data import pipeline
+  from tbgc_jax.trainer.step import make_loss_fns
+
+  config = _config(**{"tasks": ("cls",), "model.drop_path_rate": 0.5})
+  setup = Setup(config)
+  loss = jax.jit(make_loss_fns(setup.graphdef, ("cls",), {"cls": 1.0})["cls"])
+  batch = next(pipeline.train_iterator(config.data.cls, "cls", seed=0, num_epochs=1))
+  values = [float(loss(setup.params, batch, setup.rest, jax.random.PRNGKey(k))[0])
+            for k in (0, 0, 1)]
+  assert values[0] == values[1]
+  assert values[0] != values[2]

@@ -24,10 +24,12 @@ STEP_MODES = ("per_task_jit", "fused")
 
 
 def _reseed(model: nnx.Module, key: jax.Array) -> None:
-  """Per-step keys for the model's "dropout" streams (drop path), if it has any."""
-  streams = {str(p[-2]) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.RngKey)) if len(p) > 1}
-  if "dropout" in streams:
-    nnx.reseed(model, dropout=key)
+  """Per-step keys for the model's rng streams, which drop path draws from.
+
+  The layers may hold the "dropout" stream or fall back to "default" (``nnx.Rngs(seed)``);
+  reseeding a stream the model lacks is a no-op.
+  """
+  nnx.reseed(model, default=key, dropout=key)
 
 
 def make_loss_fns(graphdef: nnx.GraphDef, tasks: Sequence[str], weights: dict[str, float]
