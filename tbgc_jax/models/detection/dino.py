@@ -27,6 +27,7 @@ from tbgc_jax.models.detection.box_ops import (
     inverse_sigmoid,
 )
 from tbgc_jax.models.detection.losses import match_predictions, set_prediction_losses
+from tbgc_jax.models.layers import MLP
 
 CHALLENGE_NUM_CLASSES = 45  # TT100K classes of the CVPR 2023 foundation-model challenge
 
@@ -101,25 +102,6 @@ def _sine_embed(coords: jax.Array, num_feats: int, temperature: float) -> jax.Ar
   x = coords[..., None] / jnp.asarray(dim_t, coords.dtype)
   x = jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])], -1)
   return x.reshape(*coords.shape[:-1], coords.shape[-1] * num_feats)
-
-
-class _MLP(nnx.Module):
-  """Linear layers with ReLU between; the last layer optionally starts at zero."""
-
-  def __init__(self, dims: Sequence[int], zero_last: bool = False, *, rngs: nnx.Rngs):
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-      last = i == len(dims) - 2
-      init = nnx.initializers.zeros if (last and zero_last) else nnx.initializers.lecun_normal()
-      layers.append(nnx.Linear(a, b, kernel_init=init, rngs=rngs))
-    self.layers = nnx.List(layers)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for i, layer in enumerate(self.layers):
-      x = layer(x)
-      if i < len(self.layers) - 1:
-        x = jax.nn.relu(x)
-    return x
 
 
 class _FFN(nnx.Module):
@@ -216,16 +198,16 @@ class DINOHead(nnx.Module):
     self.enc_output = nnx.Linear(d, d, rngs=rngs)
     self.enc_output_norm = nnx.LayerNorm(d, rngs=rngs)
     self.enc_class = nnx.Linear(d, num_classes, bias_init=prior_bias, rngs=rngs)
-    self.enc_bbox = _MLP((d, d, d, 4), zero_last=True, rngs=rngs)
+    self.enc_bbox = MLP((d, d, d, 4), zero_last=True, rngs=rngs)
     self.tgt_embed = nnx.Embed(cfg.num_queries, d, rngs=rngs)
     self.label_enc = nnx.Embed(num_classes + 1, d, rngs=rngs)
-    self.ref_point_head = _MLP((2 * d, d, d), rngs=rngs)
+    self.ref_point_head = MLP((2 * d, d, d), rngs=rngs)
     self.decoder = nnx.List([_DecoderLayer(cfg, self.num_levels, rngs=rngs)
                              for _ in range(cfg.num_decoder_layers)])
     self.decoder_norm = nnx.LayerNorm(d, rngs=rngs)
     # Class and box heads shared by the decoder layers (DINO's default).
     self.class_embed = nnx.Linear(d, num_classes, bias_init=prior_bias, rngs=rngs)
-    self.bbox_embed = _MLP((d, d, d, 4), zero_last=True, rngs=rngs)
+    self.bbox_embed = MLP((d, d, d, 4), zero_last=True, rngs=rngs)
 
   # --- encoder -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from tbgc_jax.models.deform_attn import MSDeformAttn
+from tbgc_jax.models.layers import MLP
 from tbgc_jax.models.segmentation.losses import mask2former_loss
 
 
@@ -225,20 +226,6 @@ class _DecoderLayer(nnx.Module):
     return self.norm3(x + self.ffn(x))
 
 
-class _MLP(nnx.Module):
-  def __init__(self, din, dhidden, dout, num_layers, *, rngs):
-    dims = [din] + [dhidden] * (num_layers - 1) + [dout]
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs)
-                            for a, b in zip(dims[:-1], dims[1:], strict=True)])
-
-  def __call__(self, x):
-    for i, layer in enumerate(self.layers):
-      x = layer(x)
-      if i < len(self.layers) - 1:
-        x = jax.nn.relu(x)
-    return x
-
-
 class Mask2FormerHead(nnx.Module):
   """Mask2Former semantic-segmentation head (task "seg").
 
@@ -280,7 +267,7 @@ class Mask2FormerHead(nnx.Module):
                             for _ in range(num_decoder_layers)])
     self.decoder_norm = nnx.LayerNorm(hidden_dim, rngs=rngs)
     self.class_embed = nnx.Linear(hidden_dim, num_classes + 1, rngs=rngs)
-    self.mask_embed = _MLP(hidden_dim, hidden_dim, mask_dim, 3, rngs=rngs)
+    self.mask_embed = MLP((hidden_dim, hidden_dim, hidden_dim, mask_dim), rngs=rngs)
     self.num_classes = num_classes
     self.hidden_dim = hidden_dim
     self.loss_kwargs = dict(
