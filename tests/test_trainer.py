@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from tbgc_jax.trainer.evaluate import evaluate, shared_batch
 from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,22 @@ def test_one_and_eight_devices_agree(tmp_path, cache_dir):
     results[devices] = _params(workdir, config)[0]
   for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[8]), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_evaluation_is_the_same_on_one_and_eight_devices():
+  """Every host reads the whole val batch; the rows are split over the mesh, not repeated."""
+  metrics = {}
+  for devices, per_device in ((1, 8), (8, 1)):
+    setup = Setup(_config(**{"tasks": ("cls",), "mesh_devices": devices,
+                             "data.cls.batch_size": per_device}))
+    batch = {"x": np.arange(16.0).reshape(8, 2)}
+    shared = shared_batch(batch, setup.data_sharding)["x"]
+    np.testing.assert_array_equal(jax.device_get(shared), batch["x"])
+    assert len(shared.addressable_shards) == devices
+    metrics[devices], _ = evaluate(setup.config, setup.eval_graphdef, setup.params, setup.rest,
+                                   setup.mesh)
+  assert metrics[1] == metrics[8]
+  assert 0.0 <= metrics[1]["cls/top1"] <= 1.0
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -21,6 +21,18 @@ def global_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
           for k, v in batch.items()}
 
 
+def shared_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
+  """Host numpy batch that every process holds whole -> the same rows, sharded over the mesh.
+
+  Each process places only the rows of its own devices, so the global array is ``batch``
+  (not one copy per host) and the work is split over all devices.
+  """
+  def put(v):
+    v = np.asarray(v)
+    return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+  return {k: put(v) for k, v in batch.items()}
+
+
 def make_predict_fn(graphdef: nnx.GraphDef, task: str, mesh: jax.sharding.Mesh):
   """Jitted ``(params, rest, batch) -> predictions`` of one task, replicated output."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -57,7 +69,9 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
   for task in config.tasks:
     cfg = config.data[task]
     source = pipeline.make_source(cfg, task, split)
-    batch_size = int(cfg.batch_size) * mesh.size // jax.process_count()
+    # Every host reads the same (global) batches and keeps the same accumulators; the
+    # predictions are computed once, sharded over all devices of all hosts.
+    batch_size = int(cfg.batch_size) * mesh.size
     batches = pipeline.eval_iterator(cfg, task, split=split, batch_size=batch_size,
                                      source=source, num_workers=int(config.num_workers))
     predict = make_predict_fn(graphdef, task, mesh)
@@ -69,7 +83,7 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
     else:
       acc = Top1Accuracy()
     for batch in batches:
-      preds = jax.device_get(predict(params, rest, global_batch(batch, data_sharding)))
+      preds = jax.device_get(predict(params, rest, shared_batch(batch, data_sharding)))
       valid = np.asarray(batch["valid"], bool)
       if task == "det":
         acc.add(batch, preds)
