@@ -10,6 +10,7 @@ Two forms, same results:
   ``tbgc_jax.per_task_value_and_grad(..., sequential=config.grad.sequential)``.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,12 +85,34 @@ def _update(state, losses, aux, grads, *, tasks, tx, schedules, method, backbone
   return new_state, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class PerTaskStep:
+  """The ``per_task_jit`` step: Algorithm 1 as one executable per task, then the update.
+
+  Attributes:
+    tasks: task order of a step.
+    task_grads: ``{task: jit((params, rest, batch, rng, step) -> ((loss, aux), grads))}``.
+    update: ``jit((state, {task: task_grads output}) -> (state, metrics))``, donating state.
+  """
+
+  tasks: tuple[str, ...]
+  task_grads: dict[str, Callable[..., Any]]
+  update: Callable[..., Any]
+
+  def __call__(self, state: dict, rest: Any, batches: dict) -> tuple[dict, dict]:
+    outs = {t: self.task_grads[t](state["params"], rest, batches[t], state["rng"], state["step"])
+            for t in self.tasks}
+    return self.update(state, outs)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, tasks: Sequence[str], tx: optax.GradientTransformation,
     schedules: dict[str, optax.Schedule], config: Any, backbone_mask: Callable[[Any], Any],
     mesh: jax.sharding.Mesh, state: dict, rest: Any,
 ) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
   """Builds the jitted ``step(state, rest, batches) -> (state, metrics)``.
+
+  A `PerTaskStep` for ``config.grad.step_mode == "per_task_jit"``, one ``jax.jit`` for "fused".
 
   ``state`` is ``{"step", "params", "opt_state", "rng"}`` (donated; replicated over ``mesh``);
   ``rest`` the model's non-parameter state (rng streams); ``batches`` ``{task: batch}``
@@ -128,19 +151,11 @@ def make_train_step(
     return jax.jit(fn, in_shardings=(rep(state["params"]), rep(rest), data, replicated,
                                      replicated), out_shardings=replicated)
 
-  grad_jits = {t: task_grad(t) for t in tasks}
-
   def apply(state, outs):
     losses = {t: outs[t][0][0] for t in tasks}
     aux = {t: outs[t][0][1] for t in tasks}
     grads = {t: outs[t][1] for t in tasks}
     return update(state, losses, aux, grads)
 
-  apply_jit = jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0)
-
-  def step(state, rest, batches):
-    outs = {t: grad_jits[t](state["params"], rest, batches[t], state["rng"], state["step"])
-            for t in tasks}
-    return apply_jit(state, outs)
-
-  return step
+  return PerTaskStep(tasks, {t: task_grad(t) for t in tasks},
+                     jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0))
