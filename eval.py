@@ -25,8 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   from tbgc_jax.trainer import evaluate as eval_lib
-  from tbgc_jax.trainer.train import Setup, restore_params
+  from tbgc_jax.trainer.train import Setup, restore_params, use_compilation_cache
 
+  use_compilation_cache(_WORKDIR.value)
   setup = Setup(_CONFIG.value)
   params, step = restore_params(setup, _WORKDIR.value, _STEP.value)
   metrics, submission = eval_lib.evaluate(

@@ -27,8 +27,9 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from tbgc_jax.trainer.train import train_and_evaluate
+  from tbgc_jax.trainer.train import train_and_evaluate, use_compilation_cache
 
+  use_compilation_cache(_WORKDIR.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

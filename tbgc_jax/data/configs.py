@@ -63,29 +63,55 @@ def _cls(size: int) -> dict:
   return {"mode": "chain", "chain": f"resize(size=({size}, {size}))|random_erase|hflip"}
 
 
+def _tiny_augment() -> dict[str, dict]:
+  """Multi-branch augmentation for the embedded digits, light enough to learn in minutes.
+
+  Same structure as Table 1 (branch 2 holds the one strong augmentation, Mosaic) but without
+  flips (a mirrored digit is a different glyph), AutoAugment and MixUp, and with the easy branch
+  likelier: from a random-init tiny backbone, detection's mAP50 after 720 steps fell from 2.8
+  to 0.6 with the challenge-style branches.
+  """
+  probs = {"probs_start": (0.8, 0.2), "probs_end": (0.8, 0.2)}
+  ms = "multiscale(long_edge=192, short_min=112, short_max=160)"
+  rr = "random_resize(long_edge=160, ratio_min=0.5, ratio_max=2.0)"
+  rc = "random_crop(size=(128, 128))"
+  return {
+      "det": {"mode": "multi_branch", **probs,
+              "branches": (f"{ms}|noise(max_std=8.0)",
+                           "mosaic(size=(160, 192))|noise(max_std=8.0)"),
+              "parallel": f"mosaic(size=(160, 192))|{ms}|noise(max_std=8.0)"},
+      "seg": {"mode": "multi_branch", **probs,
+              "branches": (f"{rr}|{rc}|rotate|noise(max_std=8.0)",
+                           f"mosaic(size=(192, 192))|{rc}|noise(max_std=8.0)"),
+              "parallel": f"mosaic(size=(192, 192))|{rr}|{rc}|rotate|noise(max_std=8.0)"},
+      "cls": {"mode": "chain", "chain": "resize(size=(64, 64))|random_erase"},
+  }
+
+
 def tiny() -> ml_collections.ConfigDict:
   """Data section for the embedded datasets (generated on first use, no download)."""
+  augment = _tiny_augment()
   return ml_collections.ConfigDict({
       "det": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
           "policy": "strict", "deep_check": False, "num_classes": 10,
           "batch_size": 2, "image_size": (160, 192), "eval_image_size": (160, 192),
           "max_boxes": 24,
-          "augment": _det(192, (112, 160), (160, 192), 8.0),
+          "augment": augment["det"],
           "eval_augment": "resize_fit(size=(160, 192))",
       },
       "seg": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
           "policy": "strict", "deep_check": False, "num_classes": 11,
           "batch_size": 2, "image_size": (128, 128), "eval_image_size": (128, 160),
-          "augment": _seg(160, (128, 128), (192, 192), 8.0),
+          "augment": augment["seg"],
           "eval_augment": "resize_fit(size=(128, 160))",
       },
       "cls": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
           "policy": "strict", "deep_check": False, "num_classes": 20,
           "batch_size": 8, "image_size": (64, 64), "eval_image_size": (64, 64),
-          "augment": _cls(64),
+          "augment": augment["cls"],
           "eval_augment": "resize(size=(64, 64))",
       },
   })

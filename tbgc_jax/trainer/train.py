@@ -68,6 +68,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"got {config.mesh_devices}")
 
 
+def use_compilation_cache(workdir: str) -> None:
+  """Persistent XLA compilation cache in ``<workdir>/jax_cache``, unless one is set already.
+
+  ``eval.py`` and resumed runs then reuse the training run's compiles.
+  ``$JAX_COMPILATION_CACHE_DIR`` (or an earlier ``jax.config`` setting) wins.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(workdir), "jax_cache"))
+
+
 def make_mesh(config) -> jax.sharding.Mesh:
   devices = jax.devices()[: config.mesh_devices or None]
   return jax.sharding.Mesh(np.array(devices), ("data",))
