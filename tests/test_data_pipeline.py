@@ -9,18 +9,9 @@ import pytest
 from tbgc_jax.data import batching, configs, embedded, pipeline
 
 
-def shared_embedded_root(tmp_path_factory) -> str:
-  """One embedded-data folder per test session (shared by xdist workers; generation is
-  atomic and process-safe)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  return embedded.ensure_embedded(str(base / "tbgc_embedded"))
-
-
 @pytest.fixture(scope="module")
-def data_cfg(tmp_path_factory):
-  root = shared_embedded_root(tmp_path_factory)
+def data_cfg(embedded_root):
+  root = embedded_root
   cfg = configs.tiny()
   for task in ("det", "seg", "cls"):
     cfg[task].source.root = root

@@ -6,20 +6,11 @@ import textwrap
 import cv2
 import numpy as np
 
-from tbgc_jax.data import embedded, preview
+from tbgc_jax.data import preview
 
 
-def shared_embedded_root(tmp_path_factory) -> str:
-  """One embedded-data folder per test session (shared by xdist workers; generation is
-  atomic and process-safe)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
-  return embedded.ensure_embedded(str(base / "tbgc_embedded"))
-
-
-def test_preview_cli_tiny(tmp_path, tmp_path_factory):
-  root = shared_embedded_root(tmp_path_factory)
+def test_preview_cli_tiny(tmp_path, embedded_root):
+  root = embedded_root
   cfg_file = tmp_path / "tiny_config.py"
   cfg_file.write_text(textwrap.dedent(f"""
       import ml_collections
