@@ -1,14 +1,8 @@
-"""Test-session set-up: eight simulated CPU devices for the sharding tests.
-
-This must run before any JAX backend is initialised, hence it lives in conftest.
-"""
+"""Shared test fixtures (the device set-up is in the repository's root conftest.py)."""
 
 import os
 
-import jax
 import pytest
-
-jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture(scope="session")

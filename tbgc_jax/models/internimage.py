@@ -11,11 +11,12 @@ returns each level's output before its downsample: strides 4, 8, 16, 32 with ``C
 2, 3)``. The classification-only ``conv_head``/``head`` of the official model are not part of
 the backbone.
 
-Example:
+Example (shapes only, traced abstractly: no weights are drawn):
+  >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
-  >>> import jax.numpy as jnp
-  >>> net = InternImage(PRESETS["tiny"], rngs=nnx.Rngs(0))
-  >>> [f.shape for f in net(jnp.zeros((1, 64, 64, 3)))]
+  >>> net = nnx.eval_shape(lambda: InternImage(PRESETS["tiny"], rngs=nnx.Rngs(0)))
+  >>> image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  >>> [f.shape for f in nnx.eval_shape(lambda m, x: m(x), net, image)]
   [(1, 16, 16, 16), (1, 8, 8, 32), (1, 4, 4, 64), (1, 2, 2, 128)]
 """
 

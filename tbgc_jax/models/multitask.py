@@ -7,14 +7,20 @@ that task's head, so the gradient of ``task_loss(task, ...)`` is exactly zero on
 heads.
 
 Example:
+  >>> import jax
   >>> from flax import nnx
   >>> from tbgc_jax.models.internimage import InternImage
   >>> from tbgc_jax.models.classification import ClassificationHead
-  >>> rngs = nnx.Rngs(0)
-  >>> backbone = InternImage("tiny", rngs=rngs)
-  >>> model = MultiTaskModel(
-  ...     backbone, {"cls": ClassificationHead(backbone.out_channels, 196, rngs=rngs)})
+  >>> def build():
+  ...   rngs = nnx.Rngs(0)
+  ...   backbone = InternImage("tiny", rngs=rngs)
+  ...   return MultiTaskModel(
+  ...       backbone, {"cls": ClassificationHead(backbone.out_channels, 196, rngs=rngs)})
+  >>> model = nnx.eval_shape(build)  # abstract (shapes only); call build() for weights
   >>> mask = backbone_mask(nnx.state(model, nnx.Param))
+  >>> is_backbone = jax.tree.leaves(mask)
+  >>> any(is_backbone), all(is_backbone)  # backbone leaves True, the head's False
+  (True, False)
 """
 
 from collections.abc import Mapping

@@ -12,12 +12,14 @@ after every layer (deep supervision: ``num_decoder_layers + 1`` outputs).
 
 Dropout is 0 in the original configuration and is left out here.
 
+Shapes, traced abstractly (no weights are drawn):
+
+>>> import jax, jax.numpy as jnp
 >>> from flax import nnx
->>> import jax.numpy as jnp
->>> cfg = tiny_config()
->>> head = Mask2FormerHead((8, 8, 8, 8), **cfg, rngs=nnx.Rngs(0))
->>> feats = [jnp.zeros((1, 64 // s, 64 // s, 8)) for s in (4, 8, 16, 32)]
->>> head.predict(feats, {"image": jnp.zeros((1, 64, 64, 3), jnp.uint8)})["seg"].shape
+>>> head = nnx.eval_shape(lambda: Mask2FormerHead((8, 8, 8, 8), **tiny_config(), rngs=nnx.Rngs(0)))
+>>> feats = [jax.ShapeDtypeStruct((1, 64 // s, 64 // s, 8), jnp.float32) for s in (4, 8, 16, 32)]
+>>> image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
+>>> nnx.eval_shape(lambda h, f, x: h.predict(f, {"image": x}), head, feats, image)["seg"].shape
 (1, 64, 64)
 """
 
