@@ -59,8 +59,10 @@ def resize(ex: Example, out_hw: tuple[int, int]) -> Example:
     # is offset by up to half a source pixel).
     ex["label"] = cv2.resize(ex["label"], (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
   if "boxes" in ex:
-    ex["boxes"] = np.asarray(ex["boxes"], np.float32) * np.asarray(
-        [ow / w, oh / h, ow / w, oh / h], np.float32)
+    # Clipped: float32 rounding can put a box edge on the border a hair outside the image.
+    b = np.asarray(ex["boxes"], np.float32) * np.asarray([ow / w, oh / h, ow / w, oh / h],
+                                                         np.float32)
+    ex["boxes"] = np.minimum(b, np.asarray([ow, oh, ow, oh], np.float32))
   return ex
 
 
