@@ -117,6 +117,8 @@ class RandomChoice(grain.transforms.RandomMap):
 
   def __post_init__(self):
     n = len(self.branches)
+    if not n:
+      raise ValueError("RandomChoice needs at least one branch")
     start = self.probs_start or (1.0 / n,) * n
     start = check_probs("RandomChoice.probs_start", start, n)
     end = check_probs("RandomChoice.probs_end", self.probs_end or start, n)
