@@ -156,8 +156,11 @@ def _branch_specs(cfg: Any) -> tuple[str, ...]:
 
 
 def build_parallel(cfg: Any, source: Any = None) -> Chain:
-  """The "parallel" chain of an augmentation config, checked to be exactly the union of the
-  branches' transforms (each once, nothing else)."""
+  """Builds the "parallel" chain of an augmentation config (Table 3's baseline).
+
+  Raises:
+    ValueError: unless it holds exactly the union of the branches' transforms, each once.
+  """
   specs = _branch_specs(cfg)
   spec = _get(cfg, "parallel", None)
   if spec is None:

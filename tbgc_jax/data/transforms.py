@@ -151,9 +151,11 @@ class Transform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class MultiScale(Transform):
-  """Detection multi-scale: long edge at most ``long_edge``, short edge drawn uniformly from
-  ``short_min, short_min + step, ..., short_max`` (``step=1``: every integer; mmdet's
-  ``multiscale_mode='value'`` lists are the larger steps)."""
+  """Detection multi-scale resize: long edge at most ``long_edge``, short edge drawn.
+
+  The short edge is drawn uniformly from ``short_min, short_min + step, ..., short_max``
+  (``step=1``: every integer; mmdet's ``multiscale_mode='value'`` lists are larger steps).
+  """
 
   long_edge: int = 608
   short_min: int = 480
