@@ -237,6 +237,8 @@ def test_config_errors():
   with pytest.raises(ValueError, match="summing to 1"):
     build_augment({"mode": "multi_branch", "branches": ["hflip", "noise"],
                    "probs_start": [0.5, 0.6]})
+  with pytest.raises(ValueError, match="short_max = short_min"):
+    build_chain("multiscale(short_min=480, short_max=600, step=32)")
   with pytest.raises(ValueError, match="at least one branch"):
     RandomChoice(())
   with pytest.raises(ValueError, match="augmentation mode must be one of"):

@@ -163,8 +163,10 @@ class MultiScale(Transform):
   step: int = 1
 
   def __post_init__(self):
-    if self.step < 1 or self.short_max < self.short_min:
-      raise ValueError(f"MultiScale: need step >= 1 and short_min <= short_max, got {self}")
+    if self.step < 1 or self.short_max < self.short_min or (
+        (self.short_max - self.short_min) % self.step):
+      raise ValueError(f"MultiScale: need step >= 1 and short_max = short_min + k * step, "
+                       f"k >= 0, got {self}")
 
   @property
   def shorts(self) -> tuple[int, ...]:
