@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.tasks = ("det", "seg", "cls")
   c.data = data_configs.tiny()
-  c.augment_mode = "multi_branch"  # or "parallel" (the paper's Table 3 baseline)
+  # "multi_branch" (Table 1), "plain" (the Table 2 setting) or "parallel" (Table 3 baseline)
+  c.augment_mode = "multi_branch"
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "tiny"  # InternImage preset: tiny, t, s, b, l, xl

@@ -13,7 +13,7 @@ import pytest
 
 from configs import tiny
 from tbgc_jax.trainer.evaluate import evaluate, shared_batch
-from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate
+from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +138,11 @@ def test_evaluation_is_the_same_on_one_and_eight_devices():
 def test_invalid_configs_fail_at_start(key, value, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
     Setup(_config(**{key: value}))
+
+
+@pytest.mark.parametrize("mode", ["plain", "parallel", "multi_branch"])
+def test_augment_modes_are_valid(mode):
+  validate_config(_config(augment_mode=mode))
 
 
 def test_drop_path_masks_follow_the_step_key():

@@ -1,15 +1,19 @@
-"""Augmentation chains and the paper's multi-branch ``RandomChoice`` with a curriculum.
+"""Augmentation chains, the paper's multi-branch ``RandomChoice``, and the three modes.
 
 Chains are declared in configs as big_vision-style strings, transforms separated by ``|``
 with keyword arguments as Python literals, e.g.
 ``"multiscale(long_edge=608, short_min=480, short_max=608)|hflip|autoaugment|noise"``
 (names: ``tbgc_jax.data.transforms.REGISTRY``).
 
-An augmentation config (``ConfigDict`` or dict) has ``mode``:
-- ``"chain"``: one chain, ``chain`` (classification; also the Table 3 "parallel" baseline);
-- ``"multi_branch"``: ``branches`` (one chain string each), ``probs_start`` and ``probs_end``:
-  branch probabilities interpolated linearly in the training progress t = epoch/num_epochs,
-  p(t) = (1 - t) p_start + t p_end (equal start and end: no curriculum).
+An augmentation config (``ConfigDict`` or dict) has ``mode``, one of ``AUGMENT_MODES``:
+- ``"plain"``: the chain ``plain`` (the paper's section 3 setting, used for Table 2);
+- ``"multi_branch"``: one of ``branches`` (chain strings; default ``(plain,)``) per example,
+  chosen by ``RandomChoice`` (Table 1, section 2.3): uniformly, or with ``probs``; with
+  ``curriculum=True`` the probabilities move linearly from ``probs_start`` to ``probs_end``
+  over training (off by default: the paper gives no schedule);
+- ``"parallel"``: the chain ``parallel`` (default: the one branch), which must hold exactly
+  the union of the branches' transforms (Table 3's baseline).
+A single branch builds a plain ``Chain`` (classification: no multi-branch in the paper).
 """
 
 from __future__ import annotations
@@ -88,12 +92,23 @@ def build_chain(spec: str, source: Any = None) -> Chain:
   return Chain(tuple(ts))
 
 
+def check_probs(name: str, probs: Sequence[float], n: int) -> tuple[float, ...]:
+  """Returns ``probs`` as floats if they are ``n`` non-negative numbers summing to 1."""
+  p = np.asarray(probs, np.float64)
+  if p.shape != (n,) or (p < 0).any() or not np.isclose(p.sum(), 1.0):
+    raise ValueError(f"{name}: expected {n} non-negative probabilities summing to 1, got "
+                     f"{tuple(probs)}")
+  return tuple(float(x) for x in p)
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomChoice(grain.transforms.RandomMap):
-  """Multi-branch augmentation: one branch per example, chosen with curriculum probabilities.
+  """Multi-branch augmentation: one branch per example, chosen at random.
 
-  The example's ``progress`` entry (training progress in [0, 1], default 0) selects the
-  probabilities; the chosen branch index is written to ``branch``.
+  Branch probabilities are ``probs_start`` (empty: uniform) at training progress 0 and
+  ``probs_end`` (empty: same as the start, no curriculum) at progress 1, linearly in between,
+  p(t) = (1 - t) p_start + t p_end. The example's ``progress`` entry (default 0) gives t; the
+  chosen branch index is written to ``branch``.
   """
 
   branches: tuple[Chain, ...] = ()
@@ -101,11 +116,14 @@ class RandomChoice(grain.transforms.RandomMap):
   probs_end: tuple[float, ...] = ()
 
   def __post_init__(self):
-    for name in ("probs_start", "probs_end"):
-      p = np.asarray(getattr(self, name), np.float64)
-      if p.shape != (len(self.branches),) or (p < 0).any() or not np.isclose(p.sum(), 1.0):
-        raise ValueError(f"RandomChoice.{name}: expected {len(self.branches)} non-negative "
-                         f"probabilities summing to 1, got {getattr(self, name)}")
+    n = len(self.branches)
+    if not n:
+      raise ValueError("RandomChoice needs at least one branch")
+    start = self.probs_start or (1.0 / n,) * n
+    start = check_probs("RandomChoice.probs_start", start, n)
+    end = check_probs("RandomChoice.probs_end", self.probs_end or start, n)
+    object.__setattr__(self, "probs_start", start)
+    object.__setattr__(self, "probs_end", end)
 
   def probs(self, progress: float) -> np.ndarray:
     """Branch probabilities at training progress ``progress`` (clipped to [0, 1])."""
@@ -121,6 +139,46 @@ class RandomChoice(grain.transforms.RandomMap):
     return out
 
 
+AUGMENT_MODES = ("plain", "parallel", "multi_branch")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def _branch_specs(cfg: Any) -> tuple[str, ...]:
+  specs = tuple(_get(cfg, "branches", ()))
+  return specs or (cfg["plain"],)
+
+
+def build_parallel(cfg: Any, source: Any = None) -> Chain:
+  """Builds the "parallel" chain of an augmentation config (Table 3's baseline).
+
+  Raises:
+    ValueError: unless it holds exactly the union of the branches' transforms, each once.
+  """
+  specs = _branch_specs(cfg)
+  spec = _get(cfg, "parallel", None)
+  if spec is None:
+    if len(specs) > 1:
+      raise ValueError("augmentation mode 'parallel' needs a 'parallel' chain when there is "
+                       f"more than one branch; branches: {specs}")
+    spec = specs[0]
+  chain = build_chain(spec, source)
+  union = {t for s in specs for t in build_chain(s, source).transforms}
+  if len(set(chain.transforms)) != len(chain.transforms) or set(chain.transforms) != union:
+    extra = sorted(type(t).__name__ for t in set(chain.transforms) - union)
+    missing = sorted(type(t).__name__ for t in union - set(chain.transforms))
+    raise ValueError(f"parallel chain {spec!r} must hold each transform of the branches "
+                     f"{specs} exactly once and nothing else; extra: {extra}, missing: "
+                     f"{missing}")
+  return chain
+
+
 def build_augment(cfg: Any, source: Any = None, *, max_strong: int | None = 1
                   ) -> grain.transforms.RandomMap:
   """Builds the augmentation declared by an augmentation config (see module docstring).
@@ -132,22 +190,34 @@ def build_augment(cfg: Any, source: Any = None, *, max_strong: int | None = 1
       augmentations (the paper: one); None disables the check.
 
   Returns:
-    A ``Chain`` or a ``RandomChoice``.
+    A ``Chain`` or (several branches) a ``RandomChoice``.
   """
   mode = cfg["mode"]
-  if mode == "chain":
-    return build_chain(cfg["chain"], source)
-  if mode == "multi_branch":
-    branches = tuple(build_chain(s, source) for s in cfg["branches"])
-    if max_strong is not None:
-      for s, b in zip(cfg["branches"], branches, strict=True):
-        if b.num_strong > max_strong:
-          raise ValueError(f"branch {s!r} has {b.num_strong} strong augmentations; the "
-                           f"multi-branch paradigm allows at most {max_strong} per branch")
-    start = tuple(float(x) for x in cfg["probs_start"])
-    end = tuple(float(x) for x in cfg.get("probs_end", None) or start)
-    return RandomChoice(branches, start, end)
-  raise ValueError(f"augmentation mode must be 'chain' or 'multi_branch', got {mode!r}")
+  if mode == "plain":
+    return build_chain(cfg["plain"], source)
+  if mode == "parallel":
+    return build_parallel(cfg, source)
+  if mode != "multi_branch":
+    raise ValueError(f"augmentation mode must be one of {AUGMENT_MODES}, got {mode!r}")
+  specs = _branch_specs(cfg)
+  branches = tuple(build_chain(s, source) for s in specs)
+  if max_strong is not None:
+    for s, b in zip(specs, branches, strict=True):
+      if b.num_strong > max_strong:
+        raise ValueError(f"branch {s!r} has {b.num_strong} strong augmentations; the "
+                         f"multi-branch paradigm allows at most {max_strong} per branch")
+  n = len(branches)
+  # Validate every probability field given, used or not: a typo fails at start.
+  given = {k: check_probs(k, _get(cfg, k), n) for k in ("probs", "probs_start", "probs_end")
+           if _get(cfg, k, ())}
+  if n == 1:
+    return branches[0]
+  if _get(cfg, "curriculum", False):
+    if "probs_start" not in given or "probs_end" not in given:
+      raise ValueError("curriculum=True needs probs_start and probs_end")
+    return RandomChoice(branches, given["probs_start"], given["probs_end"])
+  probs = given.get("probs", ())
+  return RandomChoice(branches, probs, probs)
 
 
 def branch_chains(aug: grain.transforms.RandomMap) -> Sequence[Chain]:

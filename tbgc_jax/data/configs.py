@@ -11,21 +11,29 @@ of a trainer config: ``config.data = configs.tiny()``). Per task:
   stays >= this (TT100K 2048 -> 1024 for a 608 network input); 0 disables.
 - ``num_classes``; ``batch_size`` (per device); ``image_size`` (fixed train (H, W));
   ``eval_image_size``; ``max_boxes`` (det).
-- ``augment``: ``mode`` "multi_branch" (``branches``, ``probs_start``, ``probs_end``) or
-  "chain" (``chain``); see ``tbgc_jax.data.augment``. ``eval_augment``: chain string.
+- ``augment``: ``mode`` ("plain", "parallel" or "multi_branch") and the chains of every mode:
+  ``plain``, ``branches``, ``parallel``, ``probs``, ``curriculum``, ``probs_start``,
+  ``probs_end`` (see ``tbgc_jax.data.augment``). ``eval_augment``: chain string.
 
-The multi-branch defaults follow the paper's Table 1. Its curriculum numbers are not given
-in the paper; ours start with the harder (Mosaic) branch at 0.7 and end at 0.3.
-``use_parallel_baseline(cfg)`` switches det and seg to the Table 3 "parallel" chain.
+``set_augment_mode(data, mode)`` selects one mode for every task (the trainer's
+``config.augment_mode``). "plain" is the paper's section 3 augmentation (the setting of its
+Table 2), "multi_branch" its Table 1 branches (the default), "parallel" the Table 3 baseline
+that chains every branch's transforms. Classification has no RandomChoice in any mode (the
+paper uses "common augmentation" for it). Branches are chosen uniformly; the curriculum is an
+option, off by default, since the paper gives no schedule.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-# Curriculum (our choice, the paper gives none): branch 2 (Mosaic) likelier early.
+from tbgc_jax.data.augment import AUGMENT_MODES
+
+# Curriculum when enabled (our choice, the paper gives none): branch 2 (Mosaic) likelier early.
 PROBS_START = (0.3, 0.7)
 PROBS_END = (0.7, 0.3)
+# RandomChoice: uniform (empty probs), curriculum off.
+_CHOICE = {"probs": (), "curriculum": False, "probs_start": PROBS_START, "probs_end": PROBS_END}
 
 
 def _det(long_edge: int, short: tuple[int, int], size: tuple[int, int], noise: float) -> dict:
@@ -33,12 +41,12 @@ def _det(long_edge: int, short: tuple[int, int], size: tuple[int, int], noise: f
   mosaic = f"mosaic(size={tuple(size)})"
   return {
       "mode": "multi_branch",
+      "plain": f"{ms}|hflip",
       "branches": (
           f"{ms}|hflip|autoaugment|noise(max_std={noise})",
           f"{mosaic}|mixup|hflip|noise(max_std={noise})",
       ),
-      "probs_start": PROBS_START,
-      "probs_end": PROBS_END,
+      **_CHOICE,
       "parallel": f"{mosaic}|mixup|{ms}|hflip|autoaugment|noise(max_std={noise})",
   }
 
@@ -48,19 +56,19 @@ def _seg(long_edge: int, crop: tuple[int, int], mosaic: tuple[int, int], noise: 
   rc = f"random_crop(size={tuple(crop)})"
   return {
       "mode": "multi_branch",
+      # The crop fits the resized image to the training size (mmseg's standard pipeline).
+      "plain": f"{rr}|{rc}|hflip|color_distort",
       "branches": (
           f"{rr}|{rc}|rotate|noise(max_std={noise})",
           f"mosaic(size={tuple(mosaic)})|{rc}|hflip|noise(max_std={noise})",
       ),
-      "probs_start": PROBS_START,
-      "probs_end": PROBS_END,
-      "parallel": (f"mosaic(size={tuple(mosaic)})|{rr}|{rc}|rotate|hflip|color_distort|"
-                   f"noise(max_std={noise})"),
+      **_CHOICE,
+      "parallel": f"mosaic(size={tuple(mosaic)})|{rr}|{rc}|rotate|hflip|noise(max_std={noise})",
   }
 
 
 def _cls(size: int) -> dict:
-  return {"mode": "chain", "chain": f"resize(size=({size}, {size}))|random_erase|hflip"}
+  return {"mode": "multi_branch", "plain": f"resize(size=({size}, {size}))|random_erase|hflip"}
 
 
 def _tiny_augment() -> dict[str, dict]:
@@ -69,22 +77,23 @@ def _tiny_augment() -> dict[str, dict]:
   Same structure as Table 1 (branch 2 holds the one strong augmentation, Mosaic) but without
   flips (a mirrored digit is a different glyph), AutoAugment and MixUp, and with the easy branch
   likelier: from a random-init tiny backbone, detection's mAP50 after 720 steps fell from 2.8
-  to 0.6 with the challenge-style branches.
+  to 0.6 with the challenge-style branches. The "plain" chains are the paper's, sized down.
   """
-  probs = {"probs_start": (0.8, 0.2), "probs_end": (0.8, 0.2)}
+  probs = {**_CHOICE, "probs": (0.8, 0.2)}
   ms = "multiscale(long_edge=192, short_min=112, short_max=160)"
   rr = "random_resize(long_edge=160, ratio_min=0.5, ratio_max=2.0)"
   rc = "random_crop(size=(128, 128))"
+  cls = "resize(size=(64, 64))|random_erase"
   return {
-      "det": {"mode": "multi_branch", **probs,
+      "det": {"mode": "multi_branch", **probs, "plain": f"{ms}|hflip",
               "branches": (f"{ms}|noise(max_std=8.0)",
                            "mosaic(size=(160, 192))|noise(max_std=8.0)"),
               "parallel": f"mosaic(size=(160, 192))|{ms}|noise(max_std=8.0)"},
-      "seg": {"mode": "multi_branch", **probs,
+      "seg": {"mode": "multi_branch", **probs, "plain": f"{rr}|{rc}|hflip|color_distort",
               "branches": (f"{rr}|{rc}|rotate|noise(max_std=8.0)",
                            f"mosaic(size=(192, 192))|{rc}|noise(max_std=8.0)"),
               "parallel": f"mosaic(size=(192, 192))|{rr}|{rc}|rotate|noise(max_std=8.0)"},
-      "cls": {"mode": "chain", "chain": "resize(size=(64, 64))|random_erase"},
+      "cls": {"mode": "multi_branch", "plain": f"{cls}|hflip", "branches": (cls,)},
   }
 
 
@@ -162,10 +171,16 @@ def challenge(det_root: str = "data/tt100k", seg_root: str = "data/bdd100k",
   })
 
 
-def use_parallel_baseline(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Switches det and seg to the "parallel" baseline of Table 3 (all augmentations chained)."""
-  for task in ("det", "seg"):
-    aug = data[task].augment
-    aug.mode = "chain"
-    aug.chain = aug.parallel
+def set_augment_mode(data: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+  """Selects augmentation ``mode`` (one of ``AUGMENT_MODES``) for every task of ``data``."""
+  if mode not in AUGMENT_MODES:
+    raise ValueError(f"augmentation mode must be one of {AUGMENT_MODES}, got {mode!r}")
+  for task in ("det", "seg", "cls"):
+    if task in data:
+      data[task].augment.mode = mode
   return data
+
+
+def use_parallel_baseline(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Switches every task to the "parallel" baseline of Table 3 (all augmentations chained)."""
+  return set_augment_mode(data, "parallel")

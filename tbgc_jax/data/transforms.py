@@ -59,8 +59,10 @@ def resize(ex: Example, out_hw: tuple[int, int]) -> Example:
     # is offset by up to half a source pixel).
     ex["label"] = cv2.resize(ex["label"], (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
   if "boxes" in ex:
-    ex["boxes"] = np.asarray(ex["boxes"], np.float32) * np.asarray(
-        [ow / w, oh / h, ow / w, oh / h], np.float32)
+    # Clipped: float32 rounding can put a box edge on the border a hair outside the image.
+    b = np.asarray(ex["boxes"], np.float32) * np.asarray([ow / w, oh / h, ow / w, oh / h],
+                                                         np.float32)
+    ex["boxes"] = np.minimum(b, np.asarray([ow, oh, ow, oh], np.float32))
   return ex
 
 
@@ -110,6 +112,24 @@ def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int
     canvas["labels"].append(np.asarray(ex["labels"], np.int32).reshape(-1)[keep])
 
 
+def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator) -> Example:
+  """Crops a ``ch`` x ``cw`` window at a uniformly drawn position (sides <= the image's).
+
+  Boxes are shifted, clipped and filtered (``_clip_filter``); label maps are cropped alike.
+  """
+  h, w = ex["image"].shape[:2]
+  y0 = int(rng.integers(0, h - ch + 1))
+  x0 = int(rng.integers(0, w - cw + 1))
+  ex["image"] = np.ascontiguousarray(ex["image"][y0:y0 + ch, x0:x0 + cw])
+  if _is_seg(ex):
+    ex["label"] = np.ascontiguousarray(ex["label"][y0:y0 + ch, x0:x0 + cw])
+  if "boxes" in ex:
+    ex["boxes"] = np.asarray(ex["boxes"], np.float32).reshape(-1, 4) - np.float32(
+        [x0, y0, x0, y0])
+    ex = _clip_filter(ex)
+  return ex
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform(grain.transforms.RandomMap):
   """Base: applies ``apply`` with probability ``p`` (one rng draw when ``p < 1``)."""
@@ -131,14 +151,30 @@ class Transform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class MultiScale(Transform):
-  """Detection multi-scale: long edge at most ``long_edge``, short edge ~ U{short_min..max}."""
+  """Detection multi-scale resize: long edge at most ``long_edge``, short edge drawn.
+
+  The short edge is drawn uniformly from ``short_min, short_min + step, ..., short_max``
+  (``step=1``: every integer; mmdet's ``multiscale_mode='value'`` lists are larger steps).
+  """
 
   long_edge: int = 608
   short_min: int = 480
   short_max: int = 608
+  step: int = 1
+
+  def __post_init__(self):
+    if self.step < 1 or self.short_max < self.short_min or (
+        (self.short_max - self.short_min) % self.step):
+      raise ValueError(f"MultiScale: need step >= 1 and short_max = short_min + k * step, "
+                       f"k >= 0, got {self}")
+
+  @property
+  def shorts(self) -> tuple[int, ...]:
+    """The short edges it can draw."""
+    return tuple(range(self.short_min, self.short_max + 1, self.step))
 
   def apply(self, ex, rng):
-    short = int(rng.integers(self.short_min, self.short_max + 1))
+    short = self.short_min + self.step * int(rng.integers(0, len(self.shorts)))
     h, w = ex["image"].shape[:2]
     s = min(self.long_edge / max(h, w), short / min(h, w))
     return resize(ex, (round(h * s), round(w * s)))
@@ -224,16 +260,33 @@ class RandomCrop(Transform):
 
   def apply(self, ex, rng):
     h, w = ex["image"].shape[:2]
-    ch, cw = min(h, self.size[0]), min(w, self.size[1])
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
-    ex["image"] = np.ascontiguousarray(ex["image"][y0:y0 + ch, x0:x0 + cw])
-    if _is_seg(ex):
-      ex["label"] = np.ascontiguousarray(ex["label"][y0:y0 + ch, x0:x0 + cw])
-    if "boxes" in ex:
-      ex["boxes"] = np.asarray(ex["boxes"], np.float32).reshape(-1, 4) - np.float32(
-          [x0, y0, x0, y0])
-      ex = _clip_filter(ex)
+    return crop_at(ex, min(h, self.size[0]), min(w, self.size[1]), rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeCrop(Transform):
+  """Random crop whose height and width are each drawn from U{min_size..max_size} (capped by
+  the image side), mmdet's ``RandomCrop(crop_type='absolute_range')``.
+
+  With ``keep_boxes`` (mmdet's ``allow_negative_crop=False``), a detection example that has
+  boxes is re-cropped (up to ``tries`` draws) until a box survives; if none does, the example
+  is returned uncropped (mmdet would re-sample another image, which a map cannot).
+  """
+
+  min_size: int = 384
+  max_size: int = 600
+  keep_boxes: bool = True
+  tries: int = 10
+
+  def apply(self, ex, rng):
+    h, w = ex["image"].shape[:2]
+    need_box = self.keep_boxes and len(ex.get("boxes", ())) > 0
+    for _ in range(self.tries):
+      ch = int(rng.integers(min(h, self.min_size), min(h, self.max_size) + 1))
+      cw = int(rng.integers(min(w, self.min_size), min(w, self.max_size) + 1))
+      out = crop_at(dict(ex), ch, cw, rng)
+      if not need_box or len(out["boxes"]):
+        return out
     return ex
 
 
@@ -494,11 +547,12 @@ def _apply_op(ex: Example, op: str, mag: float, sign: float) -> Example:
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoAugment(Transform):
+class ImageNetAutoAugment(Transform):
   """AutoAugment with the published ImageNet policy (one random sub-policy per example).
 
-  Geometric ops (Rotate, ShearX/Y) are box- and mask-aware (boxes via their corners, label
-  maps nearest with 255 fill); ``photometric_only=True`` skips them instead.
+  Mostly colour operations (Posterize, Solarize, Equalize, Invert, Color, ...). Geometric ops
+  (Rotate, ShearX/Y) are box- and mask-aware (boxes via their corners, label maps nearest
+  with 255 fill); ``photometric_only=True`` skips them instead.
   """
 
   photometric_only: bool = False
@@ -514,6 +568,52 @@ class AutoAugment(Transform):
     return ex
 
 
+@dataclasses.dataclass(frozen=True)
+class DetAutoAugment(Transform):
+  """Detection AutoAugment of the InternImage DINO configs: one of two sub-policies, uniformly.
+
+  Sub-policy 0: multi-scale resize (short edge from ``short_min..short_max`` by ``step``,
+  long edge at most ``long_edge``). Sub-policy 1: resize (short edge from
+  ``crop_short_min..crop_short_max`` by ``crop_short_step``, long edge at most
+  ``crop_long_edge``), a ``RangeCrop(crop_min, crop_max)`` keeping a box, then the
+  sub-policy 0 resize. Only axis-aligned geometry: boxes stay tight.
+
+  The defaults are the InternImage numbers fitted to a 608 long edge (see docs/data.md):
+  short edges 480..608 by 32 (their 480..800 list cut at 608), pre-crop short edges 400, 500,
+  600 and crop sides in [384, 600] as published.
+  """
+
+  long_edge: int = 608
+  short_min: int = 480
+  short_max: int = 608
+  step: int = 32
+  crop_long_edge: int = 4200
+  crop_short_min: int = 400
+  crop_short_max: int = 600
+  crop_short_step: int = 100
+  crop_min: int = 384
+  crop_max: int = 600
+  strong: ClassVar[bool] = True
+
+  @property
+  def policies(self) -> tuple[tuple[Transform, ...], ...]:
+    """The two sub-policies, each a sequence of transforms applied in order."""
+    final = MultiScale(long_edge=self.long_edge, short_min=self.short_min,
+                       short_max=self.short_max, step=self.step)
+    pre = MultiScale(long_edge=self.crop_long_edge, short_min=self.crop_short_min,
+                     short_max=self.crop_short_max, step=self.crop_short_step)
+    return (final,), (pre, RangeCrop(min_size=self.crop_min, max_size=self.crop_max), final)
+
+  def apply_policy(self, ex: Example, k: int, rng: np.random.Generator) -> Example:
+    """Applies sub-policy ``k``."""
+    for t in self.policies[k]:
+      ex = t.random_map(ex, rng)
+    return ex
+
+  def apply(self, ex, rng):
+    return self.apply_policy(ex, int(rng.integers(2)), rng)
+
+
 REGISTRY: dict[str, type[Transform]] = {
     "multiscale": MultiScale,
     "random_resize": RandomResize,
@@ -524,7 +624,9 @@ REGISTRY: dict[str, type[Transform]] = {
     "random_crop": RandomCrop,
     "mosaic": Mosaic,
     "mixup": MixUp,
-    "autoaugment": AutoAugment,
+    "range_crop": RangeCrop,
+    "autoaugment": DetAutoAugment,
+    "imagenet_autoaugment": ImageNetAutoAugment,
     "color_distort": ColorDistort,
     "noise": GaussianNoise,
     "random_erase": RandomErase,

@@ -25,6 +25,7 @@ from flax import nnx
 
 from tbgc_jax.data import configs as data_configs
 from tbgc_jax.data import pipeline
+from tbgc_jax.data.augment import AUGMENT_MODES
 from tbgc_jax.models.multitask import backbone_mask
 from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer import logs
@@ -33,7 +34,6 @@ from tbgc_jax.trainer.optim import GRAD_METHODS, make_optimizer
 from tbgc_jax.trainer.step import STEP_MODES, make_train_step
 
 TASKS = ("det", "seg", "cls")
-AUGMENT_MODES = ("multi_branch", "parallel")
 _log = logging.getLogger(__name__)
 
 
@@ -89,8 +89,7 @@ class Setup:
 
   def __init__(self, config: ml_collections.ConfigDict):
     validate_config(config)
-    if config.augment_mode == "parallel":
-      data_configs.use_parallel_baseline(config.data)
+    data_configs.set_augment_mode(config.data, config.augment_mode)
     self.config = config
     self.tasks = tuple(config.tasks)
     self.mesh = make_mesh(config)
