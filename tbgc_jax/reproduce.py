@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-TASK_METRICS = {"det": "det/mAP50", "seg": "seg/mIoU", "cls": "cls/top1"}
+from tbgc_jax.data.augment import AUGMENT_MODES
+from tbgc_jax.trainer.evaluate import METRIC_NAMES as TASK_METRICS
+
 PAPER_METHODS = ("none", "vanilla", "tbgc_star", "tbgc")
-AUGMENT_MODES = ("plain", "parallel", "multi_branch")
 BASELINE = "vanilla"
 
 
