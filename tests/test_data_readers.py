@@ -238,3 +238,72 @@ def test_reduced_decode_scales_boxes(tmp_path):
   ys, xs = np.nonzero(half["image"].max(-1) > 127)
   np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], half["boxes"][0],
                              atol=1)
+
+
+# --------------------------------------------------------------------------- file's own ids
+
+def _sparse_coco(tmp_path):
+  """Category ids 42, 3, 7 (unsorted, sparse) and image ids 1000, 5, 77."""
+  d = tmp_path / "images"
+  for name in ("a.jpg", "b.jpg", "c.jpg"):
+    _jpg(d / name)
+  images = [{"id": 1000, "file_name": "a.jpg", "height": 20, "width": 30},
+            {"id": 5, "file_name": "b.jpg", "height": 20, "width": 30},
+            {"id": 77, "file_name": "c.jpg", "height": 20, "width": 30}]
+  anns = [{"id": 1, "image_id": 1000, "category_id": 42, "bbox": [1, 1, 4, 4]},
+          {"id": 2, "image_id": 5, "category_id": 3, "bbox": [2, 2, 4, 4]},
+          {"id": 3, "image_id": 77, "category_id": 7, "bbox": [3, 3, 4, 4]},
+          {"id": 4, "image_id": 77, "category_id": 42, "bbox": [5, 5, 4, 4]}]
+  cats = [{"id": 42, "name": "forty-two"}, {"id": 3, "name": "three"}, {"id": 7, "name": "seven"}]
+  ann = tmp_path / "instances.json"
+  ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+  return str(ann), str(d)
+
+
+def test_coco_keeps_file_ids(tmp_path):
+  ann, imgs = _sparse_coco(tmp_path)
+  result = readers.read_coco(ann, imgs)
+  recs, names = result  # still unpacks as before
+  assert names == ["three", "seven", "forty-two"] == result.class_names
+  assert result.category_ids == (3, 7, 42)
+  assert result.category_map == {0: 3, 1: 7, 2: 42}
+  assert [(r.image_id, r.file_image_id) for r in recs] == [(1000, 1000), (5, 5), (77, 77)]
+  # Labels are contiguous, sorted by category id; mapping back gives the file's ids.
+  assert [[result.category_ids[lab] for lab in r.labels] for r in recs] == [[42], [3], [7, 42]]
+  assert result.num_skipped == 0
+
+
+def test_make_source_exposes_category_ids(tmp_path):
+  from tbgc_jax.data import pipeline
+
+  ann, imgs = _sparse_coco(tmp_path)
+  cfg = {"source": {"format": "coco", "train": {"ann_file": ann, "image_dir": imgs}},
+         "num_classes": 3, "max_boxes": 4}
+  src = pipeline.make_source(cfg, "det", "train")
+  assert src.category_ids == (3, 7, 42) and src.category_map == {0: 3, 1: 7, 2: 42}
+  assert src.class_names == ("three", "seven", "forty-two")
+  ex = src[2]
+  assert int(ex["image_id"]) == 77 and ex["labels"].tolist() == [1, 2]
+  # Survives pickling (grain worker processes).
+  import pickle
+
+  assert pickle.loads(pickle.dumps(src)).category_ids == (3, 7, 42)
+  assert pickle.loads(pickle.dumps(readers.read_coco(ann, imgs))).category_ids == (3, 7, 42)
+
+
+def test_tt100k_export_ids(tmp_path):
+  """TT100K: category id = index in the reader's category list; image id = the file's id,
+  with the ``imgs`` key (a string) when the entry has no ``id``."""
+  _jpg(tmp_path / "train" / "a.jpg", 40, 40)
+  _jpg(tmp_path / "train" / "b.jpg", 40, 40)
+  box = {"xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}
+  imgs = {"90001": {"path": "train/a.jpg", "objects": [{"category": "i5", "bbox": box}]},
+          "17": {"path": "train/b.jpg", "id": 17, "objects": [{"category": "pl80", "bbox": box}]}}
+  (tmp_path / "annotations.json").write_text(json.dumps({"types": ["pl80", "w13", "i5"],
+                                                         "imgs": imgs}))
+  result = readers.read_tt100k(str(tmp_path), "train")
+  assert result.category_ids == (0, 1, 2) and result.class_names == ["pl80", "w13", "i5"]
+  assert [(r.image_id, r.file_image_id) for r in result.records] == [(17, 17), (90001, "90001")]
+  assert [r.labels.tolist() for r in result.records] == [[0], [2]]
+  sub = readers.read_tt100k(str(tmp_path), "train", categories=["i5", "pl80"])
+  assert sub.category_ids == (0, 1) and [r.labels.tolist() for r in sub.records] == [[1], [0]]

@@ -37,6 +37,44 @@ from tbgc_jax.data.records import (
 _EPS = 1e-3  # float slack when comparing box coordinates with the image border
 
 
+class DetReadResult(tuple):
+  """What a detection reader returns: unpacks as ``(records, class_names)``, and also has
+
+  Attributes:
+    records: the ``DetRecord`` list (labels contiguous, ``0..num_classes-1``).
+    class_names: ``class_names[label]``, the category's name.
+    category_ids: ``category_ids[label]``, the annotation file's own category id: what a
+      COCO-style export writes as ``category_id``.
+    category_map: dict label -> the file's category id.
+    num_skipped: records dropped under the ``skip`` policy.
+  """
+
+  def __new__(cls, records: list[DetRecord], class_names: list[str],
+              category_ids: Sequence[int], num_skipped: int = 0):
+    self = super().__new__(cls, (records, class_names))
+    self.category_ids = tuple(int(c) for c in category_ids)
+    if len(self.category_ids) != len(class_names):
+      raise ValueError(f"DetReadResult: {len(class_names)} names but "
+                       f"{len(self.category_ids)} category ids")
+    self.num_skipped = int(num_skipped)
+    return self
+
+  def __getnewargs__(self):
+    return (self[0], self[1], self.category_ids, self.num_skipped)
+
+  @property
+  def records(self) -> list[DetRecord]:
+    return self[0]
+
+  @property
+  def class_names(self) -> list[str]:
+    return self[1]
+
+  @property
+  def category_map(self) -> dict[int, int]:
+    return dict(enumerate(self.category_ids))
+
+
 def _load_json(path: str) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: annotation file not found")
@@ -77,11 +115,12 @@ def _check_box(v: Validator, ref: str, field: str, xyxy: Any, hw: tuple[int, int
 
 
 def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
-              deep_check: bool = False, skip_crowd: bool = True) -> tuple[list[DetRecord],
-                                                                        list[str]]:
+              deep_check: bool = False, skip_crowd: bool = True) -> DetReadResult:
   """Reads a COCO-format detection set (how the challenge ships TT100K).
 
-  Category ids are mapped to contiguous labels in increasing id order.
+  Category ids are mapped to contiguous labels in increasing id order (ids 3, 7, 42 become
+  labels 0, 1, 2); ``result.category_ids[label]`` gives the file's id back. Each record keeps
+  the file's image id (``image_id`` and ``file_image_id``).
 
   Args:
     ann_file: COCO JSON with ``images`` (id, file_name, height, width), ``annotations``
@@ -92,7 +131,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
     skip_crowd: drop ``iscrowd=1`` annotations (standard for training; counted in the log).
 
   Returns:
-    (records, class_names).
+    A ``DetReadResult``: unpacks as ``(records, class_names)``; ``.category_ids``.
   """
   v = Validator(policy, ann_file)
   data = _load_json(ann_file)
@@ -145,15 +184,20 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
       labels.append(cat_to_label[a["category_id"]])
     if ok:
       records.append(DetRecord(path, int(img["id"]), np.asarray(boxes, np.float32).reshape(-1, 4),
-                               np.asarray(labels, np.int32)))
+                               np.asarray(labels, np.int32), img["id"]))
   v.summary(len(records))
-  return records, names
+  return DetReadResult(records, names, [c["id"] for c in cats], v.num_skipped)
 
 
 def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = None,
                 policy: str = "strict", deep_check: bool = False,
-                ann_file: str = "annotations.json") -> tuple[list[DetRecord], list[str]]:
+                ann_file: str = "annotations.json") -> DetReadResult:
   """Reads TT100K's original ``annotations.json`` layout.
+
+  The file names categories, not ids. A COCO-style export of these records uses
+  ``category_id`` = the label = the index of the category in the list the reader uses
+  (``categories`` if given, else the file's ``types``), and ``image_id`` = the file's image
+  id: the image's ``id`` field, else its ``imgs`` key, as an integer (``"10"`` -> 10).
 
   Layout: ``root/annotations.json`` = ``{"types": [names], "imgs": {id: {"path":
   "train/123.jpg", "id": 123, "objects": [{"category": name, "bbox": {"xmin", "ymin",
@@ -168,7 +212,8 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
     ann_file: annotation file name inside ``root``.
 
   Returns:
-    (records, class_names).
+    A ``DetReadResult``: unpacks as ``(records, class_names)``; ``.category_ids`` is
+    ``range(len(class_names))``.
   """
   path = os.path.join(root, ann_file)
   v = Validator(policy, path)
@@ -209,11 +254,11 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
       boxes.append(xyxy)
       labels.append(label_of[obj["category"]])
     if ok:
-      image_id = int(img.get("id", key))
-      records.append(DetRecord(ipath, image_id, np.asarray(boxes, np.float32).reshape(-1, 4),
-                               np.asarray(labels, np.int32)))
+      file_id = img.get("id", key)
+      records.append(DetRecord(ipath, int(file_id), np.asarray(boxes, np.float32).reshape(-1, 4),
+                               np.asarray(labels, np.int32), file_id))
   v.summary(len(records))
-  return records, names
+  return DetReadResult(records, names, range(len(names)), v.num_skipped)
 
 
 def read_bdd100k_seg(root: str, split: str, *, num_classes: int = 19, policy: str = "strict",

@@ -36,12 +36,20 @@ class DataValidationError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DetRecord:
-  """One detection image: path, COCO image id, boxes xyxy in pixels and contiguous labels."""
+  """One detection image: path, image id, boxes xyxy in pixels and contiguous labels.
+
+  ``image_id`` is the file's own image id as an integer (what a COCO-style export writes as
+  ``image_id``); ``file_image_id`` is that id exactly as the annotation file spells it (an
+  int for COCO; for TT100K the ``id`` field, or the ``imgs`` key when it has none, which may
+  be a string). ``labels`` index the reader's category list; the reader's result maps them
+  back to the file's category ids (``category_ids``).
+  """
 
   image_path: str
   image_id: int
   boxes: np.ndarray  # float32 [n, 4] xyxy, pixels of the image on disk
   labels: np.ndarray  # int32 [n] in [0, num_classes)
+  file_image_id: int | str | None = None  # the id as written in the file (None: unknown)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,16 +169,36 @@ class RecordSource:
     min_decode_side: detection only: when > 0, images whose long side is at least 2x (4x,
       8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to match (``orig_hw`` stays
       the size on disk). Set it to the largest long edge the augmentations produce.
+    category_ids: detection: the file's category id of each contiguous label
+      (``category_ids[label]``), for exports; default ``range(num_classes)``.
+    class_names: the name of each label; default ``str`` of the category id.
+
+  Attributes:
+    category_ids: tuple of ints, ``category_ids[label]`` = the file's category id.
+    class_names: tuple of strings, one per label.
   """
 
   def __init__(self, records: Sequence[Any], task: str, num_classes: int,
-               min_decode_side: int = 0):
+               min_decode_side: int = 0, category_ids: Sequence[int] | None = None,
+               class_names: Sequence[str] | None = None):
     if task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     self.records = list(records)
     self.task = task
     self.num_classes = num_classes
     self.min_decode_side = int(min_decode_side)
+    ids = tuple(int(c) for c in (range(num_classes) if category_ids is None else category_ids))
+    names = tuple(str(n) for n in (ids if class_names is None else class_names))
+    if len(ids) != num_classes or len(names) != num_classes:
+      raise ValueError(f"RecordSource: expected {num_classes} category ids and names, got "
+                       f"{len(ids)} ids and {len(names)} names")
+    self.category_ids = ids
+    self.class_names = names
+
+  @property
+  def category_map(self) -> dict[int, int]:
+    """Contiguous label -> the file's category id."""
+    return dict(enumerate(self.category_ids))
 
   def _reduce(self, path: str) -> int:
     if self.task != "det" or self.min_decode_side <= 0:
