@@ -60,7 +60,7 @@ COCO_CASES = {
     "zero_area": ("bbox", "positive width and height"),
     "malformed_box": ("bbox", "[x, y, w, h]"),
     "unknown_category": ("category_id", "one of [7, 9]"),
-    "size_mismatch": ("height/width", "the size of"),
+    "size_mismatch": ("height", "20, the height of"),
 }
 
 
@@ -197,7 +197,7 @@ def test_cls_list_strict_and_skip(tmp_path, line, field, expected):
   lst.write_text(f"y.jpg 4\n\n{line}\n")
   with pytest.raises(DataValidationError) as e:
     readers.read_cls_list(str(lst), str(tmp_path / "img"), num_classes=5)
-  assert f"train.txt:3: field {field!r}" in str(e.value) and expected in str(e.value)
+  assert f"train.txt: line 3: field {field!r}" in str(e.value) and expected in str(e.value)
   recs = readers.read_cls_list(str(lst), str(tmp_path / "img"), num_classes=5, policy="skip")
   assert [(os.path.basename(r.image_path), r.label) for r in recs] == [("y.jpg", 4)]
   ex = RecordSource(recs, "cls", 5)[0]

@@ -60,6 +60,7 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   kwargs = dict(_get(src, split, None) or {})
   policy = _get(task_cfg, "policy", "strict")
   deep = bool(_get(task_cfg, "deep_check", False))
+  outside = bool(_get(task_cfg, "allow_outside_root", False))
   nc = int(task_cfg["num_classes"])
   if fmt == "embedded":
     kwargs = embedded.reader_args(task, split, _get(src, "root", "") or None)
@@ -71,15 +72,17 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   cat_ids = names = None
   if task == "det" and fmt in ("coco", "tt100k"):
     reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
-    result = reader(**kwargs, policy=policy, deep_check=deep)
+    result = reader(**kwargs, policy=policy, deep_check=deep, allow_outside_root=outside)
     records, names, cat_ids = result.records, result.class_names, result.category_ids
     if len(names) != nc:
       raise ValueError(f"{kwargs}: expected {nc} categories (data.det.num_classes), "
                        f"got {len(names)}")
   elif task == "seg" and fmt == "bdd100k":
-    records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep)
+    records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
+                                       allow_outside_root=outside)
   elif task == "cls" and fmt == "cls_list":
-    records = readers.read_cls_list(**kwargs, num_classes=nc, policy=policy, deep_check=deep)
+    records = readers.read_cls_list(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
+                                    allow_outside_root=outside)
   else:
     raise ValueError(f"source format {fmt!r} is not available for task {task!r}")
   if not records:

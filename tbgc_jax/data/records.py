@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,11 +68,14 @@ class ClsRecord:
 
 
 class Validator:
-  """Applies a validation policy: ``strict`` raises, ``skip`` drops, counts and logs once.
+  """Applies a validation policy: ``strict`` raises, ``skip`` drops, counts and logs.
 
-  Usage: call ``fail(...)`` for each problem (returns normally only under ``skip``), and
-  ``summary(kept)`` once after reading.
+  Usage: call ``fail(...)`` once per bad record (returns normally only under ``skip``), and
+  ``summary(kept)`` once after reading. Under ``skip`` every skipped record is logged (the
+  first ``MAX_LOGGED`` one by one, then only counted) and kept in ``messages``.
   """
+
+  MAX_LOGGED = 20
 
   def __init__(self, policy: str, dataset: str):
     if policy not in POLICIES:
@@ -82,15 +84,27 @@ class Validator:
     self.dataset = dataset
     self.skipped: collections.Counter[str] = collections.Counter()
     self.first: dict[str, str] = {}
+    self.messages: list[str] = []
 
-  def fail(self, file: str, field: str, expected: str, got: Any) -> None:
-    """Reports one problem: raises under ``strict``, records it under ``skip``."""
-    msg = f"{file}: field {field!r}: expected {expected}, got {got!r}"
+  def fail(self, file: str, field: str, expected: str, got: Any,
+           record: str | None = None) -> None:
+    """Reports one bad record: raises under ``strict``, records it under ``skip``.
+
+    The message reads ``FILE: RECORD: field 'FIELD': expected EXPECTED, got GOT``.
+    """
+    where = f"{file}: {record}" if record else file
+    got_text = repr(got)
+    if len(got_text) > 200:
+      got_text = got_text[:200] + "...(truncated)"
+    msg = f"{where}: field {field!r}: expected {expected}, got {got_text}"
     if self.policy == "strict":
       raise DataValidationError(msg)
     reason = f"{field}: expected {expected}"
     self.skipped[reason] += 1
     self.first.setdefault(reason, msg)
+    self.messages.append(msg)
+    if len(self.messages) <= self.MAX_LOGGED:
+      _log.warning("skipped: %s", msg)
 
   @property
   def num_skipped(self) -> int:
@@ -122,8 +136,10 @@ def image_size(path: str) -> tuple[int, int]:
   return h, w
 
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+# EXIF orientation is ignored: annotations (and the header size) refer to the stored pixels.
+_REDUCED = {r: f | cv2.IMREAD_IGNORE_ORIENTATION for r, f in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (8, cv2.IMREAD_REDUCED_COLOR_8))}
 
 
 def read_image(path: str, reduce: int = 1) -> np.ndarray:
@@ -247,14 +263,3 @@ class RecordSource:
   def __repr__(self) -> str:
     return f"RecordSource(task={self.task!r}, n={len(self)})"
 
-
-def check_path(v: Validator, path: str, ref: str, field: str) -> tuple[int, int] | None:
-  """Checks that ``path`` exists and has a readable image header; returns (h, w) or None."""
-  if not os.path.isfile(path):
-    v.fail(ref, field, "an existing image file", path)
-    return None
-  try:
-    return image_size(path)
-  except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-    v.fail(path, field, "a readable image file", f"{type(e).__name__}: {e}")
-    return None
