@@ -16,6 +16,7 @@ dataset root (symlinks resolved) unless ``allow_outside_root=True``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -37,6 +38,7 @@ from tbgc_jax.data.records import (
     read_label_map,
 )
 
+_log = logging.getLogger(__name__)
 _EPS = 1e-3  # float slack when comparing box coordinates with the image border
 
 
@@ -195,15 +197,20 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
   known_ids = {i for i in img_ids if i is not None}
 
   anns_by_image: dict[int, list[tuple[int, dict]]] = {}
+  orphans = []  # reported after the images, so that an image's own problem comes first
   for j, a in enumerate(data["annotations"]):
     rec = f"annotations[{j}]" + (f" (id {a.get('id')!r})" if isinstance(a, dict) else "")
-    try:
-      a = checks.obj(a, "annotation")
+    try:  # other fields are checked with the image (a bad one there drops the image)
+      if not isinstance(a, dict):
+        raise BadField("annotation", "a JSON object", a)
+      if "image_id" in getattr(a, "duplicate_keys", {}):
+        checks.obj(a, "annotation")
       iid = checks.int_id(checks.field(a, "image_id", "an integer image id"), "image_id")
       if iid not in known_ids:
         raise BadField("image_id", "the id of an image listed in 'images'", iid)
     except BadField as e:  # an annotation that belongs to no image: a bad record of its own
-      v.fail(ann_file, e.field, e.expected, e.got, rec)
+      e.record = rec
+      orphans.append(e)
       continue
     anns_by_image.setdefault(iid, []).append((j, a))
 
@@ -225,6 +232,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
       boxes, labels = [], []
       for j, a in anns_by_image.get(iid, []):
         try:
+          checks.obj(a, "annotation")
           cid = a.get("category_id", MISSING)
           if cid not in cat_to_label or isinstance(cid, bool):
             raise BadField("category_id", f"one of {cat_ids} (the ids in 'categories')", cid)
@@ -245,6 +253,10 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
       continue
     records.append(DetRecord(path, iid, np.asarray(boxes, np.float32).reshape(-1, 4),
                              np.asarray(labels, np.int32), iid))
+  for e in orphans:
+    v.fail(ann_file, e.field, e.expected, e.got, e.record)
+  if crowd:
+    _log.info("%s: dropped %d crowd annotation(s) (skip_crowd=True)", ann_file, crowd)
   v.summary(len(records))
   return DetReadResult(records, names, cat_ids, v.num_skipped, v.messages)
 
@@ -385,7 +397,8 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
         continue
       iid, file_id = _tt100k_image_id(key, img)
       if iid in dup_ids:
-        raise BadField("id", "an image id no other image has", file_id)
+        raise BadField("id" if "id" in img else "imgs key", "an image id no other image has",
+                       file_id)
       ipath = checks.new_file(root, rel, "path", allow_outside_root, seen_paths, rec)
       objects = checks.field(img, "objects", "a list of objects")
       if not isinstance(objects, list):
