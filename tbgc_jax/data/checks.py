@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections import Counter
 from typing import Any
 
@@ -158,36 +159,60 @@ def name_str(x: Any, name: str, expected: str = "a non-empty string") -> str:
   raise BadField(name, expected, x)
 
 
-def inside(root: str, rel: str, name: str, allow_outside_root: bool) -> str:
-  """``root/rel``; unless allowed, it must resolve (symlinks included) inside ``root``."""
-  rel = name_str(rel, name, "a non-empty file name")
-  path = os.path.join(root, rel)
-  if not allow_outside_root:
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-      raise BadField(name, f"a path inside the dataset root {root} (allow_outside_root=False)",
+class Paths:
+  """Resolves file names of one read against the dataset root; one object per read.
+
+  Unless ``allow_outside_root``, a name must resolve (``..`` and symlinks included) inside
+  ``root``. Folders are resolved once per read (cached); the file itself is checked for
+  being a symlink on every call. ``new_file`` also rejects a file an earlier record named.
+
+  Args:
+    root: the dataset root.
+    allow_outside_root: accept names that resolve outside ``root``.
+  """
+
+  def __init__(self, root: str, allow_outside_root: bool = False):
+    self.root = root
+    self.allow_outside_root = allow_outside_root
+    self._real_root = os.path.realpath(root)
+    self._real_dirs: dict[str, str] = {}
+    self._seen: dict[str, str] = {}
+
+  def _realpath(self, path: str) -> str:
+    folder, base = os.path.split(path)
+    if base in ("", ".", "..") or os.path.islink(path):
+      return os.path.realpath(path)
+    if folder not in self._real_dirs:
+      self._real_dirs[folder] = os.path.realpath(folder)
+    return os.path.join(self._real_dirs[folder], base)
+
+  def resolve(self, rel: Any, name: str) -> tuple[str, str]:
+    """(``root/rel``, its real path); ``BadField`` for a bad name or one outside the root."""
+    rel = name_str(rel, name, "a non-empty file name")
+    path = os.path.join(self.root, rel)
+    real = self._realpath(path)
+    if not self.allow_outside_root and os.path.commonpath([self._real_root, real]) != \
+        self._real_root:
+      raise BadField(name, f"a path inside the dataset root {self.root} "
+                           "(allow_outside_root=False)", rel)
+    return path, real
+
+  def inside(self, rel: Any, name: str) -> str:
+    """``root/rel``, checked to lie inside the root (see the class docstring)."""
+    return self.resolve(rel, name)[0]
+
+  def new_file(self, rel: Any, name: str, record: str) -> str:
+    """``inside(...)``, and not a file an earlier ``record`` of this read named."""
+    path, real = self.resolve(rel, name)
+    if real in self._seen:
+      raise BadField(name, f"a file no earlier record names ({self._seen[real]} names it)",
                      rel)
-  return path
+    self._seen[real] = record
+    return path
 
 
-def new_file(root: str, rel: Any, name: str, allow_outside_root: bool, seen: dict[str, str],
-             record: str) -> str:
-  """``inside(...)``, and not a file an earlier record named (``seen``: real path -> record)."""
-  path = inside(root, rel, name, allow_outside_root)
-  real = os.path.realpath(path)
-  if real in seen:
-    raise BadField(name, f"a file no earlier record names ({seen[real]} names it)", rel)
-  seen[real] = record
-  return path
-
-
-def _complete(path: str, fmt: str) -> bool:
-  """Cheap end-marker test; False means "decode fully to find out"."""
-  with open(path, "rb") as f:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(max(0, size - len(_PNG_END)))
-    tail = f.read()
+def _complete(tail: bytes, fmt: str) -> bool:
+  """Cheap end-marker test on the file's last bytes; False: "decode fully to find out"."""
   if fmt in ("JPEG", "MPO"):
     return tail.endswith(b"\xff\xd9")
   if fmt == "PNG":
@@ -218,14 +243,20 @@ def image_file(path: str, name: str, deep: bool = False, modes: tuple[str, ...] 
   """
   from PIL import Image
 
-  if not os.path.isfile(path):
+  try:
+    st = os.stat(path)
+  except (OSError, ValueError):
+    st = None
+  if st is None or not stat.S_ISREG(st.st_mode):
     raise BadField(name, "an existing image file", path)
-  if os.path.getsize(path) == 0:
+  if st.st_size == 0:
     raise BadField(name, "a readable image file", f"{path}: empty file (0 bytes)")
   try:
-    with Image.open(path) as im:
+    with open(path, "rb") as f, Image.open(f) as im:
       w, h = im.size
       fmt, mode = im.format, im.mode
+      f.seek(max(0, st.st_size - len(_PNG_END)))
+      tail = f.read()
   except Exception as e:  # noqa: BLE001 - any PIL error means "unreadable"
     raise BadField(name, "a readable image file", f"{path}: {type(e).__name__}: {e}") from e
   if fmt not in formats:
@@ -235,7 +266,7 @@ def image_file(path: str, name: str, deep: bool = False, modes: tuple[str, ...] 
     raise BadField(name, f"an image of PIL mode {' or '.join(modes)} (8-bit single channel)",
                    f"{path}: mode {mode}")
   try:
-    if deep or not _complete(path, fmt):
+    if deep or not _complete(tail, fmt):
       _pil_decode(path)
     if deep and modes is None:
       read_image(path)

@@ -214,7 +214,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
       continue
     anns_by_image.setdefault(iid, []).append((j, a))
 
-  records, seen_paths, crowd = [], {}, 0
+  records, crowd, paths = [], 0, checks.Paths(image_dir, allow_outside_root)
   for k, img in enumerate(images):
     iid = img_ids[k]
     rec = f"images[{k}]" + ("" if iid is None else f" (id {iid})")
@@ -223,8 +223,8 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
       iid = checks.int_id(checks.field(img, "id", "an integer image id"), "id")
       if iid in dup_ids:
         raise BadField("id", "an image id no other image has", iid)
-      path = checks.new_file(image_dir, checks.field(img, "file_name", "a file name"),
-                             "file_name", allow_outside_root, seen_paths, f"images[{k}]")
+      path = paths.new_file(checks.field(img, "file_name", "a file name"), "file_name",
+                            f"images[{k}]")
       hw = checks.image_file(path, "file_name", deep_check)
       for key, actual in (("height", hw[0]), ("width", hw[1])):
         if key in img and img[key] != actual:
@@ -234,7 +234,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
         try:
           checks.obj(a, "annotation")
           cid = a.get("category_id", MISSING)
-          if cid not in cat_to_label or isinstance(cid, bool):
+          if not isinstance(cid, int) or isinstance(cid, bool) or cid not in cat_to_label:
             raise BadField("category_id", f"one of {cat_ids} (the ids in 'categories')", cid)
           xyxy = _coco_box(checks.field(a, "bbox", "[x, y, w, h]"), hw)
           is_crowd = a.get("iscrowd", 0)
@@ -382,13 +382,15 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
     except BadField:
       pass
   dup_ids = _ids_seen_more_than_once([i for i in all_ids if i is not None])
-  records, seen_paths = [], {}
+  records, paths = [], checks.Paths(root, allow_outside_root)
   for key in keys:
     rec = f"imgs[{key!r}]"
     try:
       img = checks.obj(imgs[key], "image")
       rel = checks.name_str(checks.field(img, "path", "a relative image path"), "path",
                             "a non-empty relative image path")
+      if "\\" in rel:  # a Windows path would silently fall out of every split
+        raise BadField("path", "a path with '/' separators", rel)
       first = _tt100k_split(rel, split)
       if first != split:
         if not allow_outside_root and first in ("/", ".."):
@@ -399,7 +401,7 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
       if iid in dup_ids:
         raise BadField("id" if "id" in img else "imgs key", "an image id no other image has",
                        file_id)
-      ipath = checks.new_file(root, rel, "path", allow_outside_root, seen_paths, rec)
+      ipath = paths.new_file(rel, "path", rec)
       objects = checks.field(img, "objects", "a list of objects")
       if not isinstance(objects, list):
         raise BadField("objects", "a list of objects", objects)
@@ -456,7 +458,7 @@ def read_bdd100k_seg(root: str, split: str, *, num_classes: int = 19, policy: st
       raise FileNotFoundError(f"{d}: expected the BDD100K folder (images/10k/{split}, "
                               f"labels/sem_seg/masks/{split}) under {root}")
   v = Validator(policy, image_dir)
-  records, stems = RecordList(), set()
+  records, stems, paths = RecordList(), set(), checks.Paths(root, allow_outside_root)
   for name in _visible_files(image_dir):
     stem, ext = os.path.splitext(name)
     ipath, mpath = os.path.join(image_dir, name), os.path.join(mask_dir, stem + ".png")
@@ -465,10 +467,10 @@ def read_bdd100k_seg(root: str, split: str, *, num_classes: int = 19, policy: st
       if ext != ".jpg":
         raise BadField("image", "a .jpg image (the BDD100K layout)", name)
       stems.add(stem)
-      checks.inside(root, os.path.join(image_rel, name), "image", allow_outside_root)
+      paths.inside(os.path.join(image_rel, name), "image")
       hw = checks.image_file(ipath, "image", deep_check)
       file = mpath
-      checks.inside(root, os.path.join(mask_rel, stem + ".png"), "mask", allow_outside_root)
+      paths.inside(os.path.join(mask_rel, stem + ".png"), "mask")
       mhw = checks.image_file(mpath, "mask", modes=("L",), formats=("PNG",))
       if mhw != hw:
         raise BadField("mask", f"the image size {hw} (h, w)", mhw)
@@ -526,7 +528,7 @@ def read_cls_list(list_file: str, image_dir: str, *, num_classes: int, policy: s
   if not raw.strip():
     raise DataValidationError(f"{list_file}: whole file: expected lines '<image_name> "
                               "<class_id>', got an empty file")
-  records, seen = RecordList(), {}
+  records, paths = RecordList(), checks.Paths(image_dir, allow_outside_root)
   expected_id = f"an integer in [0, {num_classes}) (decimal digits)"
   for lineno, bline in enumerate(raw.splitlines(), 1):
     try:
@@ -543,8 +545,7 @@ def read_cls_list(list_file: str, image_dir: str, *, num_classes: int, policy: s
       name, cid = parts
       if not _DIGITS.fullmatch(cid) or len(cid) > 18 or int(cid) >= num_classes:
         raise BadField("class_id", expected_id, cid)
-      path = checks.new_file(image_dir, name, "image_name", allow_outside_root, seen,
-                             f"line {lineno}")
+      path = paths.new_file(name, "image_name", f"line {lineno}")
       checks.image_file(path, "image_name", deep_check)
     except BadField as e:
       v.fail(list_file, e.field, e.expected, e.got, f"line {lineno}")
