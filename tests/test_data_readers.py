@@ -307,3 +307,46 @@ def test_tt100k_export_ids(tmp_path):
   assert [r.labels.tolist() for r in result.records] == [[0], [2]]
   sub = readers.read_tt100k(str(tmp_path), "train", categories=["i5", "pl80"])
   assert sub.category_ids == (0, 1) and [r.labels.tolist() for r in sub.records] == [[1], [0]]
+
+
+def test_exif_orientation_is_ignored(tmp_path):
+  """Annotations refer to the stored pixels: the decode must not rotate by EXIF orientation
+  (OpenCV's default does), or boxes and the header size stop matching the image."""
+  from PIL import Image
+
+  from tbgc_jax.data.records import image_size, read_image
+
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 CW to display"
+  Image.new("RGB", (16, 8), (200, 10, 10)).save(tmp_path / "r.jpg", exif=exif)
+  assert image_size(str(tmp_path / "r.jpg")) == (8, 16)
+  assert read_image(str(tmp_path / "r.jpg")).shape == (8, 16, 3)
+  assert read_image(str(tmp_path / "r.jpg"), reduce=2).shape == (4, 8, 3)
+
+
+def test_allow_outside_root_from_config(tmp_path):
+  from tbgc_jax.data import pipeline
+
+  _jpg(tmp_path / "elsewhere" / "x.jpg")
+  _jpg(tmp_path / "root" / "y.jpg")
+  lst = tmp_path / "list.txt"
+  lst.write_text("../elsewhere/x.jpg 1\ny.jpg 0\n")
+  cfg = {"source": {"format": "cls_list",
+                    "train": {"list_file": str(lst), "image_dir": str(tmp_path / "root")}},
+         "num_classes": 2}
+  with pytest.raises(DataValidationError, match="a path inside the dataset root"):
+    pipeline.make_source(cfg, "cls", "train")
+  assert len(pipeline.make_source({**cfg, "policy": "skip"}, "cls", "train")) == 1
+  assert len(pipeline.make_source({**cfg, "allow_outside_root": True}, "cls", "train")) == 2
+
+
+def test_truncated_loading_switched_on_is_refused(tmp_path, monkeypatch):
+  """PIL's global LOAD_TRUNCATED_IMAGES would hide truncation: the check refuses to run."""
+  from PIL import ImageFile
+
+  _jpg(tmp_path / "img" / "a.jpg")
+  (tmp_path / "l.txt").write_text("a.jpg 0\n")
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+  with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+    readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "img"), num_classes=1,
+                          deep_check=True)
