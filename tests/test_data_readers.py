@@ -350,3 +350,24 @@ def test_truncated_loading_switched_on_is_refused(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
     readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "img"), num_classes=1,
                           deep_check=True)
+
+
+@pytest.mark.parametrize("image,label,field,got", [
+    (np.zeros((4, 4, 3), np.float32), 1, "image", "float32 (4, 4, 3)"),
+    (np.zeros((4, 4, 4), np.uint8), 1, "image", "uint8 (4, 4, 4)"),
+    (np.zeros((4, 4, 3), np.uint8), 196, "label", "196"),
+    (np.zeros((4, 4, 3), np.uint8), -1, "label", "-1"),
+    (np.zeros((4, 4, 3), np.uint8), 1.5, "label", "1.5"),
+])
+def test_tfds_source_rejects_malformed_examples(image, label, field, got):
+  """The TFDS source checks every example it decodes (a prepared set is read, not scanned)."""
+  src = object.__new__(readers.TfdsClsSource)
+  src.split, src.data_dir, src.name, src.num_classes = "train", "/d", "cars196", 196
+  src._src = [{"image": np.zeros((4, 4), np.uint8), "label": np.int64(3)},
+              {"image": image, "label": label}]
+  ex = src[0]
+  assert ex["image"].shape == (4, 4, 3) and int(ex["label"]) == 3
+  with pytest.raises(DataValidationError) as e:
+    src[1]
+  assert str(e.value).startswith(f"/d: cars196 train[1]: field {field!r}: expected ")
+  assert got in str(e.value).partition(", got ")[2]

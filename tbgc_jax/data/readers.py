@@ -591,16 +591,32 @@ class TfdsClsSource:
   def __len__(self) -> int:
     return len(self._src)
 
+  def _bad(self, index: int, field: str, expected: str, got: Any) -> DataValidationError:
+    return DataValidationError(f"{self.data_dir or '~/tensorflow_datasets'}: {self.name} "
+                               f"{self.split}[{index}]: field {field!r}: expected {expected}, "
+                               f"got {got!r}")
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    """The example of record ``index``; ``DataValidationError`` for a malformed one."""
     ex = self._src[index]
-    image = np.asarray(ex["image"], np.uint8)
+    image = np.asarray(ex["image"])
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and
+                                                            image.shape[-1] in (1, 3))):
+      raise self._bad(index, "image", "uint8 [H, W, 3], [H, W, 1] or [H, W]",
+                      f"{image.dtype} {image.shape}")
     if image.ndim == 2:
-      image = np.repeat(image[..., None], 3, axis=-1)
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    label = ex["label"]
+    if not (np.ndim(label) == 0 and np.issubdtype(np.asarray(label).dtype, np.integer)
+            and 0 <= int(label) < self.num_classes):
+      raise self._bad(index, "label", f"an integer in [0, {self.num_classes})", label)
     return {
         "image": image,
         "index": np.int32(index),
         "orig_hw": np.asarray(image.shape[:2], np.int32),
-        "label": np.int32(ex["label"]),
+        "label": np.int32(label),
     }
 
   def __getstate__(self):
