@@ -137,6 +137,13 @@ def coco_path(kind: str) -> Callable[[dict, Path], None]:
   return mutate
 
 
+def _symlink_inside(data, root):
+  """images/c.jpg -> images/real/c.jpg: a symlink that stays inside the root."""
+  (root / "images" / "real").mkdir()
+  os.rename(root / "images" / "c.jpg", root / "images" / "real" / "c.jpg")
+  os.symlink(root / "images" / "real" / "c.jpg", root / "images" / "c.jpg")
+
+
 def _img_ann(e_field, expected, got, ann_index=2, ann_id=3):
   return Error("instances.json", f"annotations[{ann_index}] (id {ann_id}, of image id 17)",
                e_field, expected, got)
@@ -264,6 +271,11 @@ COCO_CASES = [
          _img("width", "8, the width of", "99")),
     Case("coco_height_string", coco(set_(lambda d: d["images"][2], "height", "8")), KEEP2, 1,
          _img("height", "8, the height of", "'8'")),
+    Case("coco_symlink_inside_accepted", coco(_symlink_inside), KEEP3),
+    Case("coco_duplicate_top_level_key",
+         coco(raw=lambda t: t.replace('"categories": ', '"categories": [], "categories": ')),
+         file_level=True, error=_whole("it once", "2 times", record="top level",
+                                       field="categories")),
     Case("coco_bom", coco(write=lambda p: p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())),
          KEEP3),
     Case("coco_not_json", coco(raw=lambda t: "images: none\n"), file_level=True,
@@ -387,6 +399,8 @@ TT100K_CASES = [
          TT_KEEP2, 1, _tt("path", "an existing image file", "12.jpg")),
     Case("tt100k_backslash_path", tt100k(set_(_im12, "path", "train\\12.jpg")), TT_KEEP2, 1,
          _tt("path", "a path with '/' separators", "'train\\\\12.jpg'")),
+    Case("tt100k_other_split_not_checked",
+         tt100k(lambda d, r: d["imgs"]["20"].update(objects="none", id="x")), TT_KEEP3),
     Case("tt100k_dot_prefix_accepted", tt100k(set_(_im12, "path", "./train/12.jpg")), TT_KEEP3),
     Case("tt100k_duplicate_type", tt100k(lambda d, r: d["types"].append("i5")), TT_KEEP3, 1,
          _tt("types", "a name not listed before (types[1] has it)", "'i5'", "types[3]")),
