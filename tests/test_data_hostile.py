@@ -57,3 +57,53 @@ def test_hostile(case, tmp_path, caplog):
   assert msg in result.skipped  # the strict error is one of the logged skips
   assert f"skipped {case.skipped} record(s), kept {len(case.kept)}" in caplog.text
   assert msg in caplog.text
+
+
+_GARBAGE = [None, True, 0, -1, 1.5, float("nan"), float("inf"), 2**70, "", "x", "10",
+            "../x.jpg", "/etc/passwd", [], [1], [1, 2, 3, 4], [[1]], {}, {"a": 1}, "\x00"]
+
+
+def _json_paths(o, prefix=()):
+  if prefix:
+    yield prefix
+  items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+  for k, v in items:
+    yield from _json_paths(v, (*prefix, k))
+
+
+@pytest.mark.parametrize("fmt", ["coco", "tt100k"])
+def test_random_garbage_in_fields(fmt, tmp_path):
+  """Seeded fuzz: any value anywhere in the JSON gives DataValidationError under strict and
+  never an exception under skip (unless the file's top level itself is broken)."""
+  import copy
+  import random
+
+  from hostile_data import coco, tt100k
+
+  rng = random.Random(0)
+  for trial in range(40):
+    def mutate(data, root):
+      paths = list(_json_paths(data))
+      for _ in range(rng.randint(1, 3)):
+        path = rng.choice(paths)
+        target = data
+        try:
+          for k in path[:-1]:
+            target = target[k]
+          target[path[-1]] = copy.deepcopy(rng.choice(_GARBAGE))
+        except (KeyError, IndexError, TypeError):  # an earlier change removed the path
+          pass
+
+    root = tmp_path / str(trial)
+    root.mkdir()
+    read = (coco if fmt == "coco" else tt100k)(mutate)(root)
+    try:
+      read("strict")
+    except DataValidationError:
+      pass
+    try:
+      result = read("skip")
+    except DataValidationError as e:
+      assert ": top level: " in str(e), str(e)
+      continue
+    assert result.num_skipped == len(result.skipped)
