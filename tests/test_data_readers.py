@@ -371,3 +371,17 @@ def test_tfds_source_rejects_malformed_examples(image, label, field, got):
     src[1]
   assert str(e.value).startswith(f"/d: cars196 train[1]: field {field!r}: expected ")
   assert got in str(e.value).partition(", got ")[2]
+
+
+def test_decode_refuses_an_image_truncated_after_reading(tmp_path):
+  """A file cut after the read pass: the decode fails instead of returning grey pixels."""
+  img = cv2.resize(np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8), (64, 64))
+  _png(tmp_path / "i" / "a.jpg", img)  # cv2.imwrite picks JPEG from the name
+  (tmp_path / "l.txt").write_text("a.jpg 0\n")
+  recs = readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "i"), num_classes=1)
+  src = RecordSource(recs, "cls", 1)
+  assert src[0]["image"].shape == (64, 64, 3)
+  data = (tmp_path / "i" / "a.jpg").read_bytes()
+  (tmp_path / "i" / "a.jpg").write_bytes(data[:int(len(data) * 0.7)])
+  with pytest.raises(DataValidationError, match=r"a\.jpg: field 'image': expected a readable"):
+    src[0]

@@ -149,15 +149,29 @@ def read_image(path: str, reduce: int = 1) -> np.ndarray:
     path: image file.
     reduce: 1, 2, 4 or 8: decode at 1/reduce size (JPEG DCT scaling: much faster).
   """
-  im = cv2.imread(path, _REDUCED[reduce])
+  im = _decode(path, _REDUCED[reduce])
   if im is None:
-    raise DataValidationError(f"{path}: field 'image': expected a readable image file")
+    raise DataValidationError(f"{path}: field 'image': expected a readable, complete image "
+                              "file")
   return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def _decode(path: str, flags: int) -> np.ndarray | None:
+  """``cv2.imdecode`` of the file's bytes; None if unreadable.
+
+  Not ``cv2.imread``: on a truncated JPEG, imread returns the image with the missing part
+  grey (128) while imdecode of the same bytes fails (OpenCV 5.0).
+  """
+  try:
+    data = np.fromfile(path, np.uint8)
+  except (OSError, ValueError):
+    return None
+  return cv2.imdecode(data, flags) if data.size else None
 
 
 def read_label_map(path: str) -> np.ndarray:
   """Decodes a single-channel uint8 label PNG; clear error if unreadable or not 2-D uint8."""
-  lab = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  lab = _decode(path, cv2.IMREAD_UNCHANGED)
   if lab is None:
     raise DataValidationError(f"{path}: field 'label': expected a readable PNG label map")
   if lab.ndim != 2 or lab.dtype != np.uint8:
