@@ -385,3 +385,16 @@ def test_decode_refuses_an_image_truncated_after_reading(tmp_path):
   (tmp_path / "i" / "a.jpg").write_bytes(data[:int(len(data) * 0.7)])
   with pytest.raises(DataValidationError, match=r"a\.jpg: field 'image': expected a readable"):
     src[0]
+
+
+def test_missing_image_folder_is_one_clear_error(tmp_path):
+  """A wrong image_dir is a file-level error (not one skip per image, which would read as
+  "every image is bad")."""
+  ann, _ = _sparse_coco(tmp_path)
+  for policy in ("strict", "skip"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: image folder \(image_dir\) not found"):
+      readers.read_coco(ann, str(tmp_path / "nowhere"), policy=policy)
+  (tmp_path / "l.txt").write_text("a.jpg 0\n")
+  with pytest.raises(FileNotFoundError, match="nowhere: image folder"):
+    readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "nowhere"), num_classes=1,
+                          policy="skip")

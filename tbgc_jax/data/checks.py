@@ -111,6 +111,7 @@ def top_level(path: str, data: Any, spec: dict[str, type]) -> None:
 
 
 def type_name(x: Any) -> str:
+  """The JSON name of a parsed value's type ("object", "array", "string", ...)."""
   names = {dict: "object", JsonObject: "object", list: "array", str: "string", bool: "boolean",
            type(None): "null", int: "integer", float: "number"}
   return names.get(type(x), type(x).__name__)
@@ -142,7 +143,10 @@ def int_id(x: Any, name: str) -> int:
 
 
 def number(x: Any) -> float:
-  """A finite JSON number (not a boolean, string or null); ``BadField`` names no field."""
+  """A finite JSON number (not a boolean, string or null) as float; ``ValueError`` if not.
+
+  The caller turns the ``ValueError`` into a ``BadField`` naming the whole box.
+  """
   if isinstance(x, (int, float)) and not isinstance(x, bool):
     try:
       v = float(x)
@@ -154,9 +158,16 @@ def number(x: Any) -> float:
 
 
 def name_str(x: Any, name: str, expected: str = "a non-empty string") -> str:
+  """A non-empty string without NUL bytes (field ``name``), else ``BadField``."""
   if isinstance(x, str) and x and "\x00" not in x:
     return x
   raise BadField(name, expected, x)
+
+
+def require_folder(path: str, what: str) -> None:
+  """``FileNotFoundError`` naming ``path`` unless it is a folder (a file-level problem)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: {what} not found (expected a folder)")
 
 
 class Paths:

@@ -214,6 +214,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
       continue
     anns_by_image.setdefault(iid, []).append((j, a))
 
+  checks.require_folder(image_dir, "image folder (image_dir)")
   records, crowd, paths = [], 0, checks.Paths(image_dir, allow_outside_root)
   for k, img in enumerate(images):
     iid = img_ids[k]
@@ -528,6 +529,7 @@ def read_cls_list(list_file: str, image_dir: str, *, num_classes: int, policy: s
   if not raw.strip():
     raise DataValidationError(f"{list_file}: whole file: expected lines '<image_name> "
                               "<class_id>', got an empty file")
+  checks.require_folder(image_dir, "image folder (image_dir)")
   records, paths = RecordList(), checks.Paths(image_dir, allow_outside_root)
   expected_id = f"an integer in [0, {num_classes}) (decimal digits)"
   for lineno, bline in enumerate(raw.splitlines(), 1):
