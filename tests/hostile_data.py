@@ -375,6 +375,9 @@ TT100K_CASES = [
          _tt("imgs key", "an integer image id", "'img12'", "imgs['img12']")),
     Case("tt100k_id_key_disagree", tt100k(set_(_im12, "id", 13)), TT_KEEP2, 1,
          _tt("id", "the image's key '12' as an integer", "13")),
+    Case("tt100k_huge_key", tt100k(lambda d, r: d["imgs"].__setitem__("9" * 5000, {
+        "path": "train/12.jpg", "id": 12, "objects": []})), TT_KEEP3, 1,
+         _tt("id", "the image's key '9999", "12", "imgs['" + "9" * 39 + "...]")),
     Case("tt100k_string_id_accepted", tt100k(set_(_im12, "id", "12")), TT_KEEP3),
     Case("tt100k_duplicate_key",
          tt100k(raw=lambda t: t.replace('"imgs": {', '"imgs": {"12": {"path": "x"}, ')),

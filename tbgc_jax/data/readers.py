@@ -125,6 +125,12 @@ def _coco_box(bb: Any, hw: tuple[int, int]) -> list[float]:
   return _xyxy(x, y, x + w, y + h, hw, "bbox", bb)
 
 
+def _short(x: Any, limit: int = 40) -> str:
+  """``repr(x)``, cut to ``limit`` characters (record names quote values from the file)."""
+  text = repr(x)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _ids_seen_more_than_once(values: list[Any]) -> set[Any]:
   return {k for k, n in Counter(values).items() if n > 1}
 
@@ -199,7 +205,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
   anns_by_image: dict[int, list[tuple[int, dict]]] = {}
   orphans = []  # reported after the images, so that an image's own problem comes first
   for j, a in enumerate(data["annotations"]):
-    rec = f"annotations[{j}]" + (f" (id {a.get('id')!r})" if isinstance(a, dict) else "")
+    rec = f"annotations[{j}]" + (f" (id {_short(a.get('id'))})" if isinstance(a, dict) else "")
     try:  # other fields are checked with the image (a bad one there drops the image)
       if not isinstance(a, dict):
         raise BadField("annotation", "a JSON object", a)
@@ -242,7 +248,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
           if is_crowd not in (0, 1):
             raise BadField("iscrowd", "0 or 1", is_crowd)
         except BadField as e:
-          e.record = f"annotations[{j}] (id {a.get('id')!r}, of image id {iid})"
+          e.record = f"annotations[{j}] (id {_short(a.get('id'))}, of image id {iid})"
           raise
         if skip_crowd and is_crowd:
           crowd += 1
@@ -280,15 +286,13 @@ def _tt100k_image_id(key: str, img: dict) -> tuple[int, int | str]:
     raise BadField(name, expected, raw)
   if not 0 <= iid < checks.ID_LIMIT:
     raise BadField(name, expected, raw)
-  if name == "id" and not (_DIGITS.fullmatch(key) and int(key) == iid):
-    raise BadField("id", f"the image's key {key!r} as an integer", raw)
+  if name == "id" and not (len(key) <= 10 and _DIGITS.fullmatch(key) and int(key) == iid):
+    raise BadField("id", f"the image's key {_short(key)} as an integer", raw)
   return iid, raw
 
 
-def _tt100k_split(rel: Any, split: str) -> str | None:
-  """The first folder of ``path`` ('.' components dropped); None when it is not a string."""
-  if not isinstance(rel, str):
-    return None
+def _first_folder(rel: str) -> str:
+  """The first folder of a relative path ('.' components dropped); "/" if it is absolute."""
   parts = [p for p in rel.split("/") if p not in ("", ".")]
   if rel.startswith("/"):
     return "/"
@@ -371,8 +375,8 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
   imgs = data["imgs"]
   for key, count in getattr(imgs, "duplicate_keys", {}).items():
     for _ in range(count):  # only the last value survives parsing: every copy is unusable
-      v.fail(path, "imgs key", "a key used once in 'imgs'", f"{key!r} ({count} times)",
-             f"imgs[{key!r}]")
+      v.fail(path, "imgs key", "a key used once in 'imgs'", f"{_short(key)} ({count} times)",
+             f"imgs[{_short(key)}]")
   keys = sorted((k for k in imgs if k not in getattr(imgs, "duplicate_keys", {})),
                 key=lambda k: (len(k), k))
   all_ids = []
@@ -385,14 +389,14 @@ def read_tt100k(root: str, split: str, *, categories: Sequence[str] | None = Non
   dup_ids = _ids_seen_more_than_once([i for i in all_ids if i is not None])
   records, paths = [], checks.Paths(root, allow_outside_root)
   for key in keys:
-    rec = f"imgs[{key!r}]"
+    rec = f"imgs[{_short(key)}]"
     try:
       img = checks.obj(imgs[key], "image")
       rel = checks.name_str(checks.field(img, "path", "a relative image path"), "path",
                             "a non-empty relative image path")
       if "\\" in rel:  # a Windows path would silently fall out of every split
         raise BadField("path", "a path with '/' separators", rel)
-      first = _tt100k_split(rel, split)
+      first = _first_folder(rel)
       if first != split:
         if not allow_outside_root and first in ("/", ".."):
           raise BadField("path", f"a path inside the dataset root {root} "
