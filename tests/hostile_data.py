@@ -412,7 +412,7 @@ TT100K_CASES = [
     Case("tt100k_types_missing", tt100k(lambda d, r: d.pop("types")), file_level=True,
          error=_whole("a JSON list", "<missing>", "annotations.json", "top level", "types")),
     Case("tt100k_imgs_list", tt100k(lambda d, r: d.update(imgs=[])), file_level=True,
-         error=_whole("a JSON dict", "array", "annotations.json", "top level", "imgs")),
+         error=_whole("a JSON object", "array", "annotations.json", "top level", "imgs")),
     Case("tt100k_not_json", tt100k(raw=lambda t: t[:-3]), file_level=True,
          error=_whole("valid JSON", "JSONDecodeError", "annotations.json")),
 ]

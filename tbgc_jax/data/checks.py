@@ -12,8 +12,9 @@ Image files are checked in two depths:
   files: a JPEG must end with its end-of-image marker (``FF D9``) and a PNG with its
   ``IEND`` chunk. A file that does not is fully decoded with PIL (truncated loading off): a
   truncated file fails that decode, while a complete image followed by trailing bytes (some
-  cameras append data after the marker) decodes and is accepted. OpenCV is not used for
-  this: depending on the build it either fails or returns the missing part grey-filled.
+  cameras append data after the marker) decodes and is accepted. ``cv2.imread`` is not used
+  for this: it returns a truncated JPEG with the missing part grey (``cv2.imdecode`` of the
+  same bytes fails; ``records.read_image`` uses that).
 - ``deep``: additionally decode every file fully, with PIL (errors in the pixel data) and
   with OpenCV (the decoder the pipeline uses).
 """
@@ -94,8 +95,15 @@ def load_json(path: str) -> Any:
 
 
 def top_level(path: str, data: Any, spec: dict[str, type]) -> None:
-  """Checks the top-level object of an annotation file (file-level: raises)."""
-  want = ", ".join(f"{k!r} ({t.__name__})" for k, t in spec.items())
+  """Checks the top-level object of an annotation file (file-level: raises).
+
+  Args:
+    path: the file (for the message).
+    data: its parsed content.
+    spec: required key -> ``list`` or ``dict``.
+  """
+  kind = {list: "list", dict: "object"}
+  want = ", ".join(f"{k!r} ({kind[t]})" for k, t in spec.items())
   if not isinstance(data, dict):
     raise DataValidationError(f"{path}: top level: expected a JSON object with {want}, got "
                               f"{type_name(data)}")
@@ -107,7 +115,7 @@ def top_level(path: str, data: Any, spec: dict[str, type]) -> None:
     if not isinstance(data.get(key), typ):
       got = "<missing>" if key not in data else type_name(data[key])
       raise DataValidationError(f"{path}: top level: field {key!r}: expected a JSON "
-                                f"{typ.__name__}, got {got}")
+                                f"{kind[typ]}, got {got}")
 
 
 def type_name(x: Any) -> str:
@@ -234,11 +242,18 @@ def _complete(tail: bytes, fmt: str) -> bool:
 def _pil_decode(path: str) -> None:
   from PIL import Image, ImageFile
 
-  if ImageFile.LOAD_TRUNCATED_IMAGES:
+  if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide switch: refuse rather than pass
     raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images cannot "
                        "be detected; set it back to False")
   with Image.open(path) as im:
-    im.load()
+    try:
+      im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder error means "not decodable"
+      raise _DecodeError(f"{type(e).__name__}: {e}") from e
+
+
+class _DecodeError(Exception):
+  pass
 
 
 def image_file(path: str, name: str, deep: bool = False, modes: tuple[str, ...] | None = None,
@@ -281,7 +296,8 @@ def image_file(path: str, name: str, deep: bool = False, modes: tuple[str, ...] 
       _pil_decode(path)
     if deep and modes is None:
       read_image(path)
-  except (OSError, SyntaxError, ValueError, DataValidationError) as e:
-    raise BadField(name, "a complete, decodable image file",
-                   f"{path}: {type(e).__name__}: {e}") from e
+  except _DecodeError as e:
+    raise BadField(name, "a complete, decodable image file", f"{path}: {e}") from e
+  except DataValidationError as e:
+    raise BadField(name, "a complete, decodable image file", f"{path}: OpenCV: {e}") from e
   return h, w
