@@ -60,7 +60,7 @@ COCO_CASES = {
     "zero_area": ("bbox", "positive width and height"),
     "malformed_box": ("bbox", "[x, y, w, h]"),
     "unknown_category": ("category_id", "one of [7, 9]"),
-    "size_mismatch": ("height/width", "the size of"),
+    "size_mismatch": ("height", "20, the height of"),
 }
 
 
@@ -197,7 +197,7 @@ def test_cls_list_strict_and_skip(tmp_path, line, field, expected):
   lst.write_text(f"y.jpg 4\n\n{line}\n")
   with pytest.raises(DataValidationError) as e:
     readers.read_cls_list(str(lst), str(tmp_path / "img"), num_classes=5)
-  assert f"train.txt:3: field {field!r}" in str(e.value) and expected in str(e.value)
+  assert f"train.txt: line 3: field {field!r}" in str(e.value) and expected in str(e.value)
   recs = readers.read_cls_list(str(lst), str(tmp_path / "img"), num_classes=5, policy="skip")
   assert [(os.path.basename(r.image_path), r.label) for r in recs] == [("y.jpg", 4)]
   ex = RecordSource(recs, "cls", 5)[0]
@@ -238,3 +238,163 @@ def test_reduced_decode_scales_boxes(tmp_path):
   ys, xs = np.nonzero(half["image"].max(-1) > 127)
   np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], half["boxes"][0],
                              atol=1)
+
+
+# --------------------------------------------------------------------------- file's own ids
+
+def _sparse_coco(tmp_path):
+  """Category ids 42, 3, 7 (unsorted, sparse) and image ids 1000, 5, 77."""
+  d = tmp_path / "images"
+  for name in ("a.jpg", "b.jpg", "c.jpg"):
+    _jpg(d / name)
+  images = [{"id": 1000, "file_name": "a.jpg", "height": 20, "width": 30},
+            {"id": 5, "file_name": "b.jpg", "height": 20, "width": 30},
+            {"id": 77, "file_name": "c.jpg", "height": 20, "width": 30}]
+  anns = [{"id": 1, "image_id": 1000, "category_id": 42, "bbox": [1, 1, 4, 4]},
+          {"id": 2, "image_id": 5, "category_id": 3, "bbox": [2, 2, 4, 4]},
+          {"id": 3, "image_id": 77, "category_id": 7, "bbox": [3, 3, 4, 4]},
+          {"id": 4, "image_id": 77, "category_id": 42, "bbox": [5, 5, 4, 4]}]
+  cats = [{"id": 42, "name": "forty-two"}, {"id": 3, "name": "three"}, {"id": 7, "name": "seven"}]
+  ann = tmp_path / "instances.json"
+  ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+  return str(ann), str(d)
+
+
+def test_coco_keeps_file_ids(tmp_path):
+  ann, imgs = _sparse_coco(tmp_path)
+  result = readers.read_coco(ann, imgs)
+  recs, names = result  # still unpacks as before
+  assert names == ["three", "seven", "forty-two"] == result.class_names
+  assert result.category_ids == (3, 7, 42)
+  assert result.category_map == {0: 3, 1: 7, 2: 42}
+  assert [(r.image_id, r.file_image_id) for r in recs] == [(1000, 1000), (5, 5), (77, 77)]
+  # Labels are contiguous, sorted by category id; mapping back gives the file's ids.
+  assert [[result.category_ids[lab] for lab in r.labels] for r in recs] == [[42], [3], [7, 42]]
+  assert result.num_skipped == 0
+
+
+def test_make_source_exposes_category_ids(tmp_path):
+  from tbgc_jax.data import pipeline
+
+  ann, imgs = _sparse_coco(tmp_path)
+  cfg = {"source": {"format": "coco", "train": {"ann_file": ann, "image_dir": imgs}},
+         "num_classes": 3, "max_boxes": 4}
+  src = pipeline.make_source(cfg, "det", "train")
+  assert src.category_ids == (3, 7, 42) and src.category_map == {0: 3, 1: 7, 2: 42}
+  assert src.class_names == ("three", "seven", "forty-two")
+  ex = src[2]
+  assert int(ex["image_id"]) == 77 and ex["labels"].tolist() == [1, 2]
+  # Survives pickling (grain worker processes).
+  import pickle
+
+  assert pickle.loads(pickle.dumps(src)).category_ids == (3, 7, 42)
+  assert pickle.loads(pickle.dumps(readers.read_coco(ann, imgs))).category_ids == (3, 7, 42)
+
+
+def test_tt100k_export_ids(tmp_path):
+  """TT100K: category id = index in the reader's category list; image id = the file's id,
+  with the ``imgs`` key (a string) when the entry has no ``id``."""
+  _jpg(tmp_path / "train" / "a.jpg", 40, 40)
+  _jpg(tmp_path / "train" / "b.jpg", 40, 40)
+  box = {"xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}
+  imgs = {"90001": {"path": "train/a.jpg", "objects": [{"category": "i5", "bbox": box}]},
+          "17": {"path": "train/b.jpg", "id": 17, "objects": [{"category": "pl80", "bbox": box}]}}
+  (tmp_path / "annotations.json").write_text(json.dumps({"types": ["pl80", "w13", "i5"],
+                                                         "imgs": imgs}))
+  result = readers.read_tt100k(str(tmp_path), "train")
+  assert result.category_ids == (0, 1, 2) and result.class_names == ["pl80", "w13", "i5"]
+  assert [(r.image_id, r.file_image_id) for r in result.records] == [(17, 17), (90001, "90001")]
+  assert [r.labels.tolist() for r in result.records] == [[0], [2]]
+  sub = readers.read_tt100k(str(tmp_path), "train", categories=["i5", "pl80"])
+  assert sub.category_ids == (0, 1) and [r.labels.tolist() for r in sub.records] == [[1], [0]]
+
+
+def test_exif_orientation_is_ignored(tmp_path):
+  """Annotations refer to the stored pixels: the decode must not rotate by EXIF orientation
+  (OpenCV's default does), or boxes and the header size stop matching the image."""
+  from PIL import Image
+
+  from tbgc_jax.data.records import image_size, read_image
+
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 CW to display"
+  Image.new("RGB", (16, 8), (200, 10, 10)).save(tmp_path / "r.jpg", exif=exif)
+  assert image_size(str(tmp_path / "r.jpg")) == (8, 16)
+  assert read_image(str(tmp_path / "r.jpg")).shape == (8, 16, 3)
+  assert read_image(str(tmp_path / "r.jpg"), reduce=2).shape == (4, 8, 3)
+
+
+def test_allow_outside_root_from_config(tmp_path):
+  from tbgc_jax.data import pipeline
+
+  _jpg(tmp_path / "elsewhere" / "x.jpg")
+  _jpg(tmp_path / "root" / "y.jpg")
+  lst = tmp_path / "list.txt"
+  lst.write_text("../elsewhere/x.jpg 1\ny.jpg 0\n")
+  cfg = {"source": {"format": "cls_list",
+                    "train": {"list_file": str(lst), "image_dir": str(tmp_path / "root")}},
+         "num_classes": 2}
+  with pytest.raises(DataValidationError, match="a path inside the dataset root"):
+    pipeline.make_source(cfg, "cls", "train")
+  assert len(pipeline.make_source({**cfg, "policy": "skip"}, "cls", "train")) == 1
+  assert len(pipeline.make_source({**cfg, "allow_outside_root": True}, "cls", "train")) == 2
+
+
+def test_truncated_loading_switched_on_is_refused(tmp_path, monkeypatch):
+  """PIL's global LOAD_TRUNCATED_IMAGES would hide truncation: the check refuses to run."""
+  from PIL import ImageFile
+
+  _jpg(tmp_path / "img" / "a.jpg")
+  (tmp_path / "l.txt").write_text("a.jpg 0\n")
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+  with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+    readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "img"), num_classes=1,
+                          deep_check=True)
+
+
+@pytest.mark.parametrize("image,label,field,got", [
+    (np.zeros((4, 4, 3), np.float32), 1, "image", "float32 (4, 4, 3)"),
+    (np.zeros((4, 4, 4), np.uint8), 1, "image", "uint8 (4, 4, 4)"),
+    (np.zeros((4, 4, 3), np.uint8), 196, "label", "196"),
+    (np.zeros((4, 4, 3), np.uint8), -1, "label", "-1"),
+    (np.zeros((4, 4, 3), np.uint8), 1.5, "label", "1.5"),
+])
+def test_tfds_source_rejects_malformed_examples(image, label, field, got):
+  """The TFDS source checks every example it decodes (a prepared set is read, not scanned)."""
+  src = object.__new__(readers.TfdsClsSource)
+  src.split, src.data_dir, src.name, src.num_classes = "train", "/d", "cars196", 196
+  src._src = [{"image": np.zeros((4, 4), np.uint8), "label": np.int64(3)},
+              {"image": image, "label": label}]
+  ex = src[0]
+  assert ex["image"].shape == (4, 4, 3) and int(ex["label"]) == 3
+  with pytest.raises(DataValidationError) as e:
+    src[1]
+  assert str(e.value).startswith(f"/d: cars196 train[1]: field {field!r}: expected ")
+  assert got in str(e.value).partition(", got ")[2]
+
+
+def test_decode_refuses_an_image_truncated_after_reading(tmp_path):
+  """A file cut after the read pass: the decode fails instead of returning grey pixels."""
+  img = cv2.resize(np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8), (64, 64))
+  _png(tmp_path / "i" / "a.jpg", img)  # cv2.imwrite picks JPEG from the name
+  (tmp_path / "l.txt").write_text("a.jpg 0\n")
+  recs = readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "i"), num_classes=1)
+  src = RecordSource(recs, "cls", 1)
+  assert src[0]["image"].shape == (64, 64, 3)
+  data = (tmp_path / "i" / "a.jpg").read_bytes()
+  (tmp_path / "i" / "a.jpg").write_bytes(data[:int(len(data) * 0.7)])
+  with pytest.raises(DataValidationError, match=r"a\.jpg: field 'image': expected a readable"):
+    src[0]
+
+
+def test_missing_image_folder_is_one_clear_error(tmp_path):
+  """A wrong image_dir is a file-level error (not one skip per image, which would read as
+  "every image is bad")."""
+  ann, _ = _sparse_coco(tmp_path)
+  for policy in ("strict", "skip"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: image folder \(image_dir\) not found"):
+      readers.read_coco(ann, str(tmp_path / "nowhere"), policy=policy)
+  (tmp_path / "l.txt").write_text("a.jpg 0\n")
+  with pytest.raises(FileNotFoundError, match="nowhere: image folder"):
+    readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "nowhere"), num_classes=1,
+                          policy="skip")

@@ -6,7 +6,9 @@ of a trainer config: ``config.data = configs.tiny()``). Per task:
 - ``source.format``: "embedded", "coco", "tt100k", "bdd100k", "cls_list" or "tfds";
   ``source.train`` / ``source.val``: keyword arguments of that reader
   (``tbgc_jax.data.pipeline.make_source``).
-- ``policy`` ("strict" | "skip") and ``deep_check`` (decode everything while reading).
+- ``policy`` ("strict" | "skip") and ``deep_check`` (decode everything while reading);
+  ``allow_outside_root`` (default False): accept image paths that resolve outside the
+  dataset root (``..``, absolute paths, symlinks to elsewhere).
 - ``min_decode_side`` (det): decode large JPEGs at 1/2, 1/4 or 1/8 size when the long side
   stays >= this (TT100K 2048 -> 1024 for a 608 network input); 0 disables.
 - ``num_classes``; ``batch_size`` (per device); ``image_size`` (fixed train (H, W));
@@ -103,7 +105,7 @@ def tiny() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "det": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
-          "policy": "strict", "deep_check": False, "num_classes": 10,
+          "policy": "strict", "deep_check": False, "allow_outside_root": False, "num_classes": 10,
           "batch_size": 2, "image_size": (160, 192), "eval_image_size": (160, 192),
           "max_boxes": 24,
           "augment": augment["det"],
@@ -111,14 +113,14 @@ def tiny() -> ml_collections.ConfigDict:
       },
       "seg": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
-          "policy": "strict", "deep_check": False, "num_classes": 11,
+          "policy": "strict", "deep_check": False, "allow_outside_root": False, "num_classes": 11,
           "batch_size": 2, "image_size": (128, 128), "eval_image_size": (128, 160),
           "augment": augment["seg"],
           "eval_augment": "resize_fit(size=(128, 160))",
       },
       "cls": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
-          "policy": "strict", "deep_check": False, "num_classes": 20,
+          "policy": "strict", "deep_check": False, "allow_outside_root": False, "num_classes": 20,
           "batch_size": 8, "image_size": (64, 64), "eval_image_size": (64, 64),
           "augment": augment["cls"],
           "eval_augment": "resize(size=(64, 64))",
@@ -143,7 +145,7 @@ def challenge(det_root: str = "data/tt100k", seg_root: str = "data/bdd100k",
                                "image_dir": f"{det_root}/images/train"},
                      "val": {"ann_file": f"{det_root}/annotations/instances_val.json",
                              "image_dir": f"{det_root}/images/val"}},
-          "policy": "skip", "deep_check": False, "num_classes": 45,
+          "policy": "skip", "deep_check": False, "allow_outside_root": False, "num_classes": 45,
           "batch_size": 2, "image_size": (608, 608), "eval_image_size": (608, 608),
           "max_boxes": 100, "min_decode_side": 608,
           "augment": _det(608, (480, 608), (608, 608), 10.0),
@@ -152,7 +154,7 @@ def challenge(det_root: str = "data/tt100k", seg_root: str = "data/bdd100k",
       "seg": {
           "source": {"format": "bdd100k", "train": {"root": seg_root, "split": "train"},
                      "val": {"root": seg_root, "split": "val"}},
-          "policy": "skip", "deep_check": False, "num_classes": 19,
+          "policy": "skip", "deep_check": False, "allow_outside_root": False, "num_classes": 19,
           "batch_size": 2, "image_size": (512, 1024), "eval_image_size": (576, 1024),
           "augment": _seg(1280, (512, 1024), (1024, 2048), 10.0),
           "eval_augment": "resize_fit(size=(576, 1024))",
@@ -163,7 +165,7 @@ def challenge(det_root: str = "data/tt100k", seg_root: str = "data/bdd100k",
                                "image_dir": f"{cls_root}/images"},
                      "val": {"list_file": f"{cls_root}/val.txt",
                              "image_dir": f"{cls_root}/images"}},
-          "policy": "skip", "deep_check": False, "num_classes": 196,
+          "policy": "skip", "deep_check": False, "allow_outside_root": False, "num_classes": 196,
           "batch_size": 8, "image_size": (448, 448), "eval_image_size": (448, 448),
           "augment": _cls(448),
           "eval_augment": "resize(size=(448, 448))",

@@ -49,6 +49,9 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
 
   Returns:
     A ``RecordSource`` (or ``TfdsClsSource``) with ``__len__``/``__getitem__`` -> example.
+    A detection source also has ``category_ids`` (``category_ids[label]`` = the annotation
+    file's category id, for ``category_id`` in exports), ``category_map`` and
+    ``class_names``.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -57,6 +60,7 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   kwargs = dict(_get(src, split, None) or {})
   policy = _get(task_cfg, "policy", "strict")
   deep = bool(_get(task_cfg, "deep_check", False))
+  outside = bool(_get(task_cfg, "allow_outside_root", False))
   nc = int(task_cfg["num_classes"])
   if fmt == "embedded":
     kwargs = embedded.reader_args(task, split, _get(src, "root", "") or None)
@@ -65,21 +69,26 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     if task != "cls":
       raise ValueError(f"source format 'tfds' is for task 'cls', got task {task!r}")
     return readers.TfdsClsSource(**kwargs)
+  cat_ids = names = None
   if task == "det" and fmt in ("coco", "tt100k"):
     reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
-    records, names = reader(**kwargs, policy=policy, deep_check=deep)
+    result = reader(**kwargs, policy=policy, deep_check=deep, allow_outside_root=outside)
+    records, names, cat_ids = result.records, result.class_names, result.category_ids
     if len(names) != nc:
       raise ValueError(f"{kwargs}: expected {nc} categories (data.det.num_classes), "
                        f"got {len(names)}")
   elif task == "seg" and fmt == "bdd100k":
-    records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep)
+    records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
+                                       allow_outside_root=outside)
   elif task == "cls" and fmt == "cls_list":
-    records = readers.read_cls_list(**kwargs, num_classes=nc, policy=policy, deep_check=deep)
+    records = readers.read_cls_list(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
+                                    allow_outside_root=outside)
   else:
     raise ValueError(f"source format {fmt!r} is not available for task {task!r}")
   if not records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
-  source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0))
+  source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0),
+                        category_ids=cat_ids, class_names=names)
   if task == "det":
     max_boxes = int(task_cfg["max_boxes"])
     over = sum(len(r.labels) > max_boxes for r in records)

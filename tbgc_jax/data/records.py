@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,12 +35,20 @@ class DataValidationError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DetRecord:
-  """One detection image: path, COCO image id, boxes xyxy in pixels and contiguous labels."""
+  """One detection image: path, image id, boxes xyxy in pixels and contiguous labels.
+
+  ``image_id`` is the file's own image id as an integer (what a COCO-style export writes as
+  ``image_id``); ``file_image_id`` is that id exactly as the annotation file spells it (an
+  int for COCO; for TT100K the ``id`` field, or the ``imgs`` key when it has none, which may
+  be a string). ``labels`` index the reader's category list; the reader's result maps them
+  back to the file's category ids (``category_ids``).
+  """
 
   image_path: str
   image_id: int
   boxes: np.ndarray  # float32 [n, 4] xyxy, pixels of the image on disk
   labels: np.ndarray  # int32 [n] in [0, num_classes)
+  file_image_id: int | str | None = None  # the id as written in the file (None: unknown)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +68,14 @@ class ClsRecord:
 
 
 class Validator:
-  """Applies a validation policy: ``strict`` raises, ``skip`` drops, counts and logs once.
+  """Applies a validation policy: ``strict`` raises, ``skip`` drops, counts and logs.
 
-  Usage: call ``fail(...)`` for each problem (returns normally only under ``skip``), and
-  ``summary(kept)`` once after reading.
+  Usage: call ``fail(...)`` once per bad record (returns normally only under ``skip``), and
+  ``summary(kept)`` once after reading. Under ``skip`` every skipped record is logged (the
+  first ``MAX_LOGGED`` one by one, then only counted) and kept in ``messages``.
   """
+
+  MAX_LOGGED = 20
 
   def __init__(self, policy: str, dataset: str):
     if policy not in POLICIES:
@@ -74,15 +84,27 @@ class Validator:
     self.dataset = dataset
     self.skipped: collections.Counter[str] = collections.Counter()
     self.first: dict[str, str] = {}
+    self.messages: list[str] = []
 
-  def fail(self, file: str, field: str, expected: str, got: Any) -> None:
-    """Reports one problem: raises under ``strict``, records it under ``skip``."""
-    msg = f"{file}: field {field!r}: expected {expected}, got {got!r}"
+  def fail(self, file: str, field: str, expected: str, got: Any,
+           record: str | None = None) -> None:
+    """Reports one bad record: raises under ``strict``, records it under ``skip``.
+
+    The message reads ``FILE: RECORD: field 'FIELD': expected EXPECTED, got GOT``.
+    """
+    where = f"{file}: {record}" if record else file
+    got_text = repr(got)
+    if len(got_text) > 200:
+      got_text = got_text[:200] + "...(truncated)"
+    msg = f"{where}: field {field!r}: expected {expected}, got {got_text}"
     if self.policy == "strict":
       raise DataValidationError(msg)
     reason = f"{field}: expected {expected}"
     self.skipped[reason] += 1
     self.first.setdefault(reason, msg)
+    self.messages.append(msg)
+    if len(self.messages) <= self.MAX_LOGGED:
+      _log.warning("skipped: %s", msg)
 
   @property
   def num_skipped(self) -> int:
@@ -114,8 +136,10 @@ def image_size(path: str) -> tuple[int, int]:
   return h, w
 
 
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
+# EXIF orientation is ignored: annotations (and the header size) refer to the stored pixels.
+_REDUCED = {r: f | cv2.IMREAD_IGNORE_ORIENTATION for r, f in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (8, cv2.IMREAD_REDUCED_COLOR_8))}
 
 
 def read_image(path: str, reduce: int = 1) -> np.ndarray:
@@ -125,15 +149,29 @@ def read_image(path: str, reduce: int = 1) -> np.ndarray:
     path: image file.
     reduce: 1, 2, 4 or 8: decode at 1/reduce size (JPEG DCT scaling: much faster).
   """
-  im = cv2.imread(path, _REDUCED[reduce])
+  im = _decode(path, _REDUCED[reduce])
   if im is None:
-    raise DataValidationError(f"{path}: field 'image': expected a readable image file")
+    raise DataValidationError(f"{path}: field 'image': expected a readable, complete image "
+                              "file")
   return cv2.cvtColor(im, cv2.COLOR_BGR2RGB)
+
+
+def _decode(path: str, flags: int) -> np.ndarray | None:
+  """``cv2.imdecode`` of the file's bytes; None if unreadable.
+
+  Not ``cv2.imread``: on a truncated JPEG, imread returns the image with the missing part
+  grey (128) while imdecode of the same bytes fails (OpenCV 5.0).
+  """
+  try:
+    data = np.fromfile(path, np.uint8)
+  except (OSError, ValueError):
+    return None
+  return cv2.imdecode(data, flags) if data.size else None
 
 
 def read_label_map(path: str) -> np.ndarray:
   """Decodes a single-channel uint8 label PNG; clear error if unreadable or not 2-D uint8."""
-  lab = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  lab = _decode(path, cv2.IMREAD_UNCHANGED)
   if lab is None:
     raise DataValidationError(f"{path}: field 'label': expected a readable PNG label map")
   if lab.ndim != 2 or lab.dtype != np.uint8:
@@ -161,16 +199,36 @@ class RecordSource:
     min_decode_side: detection only: when > 0, images whose long side is at least 2x (4x,
       8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to match (``orig_hw`` stays
       the size on disk). Set it to the largest long edge the augmentations produce.
+    category_ids: detection: the file's category id of each contiguous label
+      (``category_ids[label]``), for exports; default ``range(num_classes)``.
+    class_names: the name of each label; default ``str`` of the category id.
+
+  Attributes:
+    category_ids: tuple of ints, ``category_ids[label]`` = the file's category id.
+    class_names: tuple of strings, one per label.
   """
 
   def __init__(self, records: Sequence[Any], task: str, num_classes: int,
-               min_decode_side: int = 0):
+               min_decode_side: int = 0, category_ids: Sequence[int] | None = None,
+               class_names: Sequence[str] | None = None):
     if task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     self.records = list(records)
     self.task = task
     self.num_classes = num_classes
     self.min_decode_side = int(min_decode_side)
+    ids = tuple(int(c) for c in (range(num_classes) if category_ids is None else category_ids))
+    names = tuple(str(n) for n in (ids if class_names is None else class_names))
+    if len(ids) != num_classes or len(names) != num_classes:
+      raise ValueError(f"RecordSource: expected {num_classes} category ids and names, got "
+                       f"{len(ids)} ids and {len(names)} names")
+    self.category_ids = ids
+    self.class_names = names
+
+  @property
+  def category_map(self) -> dict[int, int]:
+    """Contiguous label -> the file's category id."""
+    return dict(enumerate(self.category_ids))
 
   def _reduce(self, path: str) -> int:
     if self.task != "det" or self.min_decode_side <= 0:
@@ -219,14 +277,3 @@ class RecordSource:
   def __repr__(self) -> str:
     return f"RecordSource(task={self.task!r}, n={len(self)})"
 
-
-def check_path(v: Validator, path: str, ref: str, field: str) -> tuple[int, int] | None:
-  """Checks that ``path`` exists and has a readable image header; returns (h, w) or None."""
-  if not os.path.isfile(path):
-    v.fail(ref, field, "an existing image file", path)
-    return None
-  try:
-    return image_size(path)
-  except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-    v.fail(path, field, "a readable image file", f"{type(e).__name__}: {e}")
-    return None
