@@ -49,6 +49,8 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
 
   Returns:
     A ``RecordSource`` (or ``TfdsClsSource``) with ``__len__``/``__getitem__`` -> example.
+    Detection sources carry ``category_ids`` (contiguous label -> the file's category id;
+    the label itself for TT100K's own format) and, for COCO files, ``annotation_file``.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -65,12 +67,16 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     if task != "cls":
       raise ValueError(f"source format 'tfds' is for task 'cls', got task {task!r}")
     return readers.TfdsClsSource(**kwargs)
+  category_ids, annotation_file = None, None
   if task == "det" and fmt in ("coco", "tt100k"):
     reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
     records, names = reader(**kwargs, policy=policy, deep_check=deep)
     if len(names) != nc:
       raise ValueError(f"{kwargs}: expected {nc} categories (data.det.num_classes), "
                        f"got {len(names)}")
+    if fmt == "coco":
+      annotation_file = kwargs["ann_file"]
+      category_ids = readers.coco_category_ids(annotation_file)
   elif task == "seg" and fmt == "bdd100k":
     records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep)
   elif task == "cls" and fmt == "cls_list":
@@ -79,7 +85,8 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     raise ValueError(f"source format {fmt!r} is not available for task {task!r}")
   if not records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
-  source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0))
+  source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0),
+                        category_ids=category_ids, annotation_file=annotation_file)
   if task == "det":
     max_boxes = int(task_cfg["max_boxes"])
     over = sum(len(r.labels) > max_boxes for r in records)

@@ -76,12 +76,27 @@ def _check_box(v: Validator, ref: str, field: str, xyxy: Any, hw: tuple[int, int
   return True
 
 
+def sorted_categories(categories: Sequence[dict]) -> list[dict]:
+  """COCO categories in label order: label ``i`` is the ``i``-th category by increasing id."""
+  return sorted(categories, key=lambda c: c["id"])
+
+
+def coco_category_ids(ann_file: str) -> list[int]:
+  """Contiguous label -> the file's own ``category_id`` (the mapping `read_coco` uses)."""
+  data = _load_json(ann_file)
+  if not isinstance(data.get("categories"), list):
+    raise DataValidationError(f"{ann_file}: field 'categories': expected a list, got "
+                              f"{type(data.get('categories')).__name__}")
+  return [int(c["id"]) for c in sorted_categories(data["categories"])]
+
+
 def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
               deep_check: bool = False, skip_crowd: bool = True) -> tuple[list[DetRecord],
                                                                         list[str]]:
   """Reads a COCO-format detection set (how the challenge ships TT100K).
 
-  Category ids are mapped to contiguous labels in increasing id order.
+  Category ids are mapped to contiguous labels in increasing id order (`coco_category_ids`
+  gives the way back, for exports).
 
   Args:
     ann_file: COCO JSON with ``images`` (id, file_name, height, width), ``annotations``
@@ -100,7 +115,7 @@ def read_coco(ann_file: str, image_dir: str, *, policy: str = "strict",
     if not isinstance(data.get(key), list):
       raise DataValidationError(f"{ann_file}: field {key!r}: expected a list, got "
                                 f"{type(data.get(key)).__name__}")
-  cats = sorted(data["categories"], key=lambda c: c["id"])
+  cats = sorted_categories(data["categories"])
   cat_to_label = {c["id"]: i for i, c in enumerate(cats)}
   names = [str(c.get("name", c["id"])) for c in cats]
   anns_by_image: dict[Any, list[dict]] = {}

@@ -161,16 +161,27 @@ class RecordSource:
     min_decode_side: detection only: when > 0, images whose long side is at least 2x (4x,
       8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to match (``orig_hw`` stays
       the size on disk). Set it to the largest long edge the augmentations produce.
+    category_ids: detection only: contiguous label -> the annotation file's category id
+      (what exports write); default ``range(num_classes)``.
+    annotation_file: detection only: the COCO file the records came from (evaluation scores
+      against it), or None.
   """
 
   def __init__(self, records: Sequence[Any], task: str, num_classes: int,
-               min_decode_side: int = 0):
+               min_decode_side: int = 0, category_ids: Sequence[int] | None = None,
+               annotation_file: str | None = None):
     if task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     self.records = list(records)
     self.task = task
     self.num_classes = num_classes
     self.min_decode_side = int(min_decode_side)
+    self.category_ids = (list(range(num_classes)) if category_ids is None
+                         else [int(c) for c in category_ids])
+    if len(self.category_ids) != num_classes:
+      raise ValueError(f"RecordSource: {len(self.category_ids)} category ids for "
+                       f"{num_classes} classes")
+    self.annotation_file = annotation_file
 
   def _reduce(self, path: str) -> int:
     if self.task != "det" or self.min_decode_side <= 0:
