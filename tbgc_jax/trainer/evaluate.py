@@ -17,7 +17,12 @@ from tbgc_jax.metrics.detection import (
     load_coco_ground_truth,
     records_to_coco,
 )
-from tbgc_jax.metrics.segmentation import ConfusionMatrix, scores_to_label_map, seg_submission
+from tbgc_jax.metrics.segmentation import (
+    ConfusionMatrix,
+    save_label_png,
+    scores_to_label_map,
+    seg_submission,
+)
 
 _log = logging.getLogger(__name__)
 METRIC_NAMES = {"det": "det/mAP50", "seg": "seg/mIoU", "cls": "cls/top1"}
@@ -74,7 +79,7 @@ def detection_ground_truth(source) -> dict:
 
 def evaluate_task(config: Any, task: str, predict: Callable[[dict], dict], *,
                   split: str = "val", batch_size: int | None = None,
-                  submission: dict | None = None) -> float:
+                  submission: dict | None = None, seg_png_dir: str | None = None) -> float:
   """Metric of one task: det mAP50, seg mIoU or cls top-1, as the challenge computes them.
 
   Detection is scored with pycocotools against the annotation file (`detection_ground_truth`)
@@ -89,6 +94,8 @@ def evaluate_task(config: Any, task: str, predict: Callable[[dict], dict], *,
     split: data split to evaluate.
     batch_size: examples per evaluation batch (default the task's batch size).
     submission: if given, this task's section (``dec``, ``seg`` or ``cls``) is filled in.
+    seg_png_dir: segmentation: also write each predicted label map (original resolution) as
+      ``<image stem>.png`` here, BDD100K's mask format.
 
   Returns:
     The metric, a fraction.
@@ -120,9 +127,11 @@ def evaluate_task(config: Any, task: str, predict: Callable[[dict], dict], *,
                            f"{tuple(batch['orig_hw'][i])}, got {label.shape}")
         pred = scores_to_label_map(preds["seg_scores"][i], batch["image_hw"][i], label.shape)
         acc.update(pred[None], label[None])
+        name = names[int(batch["index"][i])]
         if submission is not None:
-          submission["seg"].update(seg_submission([pred], [names[int(batch["index"][i])]],
-                                                  num_classes=num_classes))
+          submission["seg"].update(seg_submission([pred], [name], num_classes=num_classes))
+        if seg_png_dir:
+          save_label_png(os.path.join(seg_png_dir, os.path.splitext(name)[0] + ".png"), pred)
     else:
       acc.update(preds, batch)
       if submission is not None:
@@ -143,8 +152,8 @@ def evaluate_task(config: Any, task: str, predict: Callable[[dict], dict], *,
 
 
 def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
-             mesh: jax.sharding.Mesh, *, split: str = "val", submission: bool = False
-             ) -> tuple[dict[str, float], dict | None]:
+             mesh: jax.sharding.Mesh, *, split: str = "val", submission: bool = False,
+             seg_png_dir: str | None = None) -> tuple[dict[str, float], dict | None]:
   """Runs `evaluate_task` for every task of ``config.tasks`` on ``split``.
 
   Args:
@@ -154,6 +163,7 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
     mesh: the device mesh (batches are sharded over its "data" axis).
     split: data split to evaluate.
     submission: also build the challenge submission (``cls``, ``dec``, ``seg`` sections).
+    seg_png_dir: also write the segmentation predictions as label PNGs here.
 
   Returns:
     ``(metrics, submission_or_None)``; metrics has ``det/mAP50``, ``seg/mIoU``, ``cls/top1``
@@ -171,7 +181,8 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
 
     metrics[METRIC_NAMES[task]] = evaluate_task(
         config, task, predict, split=split,
-        batch_size=int(config.data[task].batch_size) * mesh.size, submission=sub)
+        batch_size=int(config.data[task].batch_size) * mesh.size, submission=sub,
+        seg_png_dir=seg_png_dir)
   metrics["score"] = float(np.mean([metrics[METRIC_NAMES[t]] for t in config.tasks]))
   return metrics, sub
 
