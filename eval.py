@@ -1,7 +1,7 @@
 """Evaluates a checkpoint: det mAP50, seg mIoU, cls top-1 and their mean (the challenge score).
 
   python eval.py --config configs/tiny.py --workdir /tmp/tbgc_tiny [--step N] \\
-      [--submission /tmp/submission.json]
+      [--submission /tmp/submission.json] [--seg_png_dir /tmp/seg_pred]
 
 Prints a table, writes ``<workdir>/eval_metrics_<step>.json``, and with --submission the
 challenge submission (``cls``, ``dec``, ``seg`` sections).
@@ -19,6 +19,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _SPLIT = flags.DEFINE_string("split", "val", "Data split to evaluate.")
 _SUBMISSION = flags.DEFINE_string("submission", None, "Write the challenge submission JSON here.")
+_SEG_PNG_DIR = flags.DEFINE_string(
+    "seg_png_dir", None, "Also write the segmentation predictions (original resolution) as "
+    "BDD100K-style label PNGs in this folder.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,11 +31,13 @@ def main(argv):
   from tbgc_jax.trainer.train import Setup, restore_params, use_compilation_cache
 
   use_compilation_cache(_WORKDIR.value)
+  if _SEG_PNG_DIR.value:
+    os.makedirs(_SEG_PNG_DIR.value, exist_ok=True)
   setup = Setup(_CONFIG.value)
   params, step = restore_params(setup, _WORKDIR.value, _STEP.value)
   metrics, submission = eval_lib.evaluate(
       setup.config, setup.eval_graphdef, params, setup.rest, setup.mesh, split=_SPLIT.value,
-      submission=_SUBMISSION.value is not None)
+      submission=_SUBMISSION.value is not None, seg_png_dir=_SEG_PNG_DIR.value)
   print(f"step {step}, split {_SPLIT.value}")
   print(eval_lib.format_table(metrics))
   out = os.path.join(_WORKDIR.value, f"eval_metrics_{step}.json")

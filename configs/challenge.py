@@ -7,6 +7,10 @@ per-device batch det 2 / seg 2 / cls 8; Table 1 augmentation branches.
 
   python train.py --config configs/challenge.py:/data/tt100k,/data/bdd100k,/data/cars \\
       --workdir /ckpt/run1 --config.model.pretrained=/weights/internimage_t.npz
+
+The backbone must start from ImageNet weights (``model.pretrained``, a converted .npz);
+``--config.model.pretrained=none`` starts from random weights (a warning is logged). A CPU
+smoke run with tiny sizes: see docs/trainer.md.
 """
 
 import ml_collections
@@ -22,8 +26,11 @@ def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collecti
   c.data = data_configs.challenge(det_root, seg_root, cls_root)
   c.model.backbone = "t"
   c.model.drop_path_rate = 0.1
-  c.model.det.preset = "challenge"
-  c.model.seg.preset = "challenge"
+  # The paper's sizes: the challenge presets without tiny's size overrides.
+  c.model.det = ml_collections.ConfigDict({"preset": "challenge", "overrides": {}})
+  c.model.seg = ml_collections.ConfigDict({"preset": "challenge", "overrides": {}})
+  # Random init is refused unless asked for: pretrained="none" (logged warning).
+  c.model.require_pretrained = True
   c.model.cls.hidden_dim = 0  # MLP width = backbone width
   c.optim.lr = 1e-4
   c.optim.backbone_lr_mult = 0.1

@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.backbone = "tiny"  # InternImage preset: tiny, t, s, b, l, xl
   c.model.drop_path_rate = 0.0  # < 0 keeps the preset's
   c.model.pretrained = ""  # converted InternImage .npz (python -m tbgc_jax.models.convert)
+  c.model.require_pretrained = False  # True: refuse random init unless pretrained="none"
   c.model.det = ml_collections.ConfigDict({"preset": "tiny", "overrides": {"num_queries": 30}})
   c.model.seg = ml_collections.ConfigDict({"preset": "tiny", "overrides": {}})
   c.model.cls = ml_collections.ConfigDict({"margin": 0.4, "scale": 30.0, "hidden_dim": 0})

@@ -50,8 +50,8 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   Returns:
     A ``RecordSource`` (or ``TfdsClsSource``) with ``__len__``/``__getitem__`` -> example.
     A detection source also has ``category_ids`` (``category_ids[label]`` = the annotation
-    file's category id, for ``category_id`` in exports), ``category_map`` and
-    ``class_names``.
+    file's category id, for ``category_id`` in exports), ``category_map``, ``class_names``
+    and, for COCO files, ``annotation_file`` (evaluation scores against it).
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -69,7 +69,7 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     if task != "cls":
       raise ValueError(f"source format 'tfds' is for task 'cls', got task {task!r}")
     return readers.TfdsClsSource(**kwargs)
-  cat_ids = names = None
+  cat_ids = names = annotation_file = None
   if task == "det" and fmt in ("coco", "tt100k"):
     reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
     result = reader(**kwargs, policy=policy, deep_check=deep, allow_outside_root=outside)
@@ -77,6 +77,8 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     if len(names) != nc:
       raise ValueError(f"{kwargs}: expected {nc} categories (data.det.num_classes), "
                        f"got {len(names)}")
+    if fmt == "coco":
+      annotation_file = kwargs["ann_file"]
   elif task == "seg" and fmt == "bdd100k":
     records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
                                        allow_outside_root=outside)
@@ -88,7 +90,8 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   if not records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
   source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0),
-                        category_ids=cat_ids, class_names=names)
+                        category_ids=cat_ids, class_names=names,
+                        annotation_file=annotation_file)
   if task == "det":
     max_boxes = int(task_cfg["max_boxes"])
     over = sum(len(r.labels) > max_boxes for r in records)

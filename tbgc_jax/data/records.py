@@ -202,6 +202,8 @@ class RecordSource:
     category_ids: detection: the file's category id of each contiguous label
       (``category_ids[label]``), for exports; default ``range(num_classes)``.
     class_names: the name of each label; default ``str`` of the category id.
+    annotation_file: detection: the COCO file the records came from (evaluation scores
+      against it), or None.
 
   Attributes:
     category_ids: tuple of ints, ``category_ids[label]`` = the file's category id.
@@ -210,7 +212,7 @@ class RecordSource:
 
   def __init__(self, records: Sequence[Any], task: str, num_classes: int,
                min_decode_side: int = 0, category_ids: Sequence[int] | None = None,
-               class_names: Sequence[str] | None = None):
+               class_names: Sequence[str] | None = None, annotation_file: str | None = None):
     if task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     self.records = list(records)
@@ -224,6 +226,7 @@ class RecordSource:
                        f"{len(ids)} ids and {len(names)} names")
     self.category_ids = ids
     self.class_names = names
+    self.annotation_file = annotation_file
 
   @property
   def category_map(self) -> dict[int, int]:

@@ -10,6 +10,8 @@ categories that have ground truth (categories with ground truth but no detection
 
 import contextlib
 import io
+import json
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -63,6 +65,49 @@ def to_coco_results(image_ids, scores, labels, boxes_xyxy, valid=None, category_
   return out
 
 
+def load_coco_ground_truth(ann_file: str) -> dict:
+  """A COCO annotation file as pycocotools evaluates it: every image, box and crowd region.
+
+  Annotations lacking ``area`` get ``w * h`` and lacking ``iscrowd`` get 0 (pycocotools needs
+  both; with the "all" area range used for mAP50 the value does not change the result).
+  """
+  with open(ann_file) as f:
+    data = json.load(f)
+  for key in ("images", "annotations", "categories"):
+    if not isinstance(data.get(key), list):
+      raise ValueError(f"{ann_file}: field {key!r}: expected a list, got "
+                       f"{type(data.get(key)).__name__}")
+  anns = []
+  for a in data["annotations"]:
+    a = dict(a)
+    if "area" not in a:
+      a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+    a.setdefault("iscrowd", 0)
+    anns.append(a)
+  return {"images": data["images"], "annotations": anns, "categories": data["categories"]}
+
+
+def records_to_coco(records: Sequence, category_ids: Sequence[int]) -> dict:
+  """COCO ground truth from detection records (all their boxes), for sets not read from COCO.
+
+  Args:
+    records: ``DetRecord``-like items with ``image_path``, ``image_id``, ``boxes`` (xyxy
+      pixels of the image on disk) and contiguous ``labels``.
+    category_ids: contiguous label -> category id, the same mapping the export uses.
+  """
+  images, anns = [], []
+  for r in records:
+    images.append({"id": int(r.image_id), "file_name": os.path.basename(r.image_path)})
+    for (x0, y0, x1, y1), label in zip(np.asarray(r.boxes, np.float64).reshape(-1, 4),
+                                       np.asarray(r.labels).reshape(-1), strict=True):
+      anns.append({"id": len(anns) + 1, "image_id": int(r.image_id),
+                   "category_id": int(category_ids[int(label)]),
+                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                   "iscrowd": 0})
+  return {"images": images, "annotations": anns,
+          "categories": [{"id": int(c), "name": str(c)} for c in category_ids]}
+
+
 def _quiet(fn, *args):
   with contextlib.redirect_stdout(io.StringIO()):
     return fn(*args)
@@ -112,8 +157,10 @@ def coco_map(ground_truth: Mapping, results: Sequence[Mapping]) -> dict[str, flo
 class DetectionAccumulator:
   """Collects ground truth and predictions batch by batch; `compute` runs COCOeval.
 
-  Ground truth comes from the batches (boxes rescaled to original pixels) unless a COCO
-  dataset dict is given, in which case it is used as is (areas, crowd flags of the file).
+  Ground truth comes from the batches (boxes rescaled to original pixels, at most
+  ``max_boxes`` per image) unless a COCO dataset dict is given, in which case it is used
+  whole, as is (every image, box, area and crowd flag of the file; images never added count
+  as missed), which is how the challenge scores a submission.
 
   Args:
     category_ids: class index -> COCO category id (default ``range(num_classes)``).
@@ -168,17 +215,19 @@ class DetectionAccumulator:
             "image_id": int(image_ids[b]), "category_id": self.category_ids[labels[b, n]],
             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
 
+  @property
+  def image_ids(self) -> set[int]:
+    """Ids of the images added so far."""
+    return set(self._images)
+
   def results(self) -> list[dict]:
     """The COCO result list of everything added so far (the ``dec`` submission)."""
     return list(self._results)
 
   def ground_truth(self) -> dict:
-    """The COCO dataset dict evaluated against (restricted to the images added)."""
+    """The COCO dataset dict evaluated against."""
     if self._external_gt is not None:
-      gt = self._external_gt
-      anns = [a for a in gt["annotations"] if a["image_id"] in self._images]
-      imgs = [i for i in gt["images"] if i["id"] in self._images]
-      return {"images": imgs, "annotations": anns, "categories": list(gt["categories"])}
+      return self._external_gt
     return {"images": list(self._images.values()), "annotations": list(self._annotations),
             "categories": [{"id": c, "name": str(c)} for c in self.category_ids]}
 

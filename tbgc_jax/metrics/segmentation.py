@@ -137,6 +137,37 @@ def restore_label_map(pred: np.ndarray, image_hw: Sequence[int],
   return cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_NEAREST)
 
 
+def scores_to_label_map(scores: np.ndarray, image_hw: Sequence[int],
+                        orig_hw: Sequence[int]) -> np.ndarray:
+  """Class map at the ORIGINAL resolution from network-resolution class scores.
+
+  The scores of the valid region are resized bilinearly (half-pixel centres, as
+  mmsegmentation's ``resize(..., align_corners=False)``) to the size on disk, then the argmax
+  is taken there, so classes thinner than the network's pixel can still win. One image at a
+  time: ``orig_h * orig_w * C`` float32 on the host (70 MB for BDD100K's 720x1280, 19 classes).
+
+  Args:
+    scores: ``[H, W, C]`` per-class scores at the network input resolution (padded
+      bottom/right).
+    image_hw: valid ``(h, w)`` of the resized image inside ``scores``.
+    orig_hw: ``(h, w)`` of the image on disk.
+
+  Returns:
+    ``[orig_h, orig_w]`` uint8 class ids.
+  """
+  h, w = int(image_hw[0]), int(image_hw[1])
+  oh, ow = int(orig_hw[0]), int(orig_hw[1])
+  scores = np.asarray(scores, np.float32)
+  if scores.ndim != 3 or not (0 < h <= scores.shape[0] and 0 < w <= scores.shape[1]):
+    raise ValueError(f"scores_to_label_map: image_hw {(h, w)} outside scores {scores.shape} "
+                     "(expected [H, W, C])")
+  crop = np.ascontiguousarray(scores[:h, :w])
+  if (h, w) != (oh, ow):
+    crop = cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_LINEAR)
+    crop = crop.reshape(oh, ow, -1)  # OpenCV drops a single channel axis
+  return np.argmax(crop, -1).astype(np.uint8)
+
+
 def save_label_png(path: str | os.PathLike, label_map: np.ndarray) -> None:
   """Writes a ``[H, W]`` class-id map as a single-channel 8-bit PNG (BDD100K's format)."""
   label_map = np.asarray(label_map)

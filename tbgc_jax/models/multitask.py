@@ -91,10 +91,10 @@ class MultiTaskModel(nnx.Module):
     head = self._head(task)
     return head.loss(self.features(batch), batch, rng)
 
-  def task_predict(self, task: str, batch: dict) -> dict[str, jax.Array]:
-    """Fixed-shape predictions of one task's head."""
+  def task_predict(self, task: str, batch: dict, **kwargs) -> dict[str, jax.Array]:
+    """Fixed-shape predictions of one task's head (``kwargs`` go to its ``predict``)."""
     head = self._head(task)
-    return head.predict(self.features(batch), batch)
+    return head.predict(self.features(batch), batch, **kwargs)
 
 
 def _first_key(path) -> str | int | None:

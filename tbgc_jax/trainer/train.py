@@ -34,6 +34,7 @@ from tbgc_jax.trainer.optim import GRAD_METHODS, make_optimizer
 from tbgc_jax.trainer.step import STEP_MODES, make_train_step
 
 TASKS = ("det", "seg", "cls")
+NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
 _log = logging.getLogger(__name__)
 
 
@@ -63,6 +64,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("set config.num_epochs or config.total_steps to a positive value")
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError("config.log_every and config.checkpoint_every must be positive")
+  pretrained = str(config.model.pretrained)
+  if config.model.get("require_pretrained", False) and not pretrained:
+    raise ValueError(
+        "config.model.pretrained: this config trains from an ImageNet-pretrained backbone; "
+        "expected a converted InternImage .npz (python -m tbgc_jax.models.convert), got ''. "
+        "Set it to 'none' to start from random weights")
+  if pretrained == NO_PRETRAINED:
+    _log.warning("config.model.pretrained='none': the backbone starts from random weights")
   if config.mesh_devices < 0 or config.mesh_devices > jax.device_count():
     raise ValueError(f"config.mesh_devices must be in [0, {jax.device_count()}] (0 = all), "
                      f"got {config.mesh_devices}")
@@ -108,7 +117,7 @@ class Setup:
         lambda: tuple(nnx.split(create(), nnx.Param, ...)[1:]),
         out_shardings=(jax.tree.map(lambda _: self.replicated, abs_params),
                        jax.tree.map(lambda _: self.replicated, abs_rest)))()
-    if config.model.pretrained:
+    if config.model.pretrained and config.model.pretrained != NO_PRETRAINED:
       from tbgc_jax.models.convert import load_backbone_weights
 
       model = nnx.merge(self.graphdef, self.params, self.rest)

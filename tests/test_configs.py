@@ -1,0 +1,113 @@
+"""Every trainer config in configs/ builds its model; the challenge config is the paper's recipe.
+
+Building the challenge-size model abstractly takes about a minute on a 2-core CPU (tracing
+time: flax's ``Variable.set_value`` probes ``tracer.sharding`` on every rng draw, and JAX builds
+an error message that walks the whole trace each time), hence the ``slow`` marks and the one
+shared build per test module.
+"""
+
+import functools
+import importlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from tbgc_jax.trainer.model_factory import _DET_PRESETS, build_model
+from tbgc_jax.trainer.optim import lr_schedules
+from tbgc_jax.trainer.train import Setup, validate_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def _config(name):
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+@functools.cache
+def _abstract_model(name):
+  config = _config(name)
+  return nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+
+
+def test_configs_are_found():
+  assert {"tiny", "challenge"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "challenge" else n for n in CONFIG_NAMES])
+def test_every_config_builds_its_model(name):
+  config = _config(name)
+  model = _abstract_model(name)
+  assert set(model.heads.keys()) == set(config.tasks)
+  det = model.heads["det"]
+  assert det.config.num_queries >= config.data.det.max_boxes
+  assert det.num_classes == config.data.det.num_classes
+  assert model.heads["seg"].class_embed.out_features == config.data.seg.num_classes + 1
+  assert model.heads["cls"].centers.shape[-1] == config.data.cls.num_classes
+
+
+def test_challenge_config_is_the_papers_recipe():
+  c = _config("challenge")
+  # Data: the challenge's class counts and the paper's per-GPU batch sizes.
+  assert [c.data[t].num_classes for t in ("det", "seg", "cls")] == [45, 19, 196]
+  assert [c.data[t].batch_size for t in ("det", "seg", "cls")] == [2, 2, 8]
+  assert c.data.det.source.format == "coco" and c.data.det.max_boxes == 100
+  # Optimisation.
+  assert c.optim.lr == 1e-4 and c.optim.backbone_lr_mult == 0.1
+  assert c.optim.weight_decay == 1e-4
+  assert c.optim.warmup_epochs == 5 and c.optim.warmup_ratio == 0.001
+  assert c.num_epochs == 100 and c.total_steps == 0
+  assert c.grad.method == "tbgc" and c.grad.max_norm == 0.1
+  assert c.model.cls.margin == 0.4
+  assert c.model.backbone == "t"
+  assert not c.model.det.overrides and not c.model.seg.overrides
+  det = _DET_PRESETS[c.model.det.preset](**c.model.det.overrides)
+  assert det.num_queries == 900 and det.num_denoising == 100
+
+  # The schedule it produces: linear warm-up over 5 epochs from lr * 0.001, cosine to 0
+  # at 100 epochs, backbone at 0.1x.
+  steps_per_epoch = 10
+  sched = lr_schedules(c.optim, c.num_epochs * steps_per_epoch, steps_per_epoch)
+  head, backbone = sched["head"], sched["backbone"]
+  np.testing.assert_allclose(float(head(0)), 1e-7, rtol=1e-5)
+  np.testing.assert_allclose(float(head(50)), 1e-4, rtol=1e-5)
+  np.testing.assert_allclose(float(backbone(50)), 1e-5, rtol=1e-5)
+  np.testing.assert_allclose(float(head(50 + 475)), 0.5e-4, rtol=1e-4)  # cosine midpoint
+  np.testing.assert_allclose(float(head(1000)), 0.0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_challenge_model_has_the_papers_sizes():
+  model = _abstract_model("challenge")
+  det, seg, cls = (model.heads[t] for t in ("det", "seg", "cls"))
+  assert det.config.num_queries == 900 and det.config.num_denoising == 100
+  assert det.config.num_encoder_layers == 6 and det.config.num_decoder_layers == 6
+  assert det.class_embed.out_features == 45 and det.tgt_embed.embedding.shape[0] == 900
+  assert seg.class_embed.out_features == 19 + 1 and seg.query_feat.shape[0] == 100
+  assert len(seg.layers) == 9
+  assert cls.centers.shape[-1] == 196 and cls.margin == 0.4
+
+
+def test_challenge_config_refuses_a_random_backbone_unless_asked():
+  c = _config("challenge")
+  assert c.model.pretrained == ""
+  with pytest.raises(ValueError, match=r"config\.model\.pretrained.*'none'"):
+    Setup(c)  # fails before building anything
+  c.model.pretrained = "none"
+  validate_config(c)
+
+
+def test_pretrained_none_builds_a_random_model_with_a_warning(caplog):
+  c = _config("tiny")
+  c.tasks = ("cls",)
+  c.mesh_devices = 1
+  c.model.require_pretrained = True
+  c.model.pretrained = "none"
+  with caplog.at_level(logging.WARNING):
+    setup = Setup(c)
+  assert any("random weights" in r.getMessage() for r in caplog.records)
+  assert "cls" in setup.params["heads"]
