@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src.diagnostics import find_state
-from tbgc_jax._src.masks import MaskOrFn, mask_leaves
+from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import POSITIVE, register
 
 _F32 = jnp.float32
@@ -112,14 +112,10 @@ def _task_transform(
   where = {"tbgc": "tbgc", "per_task": "per_task_clip", "vanilla": "vanilla_clip"}[method]
   tasks = _check_tasks(tasks, where)
 
-  def is_backbone(tree) -> list[bool]:
-    if backbone_mask is None:
-      return [False] * len(jax.tree.leaves(tree))
-    return mask_leaves(backbone_mask, tree, where=where)
+  is_backbone = backbone_selector(backbone_mask, where=where, default=False)
 
   def init_fn(params):
-    if backbone_mask is not None and not any(is_backbone(params)):
-      raise ValueError(f"{where}: backbone_mask selects no parameter leaf as backbone")
+    is_backbone.check_params(params)
     zeros = {t: jnp.zeros([], _F32) for t in tasks}
     ones = {t: jnp.ones([], _F32) for t in tasks}
     return TaskClipState(
