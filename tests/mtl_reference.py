@@ -142,11 +142,12 @@ def _solve_power(G, alpha):
     return w ** (1.0 / alpha) * (G @ w) - 1.0
 
   z0 = np.log(np.diag(G) ** (-alpha / (1 + alpha)))
-  res = scipy.optimize.least_squares(residual, z0, xtol=1e-15, ftol=1e-15, gtol=1e-15,
-                                     max_nfev=10000)
-  assert np.max(np.abs(residual(res.x))) < 1e-8, res
-  del n
-  return np.exp(res.x)
+  z = scipy.optimize.least_squares(residual, z0, xtol=1e-15, ftol=1e-15, gtol=1e-15,
+                                   max_nfev=10000).x
+  if np.max(np.abs(residual(z))) > 1e-8:  # stalled: Levenberg-Marquardt from the origin
+    z = scipy.optimize.root(residual, np.zeros(n), method="lm", tol=1e-15).x
+  assert np.max(np.abs(residual(z))) < 1e-8, residual(z)
+  return np.exp(z)
 
 
 def fairgrad(J, alpha=1.0):

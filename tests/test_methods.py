@@ -74,7 +74,7 @@ def _rel_err(got, want):
 
 # ---------------------------------------------------------------- references and pins
 @pytest.mark.parametrize("name", sorted(ref.DETERMINISTIC))
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(J=jacobians(), heads=jacobians())
 def test_matches_float64_reference(name, J, heads):
   out, _ = _run(name, J, heads=heads[:, :2])
@@ -159,7 +159,7 @@ def test_exact_projections_differ_from_torchjds_regularized_ones_as_documented()
 
 # ---------------------------------------------------------------- properties
 @pytest.mark.parametrize("name", METHODS)
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(J=jacobians(), data=st.data())
 def test_properties(name, J, data):
   out, state = _run(name, J)
@@ -172,13 +172,12 @@ def test_properties(name, J, data):
   if name not in RANDOM:
     perm = data.draw(st.permutations(range(3)))
     permuted = _backbone(_run(name, J[list(perm)])[0])
-    np.testing.assert_allclose(permuted, got, rtol=1e-3, atol=1e-5 * np.abs(got).max())
+    assert _rel_err(permuted, got) < max(1e-3, TOLERANCE.get(name, 0.0))
   c = np.float32(data.draw(st.sampled_from([0.1, 7.0])))
   hp = {"max_norm": 0.0} if name == "nash_mtl" else {}
   base = _backbone(_run(name, J, **hp)[0])
   scaled = _backbone(_run(name, c * J, **hp)[0])
-  np.testing.assert_allclose(scaled, c ** SCALE_EXPONENT[name] * base, rtol=2e-3,
-                             atol=1e-5 * np.abs(base).max())
+  assert _rel_err(scaled, c ** SCALE_EXPONENT[name] * base) < max(1e-3, TOLERANCE.get(name, 0))
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -293,7 +292,8 @@ def test_sharded_gradients_give_the_same_results():
            for k, t in enumerate(TASKS)}
   sharded = jax.device_put(
       grads, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-  for name in METHODS:
+  # The engine (Gramian, guard, weighted sum, elementwise path) is shared: one method per path.
+  for name in ("mean", "upgrad", "pcgrad", "graddrop"):
     tx = tbgc_jax.make_method(name, MASK, tasks=TASKS)
     update = jax.jit(tx.update)
     want, want_state = update(grads, tx.init(grads["t0"]))
@@ -344,13 +344,15 @@ def test_every_method_is_registered_with_its_factory():
 def test_solver_accuracy_on_ill_conditioned_gramians():
   """Task norms spread over six decades (Gramian condition number up to 1e12)."""
   rng = np.random.default_rng(9)
+  mgda = jax.jit(solvers.min_norm_simplex)
+  project = jax.jit(solvers.min_norm_above)
   for _ in range(6):
     J = rng.normal(size=(4, 6)) * 10.0 ** rng.uniform(-3, 3, size=(4, 1))
     G = jnp.asarray(J @ J.T, jnp.float32)
-    w = np.asarray(solvers.min_norm_simplex(G, jnp.ones(4, bool)), np.float64)
+    w = np.asarray(mgda(G, jnp.ones(4, bool)), np.float64)
     want = ref.mgda(J)
     assert np.linalg.norm(w @ J - want) <= 1e-4 * np.abs(J).max() + 1e-3 * np.linalg.norm(want)
-    v = np.asarray(solvers.min_norm_above(G, jnp.eye(4) / 4, jnp.ones(4, bool)), np.float64)
+    v = np.asarray(project(G, jnp.eye(4) / 4, jnp.ones(4, bool)), np.float64)
     for i in range(4):
       want = ref.project_dual_cone(J, J[i] / 4)
       assert _rel_err(v[i] @ J, want) < 1e-3

@@ -154,3 +154,35 @@ def test_trainer_optimizer_takes_per_task_grads_and_losses(method):
   np.testing.assert_allclose(np.asarray(updates["heads"]),
                              -1e-3 * np.sign(np.asarray(first["heads"])), rtol=1e-3)
   assert (tbgc_jax.task_diagnostics(state) == {}) == (method == "none")
+
+
+def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
+  import functools
+  import json
+
+  from tbgc_jax.trainer import logs
+  from tbgc_jax.trainer.step import _update
+
+  mask_fn = tbgc_jax.path_mask("^backbone")
+  grads, params = _grads(), _params()
+  losses = {"a": jnp.float32(1.0), "b": jnp.float32(2.0)}
+  keys = {}
+  for method in ("none", "tbgc", "upgrad"):
+    tx, schedules = make_optimizer(_trainer_config(method), TASKS, mask_fn, 10, 5)
+    state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+             "rng": jax.random.PRNGKey(0)}
+    update = jax.jit(functools.partial(_update, tasks=TASKS, tx=tx, schedules=schedules))
+    _, metrics = update(state, losses, {t: {} for t in TASKS}, grads)
+    keys[method] = set(metrics)
+    rows = [{"step": s, **{k: float(v) for k, v in metrics.items()}} for s in range(3)]
+    path = tmp_path / f"{method}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / method
+    out.mkdir()
+    written = {p.rsplit("/", 1)[-1] for p in logs.plot_training(str(path), str(out), TASKS)}
+    assert ("task_weights.png" in written) == (method == "upgrad")
+  assert {"a/loss", "b/loss", "lr"} <= keys["none"]
+  assert not any(k.startswith("grad/") or "backbone_grad_norm" in k for k in keys["none"])
+  assert {"a/backbone_grad_norm_after", "b/grad_norm"} <= keys["tbgc"]
+  assert {"grad/weight/a", "grad/cosine/a/b", "grad/num_conflicts",
+          "grad/backbone_norm_after/b"} <= keys["upgrad"]
