@@ -134,20 +134,24 @@ def config(J):
 
 
 def _solve_power(G, alpha):
-  """w > 0 with G w = w^(-1/alpha), by scipy's least squares in log space."""
-  n = len(G)
-
-  def residual(z):  # w_i^(1/alpha) (G w)_i - 1: dimensionless
-    w = np.exp(z)
-    return w ** (1.0 / alpha) * (G @ w) - 1.0
-
-  z0 = np.log(np.diag(G) ** (-alpha / (1 + alpha)))
-  z = scipy.optimize.least_squares(residual, z0, xtol=1e-15, ftol=1e-15, gtol=1e-15,
-                                   max_nfev=10000).x
-  if np.max(np.abs(residual(z))) > 1e-8:  # stalled: Levenberg-Marquardt from the origin
-    z = scipy.optimize.root(residual, np.zeros(n), method="lm", tol=1e-15).x
-  assert np.max(np.abs(residual(z))) < 1e-8, residual(z)
-  return np.exp(z)
+  """w > 0 with G w = w^(-1/alpha): the minimizer of the strictly convex
+  1/2 w^T G w - sum phi(w_i), phi' = w^(-1/alpha), by scipy's L-BFGS-B, then float64 Newton."""
+  phi = (np.log if alpha == 1 else lambda w: w ** (1 - 1 / alpha) / (1 - 1 / alpha))
+  fun = lambda w: 0.5 * w @ G @ w - np.sum(phi(w))
+  jac = lambda w: G @ w - w ** (-1.0 / alpha)
+  w0 = np.diag(G) ** (-alpha / (1 + alpha))
+  w = scipy.optimize.minimize(fun, w0, jac=jac, method="L-BFGS-B",
+                              bounds=[(1e-12, None)] * len(G),
+                              options={"ftol": 1e-16, "gtol": 1e-14, "maxiter": 10000}).x
+  for _ in range(20):
+    hess = G + np.diag(w ** (-1.0 / alpha - 1) / alpha)
+    step = np.linalg.solve(hess, jac(w))
+    t = 1.0
+    while np.any(w - t * step <= 0):
+      t /= 2
+    w = w - t * step
+  assert np.max(np.abs(w ** (1.0 / alpha) * (G @ w) - 1)) < 1e-8
+  return w
 
 
 def fairgrad(J, alpha=1.0):
