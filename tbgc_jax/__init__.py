@@ -1,11 +1,35 @@
 """tbgc-jax: task-level backbone-oriented gradient clipping for multi-task JAX training."""
 
+from tbgc_jax._src.aggregation import GramianState as GramianState
 from tbgc_jax._src.clipping import TaskClipState as TaskClipState
 from tbgc_jax._src.clipping import per_task_clip as per_task_clip
+from tbgc_jax._src.clipping import sum_tasks as sum_tasks
 from tbgc_jax._src.clipping import task_diagnostics as task_diagnostics
+from tbgc_jax._src.clipping import task_rescale as task_rescale
 from tbgc_jax._src.clipping import tbgc as tbgc
 from tbgc_jax._src.clipping import vanilla_clip as vanilla_clip
+from tbgc_jax._src.diagnostics import GradientDiagnostics as GradientDiagnostics
+from tbgc_jax._src.diagnostics import gradient_diagnostics as gradient_diagnostics
 from tbgc_jax._src.grads import per_task_value_and_grad as per_task_value_and_grad
 from tbgc_jax._src.masks import path_mask as path_mask
+from tbgc_jax._src.methods import aligned_mtl as aligned_mtl
+from tbgc_jax._src.methods import cagrad as cagrad
+from tbgc_jax._src.methods import config as config
+from tbgc_jax._src.methods import dualproj as dualproj
+from tbgc_jax._src.methods import fairgrad as fairgrad
+from tbgc_jax._src.methods import graddrop as graddrop
+from tbgc_jax._src.methods import gradvac as gradvac
+from tbgc_jax._src.methods import imtl_g as imtl_g
+from tbgc_jax._src.methods import mean as mean
+from tbgc_jax._src.methods import mgda as mgda
+from tbgc_jax._src.methods import nash_mtl as nash_mtl
+from tbgc_jax._src.methods import pcgrad as pcgrad
+from tbgc_jax._src.methods import upgrad as upgrad
+from tbgc_jax._src.registry import check_method as check_method
+from tbgc_jax._src.registry import get_method as get_method
+from tbgc_jax._src.registry import make_method as make_method
+from tbgc_jax._src.registry import method_names as method_names
+from tbgc_jax._src.registry import register as register
+from tbgc_jax._src.registry import unregister as unregister
 
 __version__ = "0.1.0"

@@ -54,7 +54,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def plot_training(jsonl_path: str, out_dir: str, tasks: Sequence[str]) -> list[str]:
-  """PNG plots of per-task losses and per-task backbone gradient norms (the paper's Fig. 1).
+  """PNG plots of per-task losses, per-task backbone gradient norms (the paper's Fig. 1) and,
+  for Gramian gradient methods, the per-task weights over training.
 
   Returns:
     The paths written.
@@ -93,6 +94,19 @@ def plot_training(jsonl_path: str, out_dir: str, tasks: Sequence[str]) -> list[s
     axes[1].set(xlabel="step", yscale="log", title="... after the gradient method")
     axes[0].legend()
     path = os.path.join(out_dir, "backbone_grad_norm.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+  # Per-task weights of a Gramian gradient method (tbgc_jax.gradient_diagnostics, logged as
+  # grad/weight/<task>).
+  if any(f"grad/weight/{t}" in rows[-1] for t in tasks):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in tasks:
+      ax.plot(steps, series(f"grad/weight/{t}"), label=t)
+    ax.set(xlabel="step", ylabel="weight", title="Per-task weight of the gradient method")
+    ax.legend()
+    path = os.path.join(out_dir, "task_weights.png")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     written.append(path)

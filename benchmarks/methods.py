@@ -1,0 +1,108 @@
+"""Cost of every registered gradient method vs the plain sum, as tasks and parameters grow.
+
+For each configuration (tasks x parameters), every method is jitted on the same per-task
+gradients (float32; 80% of the parameters in 1M-element backbone leaves, the rest split into one
+head per task, other tasks' heads zero as ``jax.grad`` gives); rounds interleave the methods so
+machine noise hits them alike; medians in milliseconds and ratios to ``none`` (the plain sum)
+and to ``tbgc`` are printed. The goal line checks every Gramian method against 1.5x ``tbgc`` at
+3 tasks x 25M parameters.
+
+  python benchmarks/methods.py                        # goal point, task and size sweeps
+  python benchmarks/methods.py --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import tbgc_jax
+
+LEAF = 1 << 20
+CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc")
+
+
+def make_grads(num_tasks: int, millions: float, seed: int = 0):
+  """Per-task gradients with a shared backbone and one head per task."""
+  total = int(millions * LEAF)
+  backbone_leaves = max(1, round(0.8 * total / LEAF))
+  head = max(1, (total - backbone_leaves * LEAF) // num_tasks)
+  tasks = tuple(f"task{k}" for k in range(num_tasks))
+  keys = iter(jax.random.split(jax.random.key(seed), backbone_leaves * num_tasks + num_tasks))
+  grads = {}
+  for k, task in enumerate(tasks):
+    scale = 10.0 ** (1 - k % 3)  # norms spread over decades, as in the paper's Figure 1
+    grads[task] = {
+        "backbone": {f"w{i}": scale * jax.random.normal(next(keys), (1024, 1024))
+                     for i in range(backbone_leaves)},
+        "heads": {t: (scale * jax.random.normal(next(keys), (head,)) if t == task
+                      else jnp.zeros((head,))) for t in tasks},
+    }
+  return tasks, grads
+
+
+def hyperparameters(name: str) -> dict:
+  return {"max_norm": 0.1} if name in CLIPPING[1:] else {}
+
+
+def time_config(num_tasks: int, millions: float, names, rounds: int) -> dict[str, float]:
+  tasks, grads = make_grads(num_tasks, millions)
+  params = jax.tree.map(jnp.zeros_like, grads[tasks[0]])
+  mask = tbgc_jax.path_mask("^backbone/")
+  compiled = {}
+  for name in names:
+    tx = tbgc_jax.make_method(name, mask, tasks=tasks, **hyperparameters(name))
+    state = tx.init(params)
+    fn = lambda g, tx=tx, state=state: tx.update(g, state, params)[0]
+    t0 = time.perf_counter()
+    compiled[name] = jax.jit(fn).lower(grads).compile()
+    jax.block_until_ready(compiled[name](grads))  # warm-up
+    print(f"    compiled {name:12s} {time.perf_counter() - t0:6.1f} s", flush=True)
+  times = {name: [] for name in compiled}
+  for r in range(rounds):
+    order = list(compiled)[r % len(compiled):] + list(compiled)[:r % len(compiled)]
+    for name in order:
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled[name](grads))
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(label: str, med: dict[str, float]) -> None:
+  print(f"  {label}")
+  print(f"  {'method':12s} {'median ms':>10s} {'vs none':>8s} {'vs tbgc':>8s}")
+  for name, t in med.items():
+    vs_tbgc = f"{t / med['tbgc']:7.2f}x" if "tbgc" in med else ""
+    print(f"  {name:12s} {t * 1e3:10.1f} {t / med['none']:7.2f}x {vs_tbgc}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default="3x25,2x5,4x5,8x5,16x5,3x1,3x5,3x50",
+                      help="comma-separated TASKSxMILLIONS")
+  parser.add_argument("--methods", default="", help="comma-separated (default: all)")
+  parser.add_argument("--rounds", type=int, default=7)
+  args = parser.parse_args()
+  names = [n for n in args.methods.split(",") if n] or list(tbgc_jax.method_names())
+  for required in ("none", "tbgc"):
+    if required not in names:
+      names.insert(0, required)
+  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"float32, {args.rounds} interleaved rounds per configuration")
+  for config in args.configs.split(","):
+    num_tasks, millions = config.split("x")
+    med = time_config(int(num_tasks), float(millions), names, args.rounds)
+    report(f"{num_tasks} tasks x {millions}M parameters", med)
+    if (int(num_tasks), float(millions)) == (3, 25.0):
+      gramian = [n for n in med if n not in CLIPPING]
+      worst = max(gramian, key=lambda n: med[n]) if gramian else None
+      if worst:
+        ratio = med[worst] / med["tbgc"]
+        print(f"  goal: every Gramian method <= 1.5x tbgc at 3 tasks x 25M: "
+              f"{'met' if ratio <= 1.5 else 'NOT met'} (worst {worst} {ratio:.2f}x)")
+
+
+if __name__ == "__main__":
+  main()
