@@ -7,5 +7,13 @@ from tbgc_jax._src.clipping import tbgc as tbgc
 from tbgc_jax._src.clipping import vanilla_clip as vanilla_clip
 from tbgc_jax._src.grads import per_task_value_and_grad as per_task_value_and_grad
 from tbgc_jax._src.masks import path_mask as path_mask
+from tbgc_jax._src.weighting import DwaState as DwaState
+from tbgc_jax._src.weighting import FamoState as FamoState
+from tbgc_jax._src.weighting import RlwState as RlwState
+from tbgc_jax._src.weighting import UncertaintyState as UncertaintyState
+from tbgc_jax._src.weighting import dwa as dwa
+from tbgc_jax._src.weighting import famo as famo
+from tbgc_jax._src.weighting import rlw as rlw
+from tbgc_jax._src.weighting import uncertainty as uncertainty
 
 __version__ = "0.1.0"
