@@ -30,9 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.cls = ml_collections.ConfigDict({"margin": 0.4, "scale": 30.0, "hidden_dim": 0})
 
   c.grad = ml_collections.ConfigDict()
-  c.grad.method = "tbgc"  # none | vanilla | tbgc_star | tbgc
+  c.grad.method = "tbgc"  # any of tbgc_jax.method_names(): none, vanilla, tbgc_star, tbgc, ...
+  # Fields below that the method takes are passed to it; others in `hparams`.
   c.grad.max_norm = 0.1
   c.grad.rescale_heads = True  # the paper's formula; False rescales only backbone leaves
+  c.grad.hparams = ml_collections.ConfigDict()  # other hyperparameters of the method
   # Algorithm 1: "per_task_jit" runs one jitted value_and_grad per task, then the update;
   # "fused" puts everything in one jit (slow to compile on CPU), where `sequential` makes
   # XLA keep one task's activations at a time (tbgc_jax.per_task_value_and_grad).

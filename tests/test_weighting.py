@@ -119,11 +119,11 @@ class WeightingReferenceTest(parameterized.TestCase):
       ref = reference_update(g, w, TASKS, "backbone" if masked else None)
       np.testing.assert_allclose(out["backbone"], ref["backbone"], rtol=2e-5, atol=1e-6)
       np.testing.assert_allclose(out["heads"], ref["heads"], rtol=2e-5, atol=1e-6)
-      np.testing.assert_allclose([state.weights[t] for t in TASKS], w, rtol=2e-5)
+      np.testing.assert_allclose([state.diagnostics.weights[t] for t in TASKS], w, rtol=2e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_rlw_softmax_of_normal_draws(self):
-    tx = make("rlw", key=3)
+    tx = make("rlw", seed=3)
     grads, losses = random_problem(1, 4)
     update = self.variant(tx.update)
     state = tx.init(PARAMS)
@@ -147,7 +147,7 @@ def test_weight_ranges(seed, steps, method):
   state = tx.init(PARAMS)
   for g, l_ in zip(grads, losses, strict=True):
     _, state = tx.update(g, state, PARAMS, losses=l_)
-    w = np.array([state.weights[t] for t in TASKS])
+    w = np.array([state.diagnostics.weights[t] for t in TASKS])
     assert np.all(w > 0)
     if method in ("famo", "rlw"):
       np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
@@ -173,7 +173,7 @@ def test_unmasked_is_gradient_of_weighted_loss(seed, method):
     losses = {t: loss_fn(params, t) for t in TASKS}
     grads = {t: jax.grad(loss_fn)(params, t) for t in TASKS}
     out, new_state = tx.update(grads, state, params, losses=losses)
-    w = new_state.weights
+    w = new_state.diagnostics.weights
     expected = jax.grad(lambda p, w=w: sum(w[t] * loss_fn(p, t) for t in TASKS))(params)
     chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-6)
     state = new_state
@@ -222,13 +222,13 @@ def test_bf16_gradients_keep_dtype():
 
 # ---------------------------------------------------------------- RLW randomness
 def _run_rlw(key, steps, state=None):
-  tx = make("rlw", key=key)
+  tx = make("rlw", seed=key)
   grads, losses = random_problem(5, steps)
   state = tx.init(PARAMS) if state is None else state
   outs = []
   for g, l_ in zip(grads, losses, strict=True):
     out, state = jax.jit(tx.update)(g, state, PARAMS, losses=l_)
-    outs.append([state.weights[t] for t in TASKS])
+    outs.append([state.diagnostics.weights[t] for t in TASKS])
   return np.array(outs), state
 
 
@@ -243,16 +243,16 @@ def test_rlw_reproducible_and_key_advances():
 
 def test_rlw_resumes_from_state():
   """A restored state continues the same sequence of draws (the key is in the state)."""
-  full, _ = _run_rlw(jax.random.key(11), 6)
-  first, state = _run_rlw(jax.random.key(11), 3)
-  restored = jax.tree.map(np.asarray, jax.random.key_data(state.key))
-  state = state._replace(key=jax.random.wrap_key_data(jnp.asarray(restored)))
-  tx = make("rlw", key=11)
+  full, _ = _run_rlw(11, 6)
+  first, state = _run_rlw(11, 3)
+  restored = np.asarray(jax.random.key_data(state.inner))  # as a checkpoint stores it
+  state = state._replace(inner=jax.random.wrap_key_data(jnp.asarray(restored)))
+  tx = make("rlw", seed=11)
   grads, losses = random_problem(5, 6)
   rest = []
   for g, l_ in zip(grads[3:], losses[3:], strict=True):
     _, state = jax.jit(tx.update)(g, state, PARAMS, losses=l_)
-    rest.append([state.weights[t] for t in TASKS])
+    rest.append([state.diagnostics.weights[t] for t in TASKS])
   np.testing.assert_array_equal(np.concatenate([first, np.array(rest)]), full)
 
 
@@ -263,7 +263,7 @@ def test_dwa_constant_losses_give_unit_weights():
   grads, _ = random_problem(6, 1)
   for _ in range(10):
     _, state = tx.update(grads[0], state, PARAMS, losses={t: 2.0 for t in TASKS})
-  np.testing.assert_allclose([state.weights[t] for t in TASKS], 1.0, rtol=1e-6)
+  np.testing.assert_allclose([state.diagnostics.weights[t] for t in TASKS], 1.0, rtol=1e-6)
 
 
 def test_uncertainty_log_vars_approach_the_loss():
@@ -274,7 +274,7 @@ def test_uncertainty_log_vars_approach_the_loss():
   losses = {"a": 0.2, "b": 1.0, "c": 6.0}
   for _ in range(400):
     _, state = jax.jit(tx.update)(grads[0], state, PARAMS, losses=losses)
-  np.testing.assert_allclose(np.exp(state.log_vars), [0.2, 1.0, 6.0], rtol=0.05)
+  np.testing.assert_allclose(np.exp(state.inner.log_vars), [0.2, 1.0, 6.0], rtol=0.05)
 
 
 def test_famo_upweights_the_task_that_stalls():
@@ -284,7 +284,8 @@ def test_famo_upweights_the_task_that_stalls():
   for n in range(30):
     losses = {"a": 1.0 * 0.9 ** n, "b": 1.0, "c": 1.0 * 0.9 ** n}  # b does not improve
     _, state = tx.update(grads[0], state, PARAMS, losses=losses)
-  assert state.logits[1] > state.logits[0] and state.logits[1] > state.logits[2]
+  logits = state.inner.logits
+  assert logits[1] > logits[0] and logits[1] > logits[2]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -302,3 +303,28 @@ def test_errors(method):
     make(method, {"backbone": False, "heads": False}).init(PARAMS)
   with pytest.raises(ValueError, match="distinct"):
     make(method, tasks=("a", "a"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_registered_and_built_by_name(method):
+  assert tbgc_jax.get_method(method).uses_losses
+  tx = tbgc_jax.make_method(method, MASK, tasks=TASKS)
+  grads, losses = random_problem(10, 1)
+  direct = make(method)
+  out, _ = tx.update(grads[0], tx.init(PARAMS), PARAMS, losses=losses[0])
+  ref, _ = direct.update(grads[0], direct.init(PARAMS), PARAMS, losses=losses[0])
+  chex.assert_trees_all_equal(out, ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_task_dropped_and_state_stays_finite(method):
+  tx = make(method)
+  grads, losses = random_problem(11, 3)
+  state = tx.init(PARAMS)
+  for g, l_ in zip(grads, losses, strict=True):
+    g = {**g, "b": jax.tree.map(lambda x: np.full_like(x, np.nan), g["b"])}
+    out, state = tx.update(g, state, PARAMS, losses={**l_, "b": np.float32(np.nan)})
+    arrays = [x for x in jax.tree.leaves((out, state))
+              if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    assert all(np.all(np.isfinite(x)) for x in arrays)
+  assert int(state.diagnostics.num_nonfinite["b"]) == 3

@@ -1,6 +1,7 @@
-"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip) and vanilla clip.
+"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip), vanilla clip, and the
+plain sum of the task gradients (the ``none`` baseline).
 
-All three take, as ``updates``, a mapping ``{task_name: gradient pytree shaped like params}``
+All take, as ``updates``, a mapping ``{task_name: gradient pytree shaped like params}``
 (head leaves a task does not touch hold zeros) and return one summed, params-shaped pytree,
 so each can be the first link of an ``optax.chain``.
 """
@@ -12,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tbgc_jax._src.masks import MaskOrFn, mask_leaves
+from tbgc_jax._src.diagnostics import find_state
+from tbgc_jax._src.masks import MaskOrFn, backbone_selector
+from tbgc_jax._src.registry import POSITIVE, register
 
 _F32 = jnp.float32
 
@@ -89,6 +92,13 @@ def _safe_ratio(num, den):
   return num / jnp.where(den > 0, den, 1.0)
 
 
+def _unflatten_cast(treedef, out: Sequence[jax.Array], leaves: Mapping[str, Sequence[jax.Array]],
+                    tasks: Sequence[str]) -> Any:
+  """The params-shaped tree of ``out`` (float32 leaves), each cast to its tasks' gradient dtype."""
+  dtypes = [jnp.result_type(*(leaves[t][i] for t in tasks)) for i in range(len(out))]
+  return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(out, dtypes, strict=True)])
+
+
 def _clip_factor(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
   """min(1, max_norm / norm), with no 0/0: a zero (or small enough) norm gives 1."""
   return jnp.where(norm > max_norm, _safe_ratio(max_norm, norm), 1.0)
@@ -102,14 +112,10 @@ def _task_transform(
   where = {"tbgc": "tbgc", "per_task": "per_task_clip", "vanilla": "vanilla_clip"}[method]
   tasks = _check_tasks(tasks, where)
 
-  def is_backbone(tree) -> list[bool]:
-    if backbone_mask is None:
-      return [False] * len(jax.tree.leaves(tree))
-    return mask_leaves(backbone_mask, tree, where=where)
+  is_backbone = backbone_selector(backbone_mask, where=where, default=False)
 
   def init_fn(params):
-    if backbone_mask is not None and not any(is_backbone(params)):
-      raise ValueError(f"{where}: backbone_mask selects no parameter leaf as backbone")
+    is_backbone.check_params(params)
     zeros = {t: jnp.zeros([], _F32) for t in tasks}
     ones = {t: jnp.ones([], _F32) for t in tasks}
     return TaskClipState(
@@ -163,8 +169,7 @@ def _task_transform(
           for i, sel in enumerate(select)
       ]
 
-    dtypes = [jnp.result_type(*(leaves[t][i] for t in tasks)) for i in range(len(select))]
-    out = jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(out, dtypes, strict=True)])
+    out = _unflatten_cast(treedef, out, leaves, tasks)
     new_state = TaskClipState(
         total_norm=total, backbone_norm=bb, backbone_scale=bb_scale, head_scale=head_scale,
         num_nonfinite={
@@ -299,6 +304,43 @@ def vanilla_clip(
                          drop_nonfinite=drop_nonfinite)
 
 
+def sum_tasks(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str]
+              ) -> optax.GradientTransformation:
+  """The plain multi-task baseline: sums the task gradients (the gradient of the summed loss).
+
+  ``update = sum_t g_t``, summed in float32 in sorted-task order and cast back to the
+  gradients' dtype; no clipping, no per-task state (`task_diagnostics` returns ``{}``).
+
+  Args:
+    backbone_mask: unused (accepted for the common method signature).
+    tasks: the task names; ``update`` expects exactly these keys.
+
+  Returns:
+    An ``optax.GradientTransformation`` with an ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, tbgc_jax
+    >>> tx = tbgc_jax.sum_tasks(tasks=("a", "b"))
+    >>> out, _ = tx.update({"a": jnp.ones(2), "b": jnp.arange(2.0)}, tx.init(jnp.zeros(2)))
+    >>> out.tolist()
+    [1.0, 2.0]
+  """
+  del backbone_mask
+  tasks = _check_tasks(tasks, "sum_tasks")
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    treedef, leaves = _split_grads(updates, tasks, params, "sum_tasks")
+    n = len(leaves[tasks[0]])
+    out = [sum(leaves[t][i].astype(_F32) for t in tasks) for i in range(n)]
+    return _unflatten_cast(treedef, out, leaves, tasks), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def task_diagnostics(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
   """Reads the per-task norms and scales of the last update from an optimizer state.
 
@@ -310,20 +352,15 @@ def task_diagnostics(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
   concrete states; nothing is fetched to the host.
 
   Args:
-    opt_state: an optimizer state containing exactly one `TaskClipState`.
+    opt_state: an optimizer state containing at most one `TaskClipState`.
 
   Returns:
-    ``{task: {name: scalar}}``.
+    ``{task: {name: scalar}}``; ``{}`` for a state without a `TaskClipState` (e.g. of
+    `sum_tasks` or the Gramian methods, whose diagnostics `gradient_diagnostics` reads).
   """
-  found = [
-      x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, TaskClipState))
-      if isinstance(x, TaskClipState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-        f"task_diagnostics: expected exactly one TaskClipState in the optimizer state, "
-        f"found {len(found)}")
-  st = found[0]
+  st = find_state(opt_state, TaskClipState, where="task_diagnostics")
+  if st is None:
+    return {}
   return {
       t: {
           "total_norm": st.total_norm[t],
@@ -335,3 +372,9 @@ def task_diagnostics(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
       }
       for t in st.total_norm
   }
+
+
+register("none", sum_tasks)
+register("vanilla", vanilla_clip, checks={"max_norm": POSITIVE})
+register("tbgc_star", per_task_clip, checks={"max_norm": POSITIVE})
+register("tbgc", tbgc, checks={"max_norm": POSITIVE})

@@ -72,3 +72,22 @@ def mask_leaves(backbone_mask: MaskOrFn, tree: Any, *, where: str) -> list[bool]
     raise ValueError(
         f"{where}: backbone_mask leaves must be Python bools known at trace time, "
         "not traced arrays") from e
+
+
+def backbone_selector(backbone_mask: MaskOrFn | None, *, where: str, default: bool
+                      ) -> Callable[[Any], list[bool]]:
+  """``tree -> one bool per leaf`` (`mask_leaves`), ``default`` everywhere for a None mask.
+
+  Also ``selector.check_params(params)``: raises when a given mask selects no leaf.
+  """
+  def select(tree) -> list[bool]:
+    if backbone_mask is None:
+      return [default] * len(jax.tree.leaves(tree))
+    return mask_leaves(backbone_mask, tree, where=where)
+
+  def check_params(params) -> None:
+    if backbone_mask is not None and not any(select(params)):
+      raise ValueError(f"{where}: backbone_mask selects no parameter leaf as backbone")
+
+  select.check_params = check_params
+  return select

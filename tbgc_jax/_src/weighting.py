@@ -12,7 +12,10 @@ The transforms are ``optax.GradientTransformationExtraArgs``:
 ``update(grads, state, params=None, *, losses)`` with ``grads = {task: gradient pytree}`` and
 ``losses = {task: scalar loss}`` (the losses the gradients came from). They change the pytree
 structure, so they must be the first link of an ``optax.chain``; the chain forwards
-``losses=`` to them.
+``losses=`` to them. They run on the engine of the Gramian methods (``aggregation.py``) with
+the combination ``C = diag(w)``, so they share its weighted sum, its non-finite guard and its
+diagnostics (`tbgc_jax.gradient_diagnostics`: weights, norms, cosines); the method's own
+state is the ``inner`` field of the ``GramianState``.
 """
 
 from collections.abc import Mapping, Sequence
@@ -22,10 +25,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tbgc_jax._src.clipping import _check_tasks, _split_grads
-from tbgc_jax._src.masks import MaskOrFn, mask_leaves
+from tbgc_jax._src.aggregation import Step, gramian_method
+from tbgc_jax._src.clipping import _check_tasks
+from tbgc_jax._src.masks import MaskOrFn
+from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
 
 _F32 = jnp.float32
+GT = optax.GradientTransformationExtraArgs
 
 
 def _stack_losses(losses: Any, tasks: tuple[str, ...], where: str) -> jax.Array:
@@ -39,45 +45,22 @@ def _stack_losses(losses: Any, tasks: tuple[str, ...], where: str) -> jax.Array:
   return jnp.stack([jnp.asarray(losses[t], _F32).reshape(()) for t in tasks])
 
 
-def _weighted_sum(updates, tasks, params, weights, backbone_mask, where):
-  """``sum_t w_t g_t`` on the backbone leaves and ``sum_t g_t`` on the others (float32 sums).
+def _loss_weighting(where, backbone_mask, tasks, init_inner, weights_fn, drop_nonfinite):
+  """A loss-based method on the shared engine: ``C = diag(w)`` from the losses.
 
-  ``weights`` is a float32 vector in ``tasks`` order; ``backbone_mask=None`` weights every leaf.
+  ``weights_fn(losses f32[T], inner) -> (w f32[T], inner)``; the engine forms
+  ``sum_t w_t g_t`` on the backbone leaves, the plain sum on the others, and drops tasks with
+  non-finite gradients. Each ``weights_fn`` keeps its state finite when a loss is not.
   """
-  treedef, leaves = _split_grads(updates, tasks, params, where)
-  n = len(leaves[tasks[0]])
-  if backbone_mask is None:
-    select = [True] * n
-  else:
-    select = mask_leaves(backbone_mask, updates[tasks[0]], where=where)
-  out = []
-  for i, sel in enumerate(select):
-    acc = sum((leaves[t][i].astype(_F32) * weights[k] if sel else leaves[t][i].astype(_F32))
-              for k, t in enumerate(tasks))
-    out.append(acc.astype(jnp.result_type(*(leaves[t][i] for t in tasks))))
-  return jax.tree.unflatten(treedef, out)
+  tasks = _check_tasks(tasks, where)
 
+  def combine(step: Step, inner):
+    losses = _stack_losses(step.losses, tasks, where)
+    w, inner = weights_fn(losses, inner)
+    return jnp.diag(w), inner
 
-def _as_dict(vector: jax.Array, tasks: tuple[str, ...]) -> dict[str, jax.Array]:
-  return {t: vector[k] for k, t in enumerate(tasks)}
-
-
-def _weighting_transform(where, tasks, backbone_mask, init_extra, weights_fn):
-  """Shared init/update: ``weights_fn(loss_vector, state) -> (weights, new_state)``."""
-
-  def init_fn(params):
-    if backbone_mask is not None and not any(mask_leaves(backbone_mask, params, where=where)):
-      raise ValueError(f"{where}: backbone_mask selects no parameter leaf as backbone")
-    return init_extra()
-
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del extra_args
-    loss_vec = _stack_losses(losses, tasks, where)
-    weights, new_state = weights_fn(loss_vec, state)
-    out = _weighted_sum(updates, tasks, params, weights, backbone_mask, where)
-    return out, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gramian_method(where, backbone_mask, tasks, combine, init_inner=init_inner,
+                        drop_nonfinite=drop_nonfinite)
 
 
 # --------------------------------------------------------------------------- FAMO
@@ -88,9 +71,10 @@ class FamoState(NamedTuple):
   logits_opt_state: Any  # state of the logits' optimizer (Adam with L2 decay).
   prev_losses: jax.Array  # f32[T]: the losses of the previous update.
   count: jax.Array  # i32[]: updates done.
-  weights: dict[str, jax.Array]  # f32[]: per task, the weight applied in the last update.
 
 
+@register("famo", checks={"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE,
+                         "eps": POSITIVE}, uses_losses=True)
 def famo(
     backbone_mask: MaskOrFn | None = None,
     *,
@@ -98,7 +82,8 @@ def famo(
     learning_rate: float = 0.025,
     weight_decay: float = 0.01,
     eps: float = 1e-8,
-) -> optax.GradientTransformationExtraArgs:
+    drop_nonfinite: bool = True,
+) -> GT:
   r"""FAMO: fast adaptive multitask optimization (loss-based, O(1) in the number of tasks).
 
   With logits :math:`\xi` and :math:`z = \mathrm{softmax}(\xi)`, the update is the gradient
@@ -129,9 +114,12 @@ def famo(
     weight_decay: :math:`\gamma`, L2 decay of the logits (0.01 in the authors' code; the
       paper tunes it per benchmark in {0.0001, 0.001, 0.01}).
     eps: added to each loss before the logarithm and the division.
+    drop_nonfinite: drop a task with a non-finite gradient from the update (a non-finite
+      loss leaves the logits unchanged).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a `FamoState`.
+    An ``optax.GradientTransformationExtraArgs`` with a ``GramianState`` whose ``inner`` is
+    a `FamoState`; the weights are in its diagnostics (`tbgc_jax.gradient_diagnostics`).
 
   References:
     Liu, Liu, Stone, Liu, `FAMO: Fast Adaptive Multitask Optimization`, NeurIPS 2023,
@@ -150,14 +138,14 @@ def famo(
   tasks = _check_tasks(tasks, where)
   logits_opt = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
 
-  def init_extra():
+  def init_inner():
     logits = jnp.zeros([len(tasks)], _F32)
     return FamoState(
         logits=logits, logits_opt_state=logits_opt.init(logits),
-        prev_losses=jnp.zeros([len(tasks)], _F32), count=jnp.zeros([], jnp.int32),
-        weights={t: jnp.full([], 1.0 / len(tasks), _F32) for t in tasks})
+        prev_losses=jnp.ones([len(tasks)], _F32), count=jnp.zeros([], jnp.int32))
 
   def weights_fn(losses, state):
+    losses = jnp.where(jnp.isfinite(losses), losses, state.prev_losses)
     log_loss = jnp.log(losses + eps)
     delta = jnp.log(state.prev_losses + eps) - log_loss
     # d xi = J^T delta for the softmax Jacobian J = diag(z) - z z^T.
@@ -172,11 +160,10 @@ def famo(
     ratio = z / (losses + eps)
     weights = ratio / jnp.sum(ratio)
     new_state = FamoState(
-        logits=logits, logits_opt_state=opt_state, prev_losses=losses, count=state.count + 1,
-        weights=_as_dict(weights, tasks))
+        logits=logits, logits_opt_state=opt_state, prev_losses=losses, count=state.count + 1)
     return weights, new_state
 
-  return _weighting_transform(where, tasks, backbone_mask, init_extra, weights_fn)
+  return _loss_weighting(where, backbone_mask, tasks, init_inner, weights_fn, drop_nonfinite)
 
 
 # --------------------------------------------------------------------------- DWA
@@ -187,16 +174,18 @@ class DwaState(NamedTuple):
   last: jax.Array  # f32[T]: mean loss of the last complete epoch, L(e-1).
   before_last: jax.Array  # f32[T]: mean loss of the epoch before it, L(e-2).
   count: jax.Array  # i32[]: updates done.
-  weights: dict[str, jax.Array]  # f32[]: per task, the weight applied in the last update.
 
 
+@register("dwa", checks={"temperature": POSITIVE, "steps_per_epoch": POSITIVE},
+          uses_losses=True)
 def dwa(
     backbone_mask: MaskOrFn | None = None,
     *,
     tasks: Sequence[str],
     temperature: float = 2.0,
     steps_per_epoch: int = 1,
-) -> optax.GradientTransformationExtraArgs:
+    drop_nonfinite: bool = True,
+) -> GT:
   r"""Dynamic weight average (DWA, from MTAN): weights from each task's rate of loss decrease.
 
   For epoch :math:`e` and :math:`K` tasks, with :math:`L_k(e)` the mean training loss of
@@ -217,9 +206,12 @@ def dwa(
     tasks: the task names; ``update`` expects exactly these keys in ``grads`` and ``losses``.
     temperature: :math:`T` (2 in the paper).
     steps_per_epoch: updates per epoch, over which the losses are averaged.
+    drop_nonfinite: drop a task with a non-finite gradient from the update (a non-finite
+      loss counts as the last epoch's mean, or 1 in the first epoch).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a `DwaState`.
+    An ``optax.GradientTransformationExtraArgs`` with a ``GramianState`` whose ``inner`` is
+    a `DwaState`.
 
   References:
     Liu, Johns, Davison, `End-to-End Multi-Task Learning with Attention`, CVPR 2019, Eq. 7.
@@ -241,13 +233,14 @@ def dwa(
     raise ValueError(f"{where}: steps_per_epoch must be >= 1, got {steps_per_epoch}")
   k = len(tasks)
 
-  def init_extra():
+  def init_inner():
     zeros = jnp.zeros([k], _F32)
     return DwaState(loss_sum=zeros, last=zeros, before_last=zeros,
-                    count=jnp.zeros([], jnp.int32),
-                    weights={t: jnp.ones([], _F32) for t in tasks})
+                    count=jnp.zeros([], jnp.int32))
 
   def weights_fn(losses, state):
+    fallback = jnp.where(state.count >= steps_per_epoch, state.last, 1.0)
+    losses = jnp.where(jnp.isfinite(losses), losses, fallback)
     epoch = state.count // steps_per_epoch
     ratio = state.last / jnp.where(state.before_last != 0, state.before_last, 1.0)
     weights = jnp.where(epoch >= 2, k * jax.nn.softmax(ratio / temperature), jnp.ones([k], _F32))
@@ -257,26 +250,21 @@ def dwa(
         loss_sum=jnp.where(ends, 0.0, loss_sum),
         last=jnp.where(ends, loss_sum / steps_per_epoch, state.last),
         before_last=jnp.where(ends, state.last, state.before_last),
-        count=state.count + 1, weights=_as_dict(weights, tasks))
+        count=state.count + 1)
     return weights, new_state
 
-  return _weighting_transform(where, tasks, backbone_mask, init_extra, weights_fn)
+  return _loss_weighting(where, backbone_mask, tasks, init_inner, weights_fn, drop_nonfinite)
 
 
 # --------------------------------------------------------------------------- RLW
-class RlwState(NamedTuple):
-  """State of `rlw`."""
-
-  key: jax.Array  # PRNG key, split every update; the draw of update n depends only on n.
-  weights: dict[str, jax.Array]  # f32[]: per task, the weight applied in the last update.
-
-
+@register("rlw", uses_losses=True)
 def rlw(
     backbone_mask: MaskOrFn | None = None,
     *,
     tasks: Sequence[str],
-    key: int | jax.Array = 0,
-) -> optax.GradientTransformationExtraArgs:
+    seed: int = 0,
+    drop_nonfinite: bool = True,
+) -> GT:
   r"""Random loss weighting (RLW): fresh random weights every update.
 
   .. math::
@@ -291,10 +279,13 @@ def rlw(
   Args:
     backbone_mask: as in `famo`.
     tasks: the task names; ``update`` expects exactly these keys in ``grads`` and ``losses``.
-    key: a PRNG key or an integer seed.
+    seed: seed of the PRNG key in the state.
+    drop_nonfinite: drop a task with a non-finite gradient from the update.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a `RlwState`.
+    An ``optax.GradientTransformationExtraArgs`` with a ``GramianState`` whose ``inner`` is
+    the PRNG key, split every update (the draw of update ``n`` depends only on ``seed`` and
+    ``n``).
 
   References:
     Lin, Ye, Xu, Shi, Zhang, `Reasonable Effectiveness of Random Weighting: A Litmus Test for
@@ -302,7 +293,7 @@ def rlw(
 
   Example:
     >>> import jax.numpy as jnp, tbgc_jax
-    >>> tx = tbgc_jax.rlw(tasks=("a", "b", "c"), key=0)
+    >>> tx = tbgc_jax.rlw(tasks=("a", "b", "c"), seed=0)
     >>> params = jnp.zeros(3)
     >>> grads = {t: jnp.eye(3)[i] for i, t in enumerate("abc")}
     >>> out, state = tx.update(grads, tx.init(params), params,
@@ -312,19 +303,13 @@ def rlw(
   """
   where = "rlw"
   tasks = _check_tasks(tasks, where)
-  init_key = jax.random.key(key) if isinstance(key, int) else key
-
-  def init_extra():
-    return RlwState(key=init_key,
-                    weights={t: jnp.full([], 1.0 / len(tasks), _F32) for t in tasks})
-
-  def weights_fn(losses, state):
+  def weights_fn(losses, key):
     del losses
-    next_key, draw_key = jax.random.split(state.key)
-    weights = jax.nn.softmax(jax.random.normal(draw_key, [len(tasks)], _F32))
-    return weights, RlwState(key=next_key, weights=_as_dict(weights, tasks))
+    next_key, draw_key = jax.random.split(key)
+    return jax.nn.softmax(jax.random.normal(draw_key, [len(tasks)], _F32)), next_key
 
-  return _weighting_transform(where, tasks, backbone_mask, init_extra, weights_fn)
+  return _loss_weighting(where, backbone_mask, tasks, lambda: jax.random.key(seed), weights_fn,
+                         drop_nonfinite)
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -333,9 +318,9 @@ class UncertaintyState(NamedTuple):
 
   log_vars: jax.Array  # f32[T]: s_t = log sigma_t^2, learned inside the transform.
   log_vars_opt_state: Any  # state of the log-variances' optimizer.
-  weights: dict[str, jax.Array]  # f32[]: per task, the weight applied in the last update.
 
 
+@register("uncertainty", checks={"learning_rate": POSITIVE}, uses_losses=True)
 def uncertainty(
     backbone_mask: MaskOrFn | None = None,
     *,
@@ -343,7 +328,8 @@ def uncertainty(
     learning_rate: float = 1e-3,
     init_log_var: float = 0.0,
     optimizer: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
+    drop_nonfinite: bool = True,
+) -> GT:
   r"""Uncertainty weighting: task weights from learned homoscedastic log-variances.
 
   The model minimizes :math:`\sum_t \frac{1}{2\sigma_t^2} L_t + \log\sigma_t` (Kendall et al.
@@ -370,9 +356,12 @@ def uncertainty(
     learning_rate: Adam's step size for :math:`s` (used when ``optimizer`` is None).
     init_log_var: the initial :math:`s_t` (0: :math:`\sigma_t = 1`, weights ½).
     optimizer: any optax transformation to train :math:`s` with, instead of Adam.
+    drop_nonfinite: drop a task with a non-finite gradient from the update (a non-finite
+      loss gives its :math:`s_t` a zero gradient).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is an `UncertaintyState`.
+    An ``optax.GradientTransformationExtraArgs`` with a ``GramianState`` whose ``inner`` is
+    an `UncertaintyState`.
 
   References:
     Kendall, Gal, Cipolla, `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
@@ -384,26 +373,24 @@ def uncertainty(
     >>> params = jnp.zeros(2)
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
     >>> out, state = tx.update(grads, tx.init(params), params, losses={"a": 4.0, "b": 0.5})
-    >>> out.tolist(), [round(float(x), 4) for x in state.log_vars]
+    >>> out.tolist(), [round(float(x), 4) for x in state.inner.log_vars]
     ([0.5, 0.5], [0.001, -0.001])
   """
   where = "uncertainty"
   tasks = _check_tasks(tasks, where)
   opt = optimizer if optimizer is not None else optax.adam(learning_rate)
 
-  def init_extra():
+  def init_inner():
     log_vars = jnp.full([len(tasks)], init_log_var, _F32)
-    return UncertaintyState(log_vars=log_vars, log_vars_opt_state=opt.init(log_vars),
-                            weights={t: jnp.full([], 0.5 * jnp.exp(-init_log_var), _F32)
-                                     for t in tasks})
+    return UncertaintyState(log_vars=log_vars, log_vars_opt_state=opt.init(log_vars))
 
   def weights_fn(losses, state):
     s = state.log_vars
+    losses = jnp.where(jnp.isfinite(losses), losses, jnp.exp(s))
     weights = 0.5 * jnp.exp(-s)
     grad_s = 0.5 * (1.0 - jnp.exp(-s) * losses)
     step, opt_state = opt.update(grad_s, state.log_vars_opt_state, s)
     return weights, UncertaintyState(log_vars=optax.apply_updates(s, step),
-                                     log_vars_opt_state=opt_state,
-                                     weights=_as_dict(weights, tasks))
+                                     log_vars_opt_state=opt_state)
 
-  return _weighting_transform(where, tasks, backbone_mask, init_extra, weights_fn)
+  return _loss_weighting(where, backbone_mask, tasks, init_inner, weights_fn, drop_nonfinite)

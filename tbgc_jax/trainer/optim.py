@@ -8,7 +8,24 @@ import optax
 
 import tbgc_jax
 
-GRAD_METHODS = ("none", "vanilla", "tbgc_star", "tbgc")
+# config.grad fields that configure the step, not the gradient method.
+_STEP_FIELDS = ("method", "step_mode", "sequential", "hparams")
+
+
+def method_hyperparameters(grad_cfg: Any) -> dict[str, Any]:
+  """The hyperparameters ``config.grad`` gives its method, checked against the registry.
+
+  The fields of ``config.grad`` that the method takes (e.g. ``max_norm``, ``rescale_heads``),
+  plus everything in the optional ``config.grad.hparams`` (which must all be the method's).
+
+  Raises:
+    ValueError: naming the config field, for an unknown method or an invalid value.
+  """
+  takes = tbgc_jax.get_method(grad_cfg.method, where="config.grad.method").hyperparameters
+  hparams = {k: v for k, v in grad_cfg.items() if k in takes and k not in _STEP_FIELDS}
+  hparams.update(dict(grad_cfg.get("hparams", None) or {}))
+  tbgc_jax.check_method(grad_cfg.method, hparams, prefix="config.grad.")
+  return hparams
 
 
 def lr_schedules(optim_cfg: Any, total_steps: int, steps_per_epoch: int
@@ -40,12 +57,10 @@ def make_optimizer(
     steps_per_epoch: steps in one epoch (for the warm-up length).
 
   Returns:
-    ``(tx, schedules)``. For ``grad.method == "none"`` the transform takes the gradient of
-    the summed loss (one params-shaped tree); otherwise ``{task: grads}``.
+    ``(tx, schedules)``; ``tx.update`` takes ``{task: grads}`` and ``losses={task: loss}``.
   """
-  method, max_norm = config.grad.method, config.grad.max_norm
-  if method not in GRAD_METHODS:
-    raise ValueError(f"config.grad.method must be one of {GRAD_METHODS}, got {method!r}")
+  first = tbgc_jax.make_method(config.grad.method, backbone_mask, tasks=tasks,
+                               **method_hyperparameters(config.grad))
   schedules = lr_schedules(config.optim, total_steps, steps_per_epoch)
 
   def labels(params):
@@ -56,13 +71,4 @@ def make_optimizer(
                         weight_decay=config.optim.weight_decay)
       for name, sched in schedules.items()
   }
-  inner = optax.multi_transform(adamw, labels)
-  if method == "none":
-    return inner, schedules
-  first = {
-      "vanilla": lambda: tbgc_jax.vanilla_clip(max_norm, backbone_mask, tasks=tasks),
-      "tbgc_star": lambda: tbgc_jax.per_task_clip(max_norm, backbone_mask, tasks=tasks),
-      "tbgc": lambda: tbgc_jax.tbgc(max_norm, backbone_mask, tasks=tasks,
-                                    rescale_heads=config.grad.rescale_heads),
-  }[method]()
-  return optax.chain(first, inner), schedules
+  return optax.chain(first, optax.multi_transform(adamw, labels)), schedules

@@ -54,23 +54,17 @@ def make_loss_fns(graphdef: nnx.GraphDef, tasks: Sequence[str], weights: dict[st
   return {t: make(k, t) for k, t in enumerate(tasks)}
 
 
-def _update(state, losses, aux, grads, *, tasks, tx, schedules, method, backbone_mask):
+def _update(state, losses, aux, grads, *, tasks, tx, schedules):
   """Gradient method + optimizer + metrics; shared by both step forms."""
   params = state["params"]
+  updates, opt_state = tx.update(grads, state["opt_state"], params, losses=losses)
   metrics = {}
-  if method == "none":
-    # One gradient of the summed loss (= the sum of the per-task gradients).
-    grads = jax.tree.map(lambda *g: sum(g), *(grads[t] for t in tasks))
-    mask = jax.tree.leaves(backbone_mask(grads))
-    metrics["backbone_grad_norm"] = optax.tree.norm(
-        [g for g, m in zip(jax.tree.leaves(grads), mask, strict=True) if m])
-  updates, opt_state = tx.update(grads, state["opt_state"], params)
-  if method != "none":
-    for t, d in tbgc_jax.task_diagnostics(opt_state).items():
-      metrics[f"{t}/backbone_grad_norm"] = d["backbone_norm"]
-      metrics[f"{t}/backbone_grad_norm_after"] = d["backbone_norm_after"]
-      metrics[f"{t}/grad_norm"] = d["total_norm"]
-      metrics[f"{t}/num_nonfinite"] = d["num_nonfinite"]
+  for t, d in tbgc_jax.task_diagnostics(opt_state).items():
+    metrics[f"{t}/backbone_grad_norm"] = d["backbone_norm"]
+    metrics[f"{t}/backbone_grad_norm_after"] = d["backbone_norm_after"]
+    metrics[f"{t}/grad_norm"] = d["total_norm"]
+    metrics[f"{t}/num_nonfinite"] = d["num_nonfinite"]
+  metrics.update({f"grad/{k}": v for k, v in tbgc_jax.gradient_diagnostics(opt_state).items()})
   for t in tasks:
     metrics[f"{t}/loss"] = losses[t]
     metrics.update({f"{t}/{k}": jnp.asarray(v, jnp.float32) for k, v in aux[t].items()})
@@ -112,7 +106,8 @@ def make_train_step(
 ) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
   """Builds the jitted ``step(state, rest, batches) -> (state, metrics)``.
 
-  A `PerTaskStep` for ``config.grad.step_mode == "per_task_jit"``, one ``jax.jit`` for "fused".
+  A `PerTaskStep` for ``config.grad.step_mode == "per_task_jit"``, one ``jax.jit`` for "fused"
+  (``config`` checked by ``train.validate_config``: the step mode is one of `STEP_MODES`).
 
   ``state`` is ``{"step", "params", "opt_state", "rng"}`` (donated; replicated over ``mesh``);
   ``rest`` the model's non-parameter state (rng streams); ``batches`` ``{task: batch}``
@@ -121,9 +116,8 @@ def make_train_step(
   """
   tasks = tuple(tasks)
   loss_fns = make_loss_fns(graphdef, tasks, {t: float(config.loss_weights[t]) for t in tasks})
-  update = jax.tree_util.Partial(
-      _update, tasks=tasks, tx=tx, schedules=schedules, method=config.grad.method,
-      backbone_mask=backbone_mask)
+  del backbone_mask  # The gradient method in ``tx`` holds it.
+  update = jax.tree_util.Partial(_update, tasks=tasks, tx=tx, schedules=schedules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   rep = lambda tree: jax.tree.map(lambda _: replicated, tree)
@@ -139,10 +133,6 @@ def make_train_step(
 
     return jax.jit(fused, in_shardings=(rep(state), rep(rest), data),
                    out_shardings=(rep(state), replicated), donate_argnums=0)
-
-  if config.grad.step_mode != "per_task_jit":
-    raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
-                     f"{config.grad.step_mode!r}")
 
   def task_grad(task):
     def fn(params, rest, batch, rng, step):

@@ -2,7 +2,7 @@
 
 One step takes one batch per task. Inside one jitted, donated step: per task, forward and
 ``jax.grad`` of that task's loss (one task's activations alive at a time), the gradient method
-(``none``/``vanilla``/``tbgc_star``/``tbgc``), then AdamW with the backbone learning rate
+(any registered name: ``tbgc_jax.method_names()``), then AdamW with the backbone learning rate
 multiplier. Data parallel over a ``jax.sharding.Mesh`` of all devices; orbax checkpoints of the
 model, optimizer and grain iterator states with automatic resume; JSONL/TensorBoard logs and
 plots; evaluation at the end.
@@ -29,7 +29,7 @@ from tbgc_jax.models.multitask import backbone_mask
 from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer import logs
 from tbgc_jax.trainer.model_factory import build_model
-from tbgc_jax.trainer.optim import GRAD_METHODS, make_optimizer
+from tbgc_jax.trainer.optim import make_optimizer, method_hyperparameters
 from tbgc_jax.trainer.step import STEP_MODES, make_train_step
 
 TASKS = ("det", "seg", "cls")
@@ -42,12 +42,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   tasks = tuple(config.tasks)
   if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(TASKS):
     raise ValueError(f"config.tasks must be distinct names among {TASKS}, got {tasks}")
-  if config.grad.method not in GRAD_METHODS:
-    raise ValueError(f"config.grad.method must be one of {GRAD_METHODS}, got "
-                     f"{config.grad.method!r}")
-  if config.grad.method != "none" and not config.grad.max_norm > 0:
-    raise ValueError(f"config.grad.max_norm must be > 0 with method {config.grad.method!r}, "
-                     f"got {config.grad.max_norm}")
+  method_hyperparameters(config.grad)  # the method and its hyperparameters (registry checks)
   if config.grad.step_mode not in STEP_MODES:
     raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
                      f"{config.grad.step_mode!r}")

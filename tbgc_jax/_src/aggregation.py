@@ -1,0 +1,183 @@
+"""The engine of the Gramian gradient methods: Gramian, guard, solve, one weighted sum.
+
+A method is a *combination rule*: from the T x T Gramian ``G[s, t] = <B(g_s), B(g_t)>`` of the
+tasks' backbone gradients (and its own state), it returns a T x T matrix ``C`` whose row ``t``
+writes task ``t``'s manipulated backbone gradient as a combination of the raw ones,
+``g'_t = sum_s C[t, s] g_s``. The update is then ``sum_t g'_t = sum_s w_s g_s`` with
+``w = C.sum(0)`` on the backbone leaves, and the plain sum of the tasks' gradients on the head
+leaves. The Gramian is computed leaf by leaf in float32 (no T x D matrix, no host round trip), so
+the cost is about two passes over the gradients whatever the method, and sharded gradients work
+unchanged.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tbgc_jax._src.clipping import (
+    _SMALL_LEAF,
+    _check_tasks,
+    _split_grads,
+    _sum_squares,
+    _unflatten_cast,
+)
+from tbgc_jax._src.diagnostics import GradientDiagnostics
+from tbgc_jax._src.masks import MaskOrFn, backbone_selector
+
+_F32 = jnp.float32
+
+
+class GramianState(NamedTuple):
+  """State of a Gramian gradient method (`tbgc_jax.mgda`, `tbgc_jax.upgrad`, ...)."""
+
+  diagnostics: GradientDiagnostics  # of the last update; read with `gradient_diagnostics`.
+  inner: Any  # the method's own state: optax.EmptyState(), a PRNG key, GradVac's targets ...
+
+
+class Step(NamedTuple):
+  """What a combination rule sees at one update."""
+
+  gram: jax.Array  # f32[T, T], rows/columns of dropped tasks zeroed.
+  active: jax.Array  # bool[T]: finite (or kept) and with a non-zero backbone gradient.
+  losses: dict[str, jax.Array] | None  # the ``losses`` extra argument, if given.
+
+
+# combine(step, inner_state) -> (C: f32[T, T], new inner_state)
+Combine = Callable[[Step, Any], tuple[jax.Array, Any]]
+# elementwise(backbone leaves {task: [f32 leaves]}, inner_state) ->
+#   (output leaves, per-task backbone norm after f32[T], new inner_state)
+Elementwise = Callable[[dict[str, list[jax.Array]], Any], tuple[list[jax.Array], jax.Array, Any]]
+
+
+def gramian(leaves: dict[str, Sequence[jax.Array]], select: Sequence[bool],
+            tasks: Sequence[str]) -> jax.Array:
+  """Float32 Gramian of the selected leaves: ``G[s, t] = sum_leaves <x_s, x_t>``.
+
+  Large leaves: one fused multiply-reduce per task pair and leaf, in place (XLA fuses the
+  pairs sharing a leaf into one pass where it can). Small leaves are concatenated per task and
+  reduced by one small matrix product (see ``clipping._sum_squares`` for why).
+  """
+  n = len(tasks)
+  chosen = {t: [x for x, s in zip(leaves[t], select, strict=True) if s] for t in tasks}
+  entries = [[jnp.zeros([], _F32) for _ in range(n)] for _ in range(n)]
+  small = [i for i, x in enumerate(chosen[tasks[0]]) if x.size < _SMALL_LEAF]
+  if small:
+    stacked = jnp.stack([jnp.concatenate([chosen[t][i].astype(_F32).ravel() for i in small])
+                         for t in tasks])
+    part = jnp.matmul(stacked, stacked.T, precision=jax.lax.Precision.HIGHEST)
+    entries = [[part[a, b] for b in range(n)] for a in range(n)]
+  for i, x in enumerate(chosen[tasks[0]]):
+    if x.size < _SMALL_LEAF:
+      continue
+    xs = [chosen[t][i].astype(_F32) for t in tasks]
+    for a in range(n):
+      for b in range(a, n):
+        entries[a][b] = entries[a][b] + jnp.sum(xs[a] * xs[b])
+  rows = [[entries[min(a, b)][max(a, b)] for b in range(n)] for a in range(n)]
+  return jnp.stack([jnp.stack(r) for r in rows])
+
+
+def _safe_div(num, den):
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def cosine(gram: jax.Array) -> jax.Array:
+  """Pairwise cosine similarity from a Gramian (0 where a norm is 0)."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+  return _safe_div(gram, norms[:, None] * norms[None, :])
+
+
+def gramian_method(
+    where: str,
+    backbone_mask: MaskOrFn | None,
+    tasks: Sequence[str],
+    combine: Combine | None = None,
+    *,
+    init_inner: Callable[[], Any] = optax.EmptyState,
+    elementwise: Elementwise | None = None,
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a gradient method from a combination rule (or an elementwise rule, for GradDrop).
+
+  Args:
+    where: the method's name, for error messages.
+    backbone_mask: bool pytree (or prefix, or callable of params), True on shared leaves;
+      None: every leaf is shared.
+    tasks: the task names (processed in sorted order).
+    combine: ``combine(Step, inner) -> (C, inner)``, see the module docstring.
+    init_inner: builds the method's own initial state.
+    elementwise: instead of ``combine``, a rule on the backbone leaves themselves.
+    drop_nonfinite: drop a task whose gradient is non-finite from the update (counted).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a `GramianState`; ``update`` accepts
+    ``losses={task: loss}`` (passed to the rule) and ignores other extra arguments.
+  """
+  tasks = _check_tasks(tasks, where)
+  n = len(tasks)
+
+  is_backbone = backbone_selector(backbone_mask, where=where, default=True)
+
+  def init_fn(params):
+    is_backbone.check_params(params)
+    zeros = {t: jnp.zeros([], _F32) for t in tasks}
+    diag = GradientDiagnostics(
+        weights=None if elementwise else {t: jnp.zeros([], _F32) for t in tasks},
+        norm_before=zeros, norm_after=dict(zeros), cosine=jnp.zeros((n, n), _F32),
+        num_conflicts=jnp.zeros([], jnp.int32),
+        num_nonfinite={t: jnp.zeros([], jnp.int32) for t in tasks})
+    return GramianState(diag, init_inner())
+
+  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
+    del extra_args
+    treedef, leaves = _split_grads(updates, tasks, params, where)
+    select = is_backbone(updates[tasks[0]])
+    if not any(select):
+      raise ValueError(f"{where}: backbone_mask selects no gradient leaf as backbone")
+    raw = gramian(leaves, select, tasks)
+    head_sq = jnp.stack([_sum_squares(leaves[t], select, False) for t in tasks])
+    finite = jnp.isfinite(jnp.diag(raw) + head_sq)
+    keep = finite if drop_nonfinite else jnp.ones([n], bool)
+    gram = jnp.where(keep[:, None] & keep[None, :], raw, 0.0)
+    active = keep & (jnp.diag(gram) > 0)
+    kept = {t: [jnp.where(keep[k], x.astype(_F32), 0.0) for x in leaves[t]]
+            for k, t in enumerate(tasks)}
+    heads = [sum(kept[t][i] for t in tasks) if not s else None for i, s in enumerate(select)]
+
+    if elementwise is not None:
+      bb = {t: [x for x, s in zip(kept[t], select, strict=True) if s] for t in tasks}
+      bb_out, norm_after, inner = elementwise(bb, state.inner)
+      bb_out = iter(bb_out)
+      out = [next(bb_out) if s else h for s, h in zip(select, heads, strict=True)]
+      weights = None
+    else:
+      comb, inner = combine(Step(gram, active, losses), state.inner)
+      comb = jnp.where(keep[None, :], comb, 0.0)
+      w = comb.sum(axis=0)
+      out = [sum(kept[t][i] * w[k] for k, t in enumerate(tasks)) if s else heads[i]
+             for i, s in enumerate(select)]
+      norm_after = jnp.sqrt(jnp.maximum(jnp.einsum("ts,su,tu->t", comb, gram, comb), 0.0))
+      weights = {t: w[k] for k, t in enumerate(tasks)}
+
+    upper = jnp.triu(jnp.ones((n, n), bool), 1)
+    diag = GradientDiagnostics(
+        weights=weights,
+        norm_before={t: jnp.sqrt(jnp.maximum(gram[k, k], 0.0)) for k, t in enumerate(tasks)},
+        norm_after={t: norm_after[k] for k, t in enumerate(tasks)},
+        cosine=cosine(gram),
+        num_conflicts=jnp.sum(upper & (gram < 0)).astype(jnp.int32),
+        num_nonfinite={t: state.diagnostics.num_nonfinite[t] + (~finite[k]).astype(jnp.int32)
+                       for k, t in enumerate(tasks)})
+    return _unflatten_cast(treedef, out, leaves, tasks), GramianState(diag, inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def weighting(fn: Callable[[Step], jax.Array]) -> Combine:
+  """A combination rule from a stateless weighting ``Step -> w: f32[T]`` (``C = diag(w)``)."""
+  def combine(step, inner):
+    return jnp.diag(fn(step)), inner
+  return combine

@@ -1,0 +1,156 @@
+"""The gradient-method registry, the `none` baseline as a transform, and the trainer's use of
+both (one table of names, factories and checks)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+import tbgc_jax
+from tbgc_jax.trainer.optim import make_optimizer, method_hyperparameters
+
+MASK = {"backbone": True, "heads": False}
+TASKS = ("a", "b")
+
+
+def _grads(seed=0):
+  rng = np.random.default_rng(seed)
+  return {t: {"backbone": jnp.asarray(rng.normal(size=(3, 2)) * 10.0**k, jnp.float32),
+              "heads": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+          for k, t in enumerate(TASKS)}
+
+
+def _params():
+  return {"backbone": jnp.zeros((3, 2)), "heads": jnp.zeros(2)}
+
+
+def test_the_clipping_methods_and_none_are_registered():
+  assert {"none", "vanilla", "tbgc_star", "tbgc"} <= set(tbgc_jax.method_names())
+  assert tbgc_jax.method_names() == tuple(sorted(tbgc_jax.method_names()))
+  tbgc = tbgc_jax.get_method("tbgc")
+  assert tbgc.factory is tbgc_jax.tbgc
+  assert tbgc.required == ("max_norm",)
+  assert {"max_norm", "rescale_heads", "drop_nonfinite"} <= set(tbgc.hyperparameters)
+
+
+@pytest.mark.parametrize("name,factory,hparams", [
+    ("tbgc", tbgc_jax.tbgc, {"max_norm": 0.1, "rescale_heads": False}),
+    ("tbgc_star", tbgc_jax.per_task_clip, {"max_norm": 0.1}),
+    ("vanilla", tbgc_jax.vanilla_clip, {"max_norm": 0.1}),
+    ("none", tbgc_jax.sum_tasks, {}),
+])
+def test_make_method_builds_the_factory_and_ignores_losses(name, factory, hparams):
+  direct = factory(backbone_mask=MASK, tasks=TASKS, **hparams)
+  tx = tbgc_jax.make_method(name, MASK, tasks=TASKS, **hparams)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  grads, params = _grads(), _params()
+  want, want_state = jax.jit(direct.update)(grads, direct.init(params), params)
+  got, got_state = jax.jit(tx.update)(grads, tx.init(params), params,
+                                      losses={"a": 1.0, "b": 2.0})
+  chex.assert_trees_all_equal(got, want)
+  chex.assert_trees_all_equal(got_state, want_state)
+
+
+def test_sum_tasks_is_the_gradient_of_the_summed_loss():
+  grads, params = _grads(), _params()
+  tx = tbgc_jax.sum_tasks(tasks=TASKS)
+  out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  chex.assert_trees_all_close(out, jax.tree.map(jnp.add, grads["a"], grads["b"]), rtol=1e-7)
+  assert tbgc_jax.task_diagnostics(optax.chain(tx, optax.sgd(1.0)).init(params)) == {}
+  assert tbgc_jax.gradient_diagnostics(state) == {}
+  low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads)
+  chex.assert_trees_all_equal_dtypes(tx.update(low, state)[0], low["a"])
+
+
+@pytest.mark.parametrize("name,hparams,message", [
+    ("clip", {}, r"method must be one of \("),
+    ("tbgc", {"max_norm": 0.0}, r"max_norm must be > 0 with method 'tbgc', got 0\.0"),
+    ("vanilla", {"max_norm": -1.0}, "max_norm must be > 0"),
+    ("tbgc", {}, "max_norm is required by method 'tbgc'"),
+    ("none", {"max_norm": 0.1}, "max_norm is not a hyperparameter of method 'none'"),
+])
+def test_invalid_names_and_hyperparameters_fail_before_building(name, hparams, message):
+  with pytest.raises(ValueError, match=message):
+    tbgc_jax.make_method(name, MASK, tasks=TASKS, **hparams)
+  with pytest.raises(ValueError, match="config.grad." + message.lstrip("r")):
+    tbgc_jax.check_method(name, hparams, prefix="config.grad.")
+
+
+def test_register_a_method_then_build_it_by_name():
+  seen = {}
+
+  @tbgc_jax.register("scaled_sum_test", checks={"factor": (lambda x: x > 0, "> 0")},
+                     uses_losses=True)
+  def scaled_sum(backbone_mask=None, *, tasks, factor=2.0):
+    inner = tbgc_jax.sum_tasks(backbone_mask, tasks=tasks)
+
+    def update_fn(updates, state, params=None, *, losses, **extra):
+      del extra
+      seen["losses"] = losses
+      out, state = inner.update(updates, state, params)
+      return jax.tree.map(lambda x: factor * x, out), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+  try:
+    assert "scaled_sum_test" in tbgc_jax.method_names()
+    assert tbgc_jax.get_method("scaled_sum_test").uses_losses
+    with pytest.raises(ValueError, match="exists already"):
+      tbgc_jax.register("scaled_sum_test", scaled_sum)
+    with pytest.raises(ValueError, match="factor must be > 0"):
+      tbgc_jax.make_method("scaled_sum_test", tasks=TASKS, factor=0.0)
+    tx = optax.chain(tbgc_jax.make_method("scaled_sum_test", tasks=TASKS, factor=3.0),
+                     optax.sgd(1.0))
+    grads, params = _grads(), _params()
+    out, _ = tx.update(grads, tx.init(params), params, losses={"a": 0.5, "b": 1.5})
+    chex.assert_trees_all_close(
+        out, jax.tree.map(lambda x, y: -3.0 * (x + y), grads["a"], grads["b"]), rtol=1e-6)
+    assert seen["losses"] == {"a": 0.5, "b": 1.5}
+  finally:
+    tbgc_jax.unregister("scaled_sum_test")
+  assert "scaled_sum_test" not in tbgc_jax.method_names()
+  with pytest.raises(TypeError, match="must accept"):
+    tbgc_jax.register("bad_test", lambda tasks: None)
+
+
+def _trainer_config(method, **grad):
+  c = ml_collections.ConfigDict()
+  c.grad = ml_collections.ConfigDict(dict(
+      method=method, max_norm=0.1, rescale_heads=True, step_mode="per_task_jit",
+      sequential=True, hparams=ml_collections.ConfigDict(), **grad))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, weight_decay=0.0, backbone_lr_mult=1.0, warmup_epochs=0.0, warmup_ratio=1.0,
+      b1=0.9, b2=0.999))
+  return c
+
+
+def test_trainer_passes_only_the_fields_each_method_takes():
+  assert method_hyperparameters(_trainer_config("tbgc").grad) == {
+      "max_norm": 0.1, "rescale_heads": True}
+  assert method_hyperparameters(_trainer_config("vanilla").grad) == {"max_norm": 0.1}
+  assert method_hyperparameters(_trainer_config("none").grad) == {}
+  c = _trainer_config("tbgc")
+  c.grad.hparams.drop_nonfinite = False
+  assert method_hyperparameters(c.grad)["drop_nonfinite"] is False
+  c.grad.hparams.bogus = 1
+  with pytest.raises(ValueError, match=r"config\.grad\.bogus is not a hyperparameter"):
+    method_hyperparameters(c.grad)
+
+
+@pytest.mark.parametrize("method", ["none", "vanilla", "tbgc_star", "tbgc"])
+def test_trainer_optimizer_takes_per_task_grads_and_losses(method):
+  mask_fn = tbgc_jax.path_mask("^backbone")
+  tx, _ = make_optimizer(_trainer_config(method), TASKS, mask_fn, 10, 5)
+  grads, params = _grads(), _params()
+  direct = tbgc_jax.make_method(method, mask_fn, tasks=TASKS,
+                                **method_hyperparameters(_trainer_config(method).grad))
+  first, _ = direct.update(grads, direct.init(params), params)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params,
+                                      losses={"a": 1.0, "b": 1.0})
+  # AdamW's first step moves every coordinate by -lr * sign(first link's output).
+  np.testing.assert_allclose(np.asarray(updates["heads"]),
+                             -1e-3 * np.sign(np.asarray(first["heads"])), rtol=1e-3)
+  assert (tbgc_jax.task_diagnostics(state) == {}) == (method == "none")
