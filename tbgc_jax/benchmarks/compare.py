@@ -182,14 +182,14 @@ def environment() -> dict[str, str]:
                      f"{jax.devices()[0].platform}"}
 
 
-def run_grid(out: str, benchmarks: Sequence[str], methods: Sequence[str] | None,
+def run_grid(out: str, benchmarks: Sequence[str | Problem], methods: Sequence[str] | None,
              seeds: Sequence[int], steps: int = 0, lr: float = 1e-3,
              log: Callable[..., None] = print) -> list[dict[str, Any]]:
   """Runs every (benchmark, method or single-task baseline, seed) not yet in ``out``.
 
   Args:
     out: JSONL results file, appended to.
-    benchmarks: names from ``BENCHMARKS``.
+    benchmarks: names from ``BENCHMARKS`` (or `Problem` instances).
     methods: registered method names, plus ``"single"`` for the single-task baselines
       (None: all of them).
     seeds: random seeds.
@@ -204,7 +204,8 @@ def run_grid(out: str, benchmarks: Sequence[str], methods: Sequence[str] | None,
   written, env = [], environment()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   for bench in benchmarks:
-    problem = make_problem(bench)
+    problem = bench if isinstance(bench, Problem) else make_problem(bench)
+    bench = problem.name
     n_steps = steps or DEFAULT_STEPS[bench]
     names = [*tbgc_jax.method_names(), "single"] if methods is None else list(methods)
     unknown = set(names) - set(tbgc_jax.method_names()) - {"single"}
