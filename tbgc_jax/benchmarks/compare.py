@@ -212,8 +212,8 @@ def run_grid(out: str, benchmarks: Sequence[str | Problem], methods: Sequence[st
     if unknown:
       raise ValueError(f"unknown methods {sorted(unknown)}")
     jobs = [(m, t) for m in names for t in (problem.tasks if m == "single" else (None,))]
-    for seed in seeds:
-      for method, task in jobs:
+    for method, task in jobs:  # method-major: each compiled run serves every seed in turn
+      for seed in seeds:
         rec = {"benchmark": bench, "method": method, "task": task, "seed": seed,
                "steps": n_steps, "lr": lr, "config": dict(problem.config)}
         if _run_key(rec) in done:
