@@ -149,3 +149,14 @@ def test_cli_smoke_embedded3(tmp_path, embedded_root, monkeypatch):
   assert all(0.0 <= v <= 1.0 for r in records for v in r["metrics"].values())
   compare.main(["report", "--results", out, "--plot", png, "--command", "test"])
   assert os.path.getsize(png) > 1000
+
+
+def test_atomization_energies_of_methane():
+  """QM9's first molecule (CH4): U0 -40.47893 Ha total, -0.631066 Ha atomization energy."""
+  targets = np.zeros((1, len(qm9.TASKS)))
+  targets[0, qm9.TASKS.index("U0")] = -40.47893
+  targets[0, qm9.TASKS.index("mu")] = 1.5
+  out = qm9.atomization(targets, np.array([[4.0, 1.0, 0.0, 0.0, 0.0]]))
+  np.testing.assert_allclose(out[0, qm9.TASKS.index("U0")], -0.631066, atol=1e-9)
+  assert out[0, qm9.TASKS.index("mu")] == 1.5  # other targets untouched
+  assert qm9.TASKS == ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "cv")

@@ -286,6 +286,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
   lines = []
   for bench, s in summary.items():
     rows = s["rows"]
+    if not rows:
+      continue
     tasks = list(next(iter(rows.values()))["tasks"])
     lines += [f"### {bench} ({s['steps']} steps)", "",
               "| method | seeds | Δm% | " + " | ".join(tasks) + " |",
@@ -293,8 +295,10 @@ def markdown(summary: Mapping[str, Any]) -> str:
     order = sorted(rows, key=lambda m: -(rows[m]["delta_m"] or (-1e9, 0))[0])
     for m in order:
       r = rows[m]
-      dm = "n/a" if r["delta_m"] is None else f"{r['delta_m'][0]:+.2f} ± {r['delta_m'][1]:.2f}"
-      cells = [f"{mu:.4g} ± {h:.2g}" for mu, h in r["tasks"].values()]
+      pm = r["seeds"] > 1  # no interval from one seed
+      dm = ("n/a" if r["delta_m"] is None else f"{r['delta_m'][0]:+.2f}"
+            + (f" ± {r['delta_m'][1]:.2f}" if pm else ""))
+      cells = [f"{mu:.4g}" + (f" ± {h:.2g}" if pm else "") for mu, h in r["tasks"].values()]
       lines.append(f"| {m} | {r['seeds']} | {dm} | " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
