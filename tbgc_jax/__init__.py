@@ -5,6 +5,7 @@ from tbgc_jax._src.clipping import TaskClipState as TaskClipState
 from tbgc_jax._src.clipping import per_task_clip as per_task_clip
 from tbgc_jax._src.clipping import sum_tasks as sum_tasks
 from tbgc_jax._src.clipping import task_diagnostics as task_diagnostics
+from tbgc_jax._src.clipping import task_rescale as task_rescale
 from tbgc_jax._src.clipping import tbgc as tbgc
 from tbgc_jax._src.clipping import vanilla_clip as vanilla_clip
 from tbgc_jax._src.diagnostics import GradientDiagnostics as GradientDiagnostics

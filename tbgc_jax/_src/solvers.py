@@ -57,29 +57,91 @@ def _quadratic(gram, w):
   return jnp.einsum("...i,ij,...j->...", w, gram, w)
 
 
-def min_norm_simplex(gram: jax.Array, active: jax.Array, iterations: int = 200) -> jax.Array:
-  """``argmin_{w in simplex, w[~active] = 0} w^T G w``: MGDA's min-norm point (weights).
+def simplex_qp(g: jax.Array, lin: jax.Array, active: jax.Array, w0: jax.Array,
+               iterations: int = 300) -> jax.Array:
+  """``argmin_{w in simplex, w[~active] = 0} w^T g w + lin^T w`` for a normalized PSD ``g``.
 
-  FISTA from the uniform point, then one exact polish: the KKT system on the support found,
-  kept when its solution is feasible and no worse.
+  FISTA from ``w0`` (``iterations``), then ``2 T`` active-set steps from the support it found:
+  solve the KKT system ``2 g_FF w_F + lin_F = mu 1, sum w_F = 1`` on the support ``F``; if a
+  weight is negative, drop the most negative task, else add the task that most violates
+  ``(2 g w + lin)_i >= mu``. The best feasible point seen is returned (never worse than
+  FISTA's), exact once the support is right.
   """
+  n = g.shape[0]
+  step = 0.5 / _lipschitz(g)
+  w = _fista(lambda w: 2.0 * g @ w + lin, lambda w: project_simplex(w, active), w0, step,
+             iterations)
+  eye = jnp.eye(n, dtype=_F32)
+  objective = lambda w: _quadratic(g, w) + lin @ w
+
+  def kkt_solution(free):
+    m = jnp.zeros((n + 1, n + 1), _F32)
+    m = m.at[:n, :n].set(jnp.where(free[:, None] & free[None, :], 2.0 * g, eye))
+    m = m.at[:n, n].set(-free.astype(_F32)).at[n, :n].set(free.astype(_F32))
+    rhs = jnp.concatenate([jnp.where(free, -lin, 0.0), jnp.ones([1], _F32)])
+    return jnp.where(free, jnp.linalg.solve(m, rhs)[:n], 0.0)
+
+  def body(_, carry):
+    free, best = carry
+    x = kkt_solution(free)
+    feasible = jnp.all(jnp.isfinite(x)) & jnp.all(x >= 0) & jnp.any(free)
+    best = jnp.where(feasible & (objective(x) < objective(best)), x, best)
+    grad = 2.0 * g @ best + lin
+    mu = best @ grad
+    violation = jnp.where(free | ~active, jnp.inf, grad - mu)
+    add = jnp.argmin(violation)
+    scale = jnp.maximum(jnp.abs(mu), jnp.max(jnp.abs(grad)))
+    grow = free.at[add].set(free[add] | (violation[add] < -1e-6 * scale))
+    shrink = free.at[jnp.argmin(jnp.where(free, x, jnp.inf))].set(False)
+    return jnp.where(feasible, grow, shrink), best
+
+  _, best = jax.lax.fori_loop(0, 2 * n, body, (active & (w > 1e-6 * w.max()), w))
+  return best
+
+
+def min_norm_simplex(gram: jax.Array, active: jax.Array) -> jax.Array:
+  """``argmin_{w in simplex, w[~active] = 0} w^T G w``: MGDA's min-norm point (weights), by
+  `simplex_qp` on the trace-normalized Gramian from the uniform point."""
   g, _ = normalized(gram.astype(_F32))
   a = active.astype(_F32)
-  x0 = a / jnp.maximum(jnp.sum(a), 1.0)
-  step = 0.5 / _lipschitz(g)
-  w = _fista(lambda w: 2.0 * g @ w, lambda w: project_simplex(w, active), x0, step, iterations)
-  free = active & (w > 1e-6)
+  return simplex_qp(g, jnp.zeros_like(a), active, a / jnp.maximum(jnp.sum(a), 1.0))
+
+
+def cagrad_inner(gram: jax.Array, active: jax.Array, c: float | jax.Array,
+                 iterations: int = 20) -> jax.Array:
+  """``argmin_{w in simplex} w^T G m + c sqrt(m^T G m) sqrt(w^T G w)``, ``m = 1 / T``
+  (CAGrad's inner problem), by majorize-minimize: ``sqrt(q) <= q / (2 s) + s / 2`` with
+  equality at ``q = s^2``, so each of the ``iterations`` steps solves the simplex QP
+  ``min w^T G w + (2 s / beta) (G m)^T w`` (`simplex_qp`, 50 FISTA steps warm-started, then
+  the exact active-set steps) and the objective never increases."""
+  g, _ = normalized(gram.astype(_F32))
   n = g.shape[0]
-  eye = jnp.eye(n, dtype=_F32)
-  both = free[:, None] & free[None, :]
-  kkt = jnp.zeros((n + 1, n + 1), _F32)
-  kkt = kkt.at[:n, :n].set(jnp.where(both, g + 1e-7 * eye, eye))
-  kkt = kkt.at[:n, n].set(free.astype(_F32)).at[n, :n].set(free.astype(_F32))
-  rhs = jnp.zeros(n + 1, _F32).at[n].set(1.0)
-  polished = jnp.where(free, jnp.linalg.solve(kkt, rhs)[:n], 0.0)
-  ok = (jnp.all(jnp.isfinite(polished)) & jnp.all(polished >= 0)
-        & (_quadratic(g, polished) <= _quadratic(g, w) * (1 + 1e-6) + 1e-12))
-  return jnp.where(ok, polished, w)
+  m = jnp.full([n], 1.0 / n, _F32)
+  gm = g @ m
+  beta = c * jnp.sqrt(jnp.maximum(m @ gm, 0.0))
+  a = active.astype(_F32)
+  objective = lambda w: w @ gm + beta * jnp.sqrt(jnp.maximum(_quadratic(g, w), 0.0))
+
+  def body(_, w):
+    s = jnp.sqrt(jnp.maximum(_quadratic(g, w), 1e-20))
+    x = simplex_qp(g, _safe(2.0 * s, beta) * gm, active, w, iterations=50)
+    return jnp.where(objective(x) <= objective(w), x, w)
+
+  return jax.lax.fori_loop(0, iterations, body, a / jnp.maximum(jnp.sum(a), 1.0))
+
+
+def _safe(num, den):
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def unit_diagonal(gram: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(C, d)`` with ``G = D C D``, ``D = diag(d)``, ``d = sqrt(diag G)`` (1 for inactive tasks,
+  whose rows of ``C`` are zero but for a unit diagonal): the cosine matrix, as well conditioned
+  as the tasks' directions whatever the spread of their norms."""
+  d = jnp.where(active, jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0)), 1.0)
+  c = gram / (d[:, None] * d[None, :])
+  both = active[:, None] & active[None, :]
+  return jnp.where(both, c, jnp.eye(gram.shape[0], dtype=gram.dtype)), d
 
 
 def min_norm_above(gram: jax.Array, lower: jax.Array, active: jax.Array,
@@ -87,59 +149,43 @@ def min_norm_above(gram: jax.Array, lower: jax.Array, active: jax.Array,
   """``argmin_{v >= lower} v^T G v`` for each row of ``lower`` (the dual-cone projections of
   UPGrad and DualProj: ``J^T v`` is the projection of ``J^T lower`` onto ``{x : J x >= 0}``).
 
-  FISTA from ``lower`` (clamping is the projection), then one exact polish per row: the
-  linear system on the coordinates found above their bound, kept when feasible and no worse.
-  Inactive coordinates stay at their bound.
+  Solved in ``y = D v`` on the cosine matrix (`unit_diagonal`; the bound stays a box,
+  ``y >= D lower``): FISTA from the bound (clamping is the projection), then one exact polish
+  per row, the linear system on the coordinates found above their bound, kept when finite,
+  feasible and no worse. Inactive coordinates stay at their bound.
 
   Args:
     gram: f32[T, T].
     lower: f32[..., T], the lower bounds (the weights to project).
     active: bool[T].
     iterations: FISTA iterations.
-    reg_eps: added to the diagonal of the trace-normalized Gramian (TorchJD adds 1e-4).
+    reg_eps: added to the diagonal of the trace-normalized Gramian first (TorchJD adds 1e-4).
 
   Returns:
     f32[..., T].
   """
   g, _ = normalized(gram.astype(_F32))
-  g = g + reg_eps * jnp.eye(g.shape[0], dtype=_F32)
-  step = 0.5 / _lipschitz(g)
-  project = lambda v: jnp.where(active, jnp.maximum(v, lower), lower)
-  v = _fista(lambda v: 2.0 * v @ g, project, lower, step, iterations)
   n = g.shape[0]
   eye = jnp.eye(n, dtype=_F32)
+  g = g + reg_eps * eye
+  active = active | (reg_eps > 0)
+  c, d = unit_diagonal(g, active)
+  low = lower * d
+  step = 0.5 / _lipschitz(c)
+  project = lambda y: jnp.where(active, jnp.maximum(y, low), low)
+  y = _fista(lambda y: 2.0 * y @ c, project, low, step, iterations)
 
-  def polish(v, low):
-    free = active & (v > low + 1e-6 * jnp.maximum(jnp.abs(low).max(), _TINY))
-    both = free[:, None] & free[None, :]
-    m = jnp.where(both, g + 1e-7 * eye, eye)
-    rhs = jnp.where(free, -(g @ jnp.where(free, 0.0, low)), low)
+  def polish(y, low):
+    free = active & (y > low + 1e-6 * jnp.maximum(jnp.abs(low).max(), _TINY))
+    m = jnp.where(free[:, None] & free[None, :], c, eye)
+    rhs = jnp.where(free, -(c @ jnp.where(free, 0.0, low)), low)
     x = jnp.linalg.solve(m, rhs)
-    ok = (jnp.all(jnp.isfinite(x)) & jnp.all(x >= low - 1e-7)
-          & (_quadratic(g, x) <= _quadratic(g, v) * (1 + 1e-6) + 1e-12))
-    return jnp.where(ok, jnp.maximum(x, low), v)
+    ok = (jnp.all(jnp.isfinite(x)) & jnp.all(x >= low - 1e-6 * jnp.abs(low))
+          & (_quadratic(c, x) <= _quadratic(c, y) * (1 + 1e-6) + 1e-12))
+    return jnp.where(ok, jnp.maximum(x, low), y)
 
-  flat_v, flat_low = v.reshape(-1, n), jnp.broadcast_to(lower, v.shape).reshape(-1, n)
-  return jax.vmap(polish)(flat_v, flat_low).reshape(v.shape)
-
-
-def best_step_descent(objective, w0: jax.Array, active: jax.Array, iterations: int = 100,
-                      num_steps: int = 24) -> jax.Array:
-  """Projected gradient on the simplex for a convex ``objective``, taking at each iteration the
-  best of ``num_steps`` step sizes ``2^-k`` (k = 0..num_steps-1) along the gradient: a line
-  search evaluated in one vectorised call, so the loop has a fixed count and no inner loop."""
-  steps = 2.0 ** -jnp.arange(num_steps, dtype=_F32)
-  value_and_grad = jax.value_and_grad(objective)
-
-  def body(_, w):
-    f, grad = value_and_grad(w)
-    grad = grad / jnp.maximum(jnp.linalg.norm(grad), _TINY)
-    cands = project_simplex(w[None, :] - steps[:, None] * grad[None, :], active[None, :])
-    vals = jax.vmap(objective)(cands)
-    best = jnp.argmin(vals)
-    return jnp.where(vals[best] < f, cands[best], w)
-
-  return jax.lax.fori_loop(0, iterations, body, w0)
+  flat_y, flat_low = y.reshape(-1, n), jnp.broadcast_to(low, y.shape).reshape(-1, n)
+  return (jax.vmap(polish)(flat_y, flat_low).reshape(y.shape)) / d
 
 
 def power_fixed_point(gram: jax.Array, active: jax.Array, alpha: float | jax.Array,

@@ -1,0 +1,187 @@
+"""Float64 numpy references of the multi-task gradient methods, written from the papers'
+equations on the Jacobian ``J`` (T x D, one task gradient per row) itself, not on the Gramian,
+with exact (enumerating) or scipy solvers. Independent of ``tbgc_jax``'s implementation."""
+
+import itertools
+
+import numpy as np
+import scipy.optimize
+
+
+def _subsets(n):
+  for k in range(1, n + 1):
+    yield from itertools.combinations(range(n), k)
+
+
+def project_dual_cone(J, y):
+  """Projection of y onto {x : J x >= 0}: the nearest feasible projection onto the null space of
+  a subset of rows (the projection lies on one face; every candidate is a feasible point)."""
+  best = y if np.all(J @ y >= -1e-12 * np.linalg.norm(y) * np.abs(J).max()) else None
+  for s in _subsets(len(J)):
+    A = J[list(s)]
+    x = y - A.T @ (np.linalg.pinv(A @ A.T) @ (A @ y))
+    tol = 1e-9 * (np.linalg.norm(y) + 1e-300) * np.linalg.norm(J, axis=1)
+    if np.all(J @ x >= -tol) and (best is None or np.linalg.norm(x - y) < np.linalg.norm(
+        best - y) - 1e-15):
+      best = x
+  return best
+
+
+def min_norm_hull(J):
+  """Minimum-norm point of the convex hull of J's rows, by enumerating supports (KKT)."""
+  best, best_norm = None, np.inf
+  for s in _subsets(len(J)):
+    A = J[list(s)]
+    k = len(s)
+    kkt = np.zeros((k + 1, k + 1))
+    kkt[:k, :k] = A @ A.T
+    kkt[:k, k] = kkt[k, :k] = 1.0
+    sol = np.linalg.lstsq(kkt, np.r_[np.zeros(k), 1.0], rcond=None)[0][:k]
+    if np.all(sol >= -1e-12) and abs(sol.sum() - 1) < 1e-9:
+      x = sol @ A
+      if np.linalg.norm(x) < best_norm:
+        best, best_norm = x, np.linalg.norm(x)
+  return best
+
+
+def mean(J):
+  return J.mean(0)
+
+
+def mgda(J):
+  return min_norm_hull(J)
+
+
+def upgrad(J):
+  return sum(project_dual_cone(J, g / len(J)) for g in J)
+
+
+def dualproj(J):
+  return project_dual_cone(J, J.mean(0))
+
+
+def pcgrad(J, orders):
+  """orders[i]: the order in which task i visits the others (Yu et al., Algorithm 1)."""
+  out = []
+  for i, g in enumerate(J):
+    g = g.copy()
+    for j in orders[i]:
+      if j != i and g @ J[j] < 0:
+        g = g - (g @ J[j]) / (J[j] @ J[j]) * J[j]
+    out.append(g)
+  return np.sum(out, 0)
+
+
+def all_orders(n):
+  """Every combination of per-task orders of the other tasks."""
+  per_task = [list(itertools.permutations([j for j in range(n) if j != i])) for i in range(n)]
+  return list(itertools.product(*per_task))
+
+
+def graddrop_choices(J, leak=0.0):
+  """Per coordinate, the two possible GradDrop outputs (positive side kept, negative side kept)."""
+  pos = np.where(J > 0, J, 0.0)
+  neg = np.where(J < 0, J, 0.0)
+  total = J.sum(0)
+  return (leak * total + (1 - leak) * pos.sum(0),
+          leak * total + (1 - leak) * neg.sum(0))
+
+
+def cagrad(J, c=0.5):
+  g0 = J.mean(0)
+  sqrt_phi = c * np.linalg.norm(g0)
+  n = len(J)
+
+  def objective(w):
+    gw = w @ J
+    return gw @ g0 + sqrt_phi * np.linalg.norm(gw)
+
+  best = None
+  for start in [np.full(n, 1.0 / n)] + [np.eye(n)[i] * 0.9 + 0.1 / n for i in range(n)]:
+    res = scipy.optimize.minimize(
+        objective, start, method="SLSQP", bounds=[(0, 1)] * n,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        options={"ftol": 1e-15, "maxiter": 1000})
+    if best is None or res.fun < best.fun:
+      best = res
+  gw = best.x @ J
+  return g0 + sqrt_phi / np.linalg.norm(gw) * gw
+
+
+def imtl_g(J):
+  """Liu et al. 2021, Eq. 10: alpha_{2:T} = g_1 U^T (D U^T)^{-1}, alpha_1 = 1 - sum."""
+  units = J / np.linalg.norm(J, axis=1, keepdims=True)
+  D = J[0] - J[1:]
+  U = units[0] - units[1:]
+  alpha = J[0] @ U.T @ np.linalg.inv(D @ U.T)
+  alpha = np.r_[1 - alpha.sum(), alpha]
+  return alpha @ J
+
+
+def aligned_mtl(J):
+  """Senushkin et al. 2023: the aligned Jacobian sigma_min U V^T (J = U S V^T), mean of rows."""
+  u, s, vt = np.linalg.svd(J, full_matrices=False)
+  rank = np.sum(s > s[0] * 1e-7)
+  aligned = s[rank - 1] * u[:, :rank] @ vt[:rank]
+  return aligned.mean(0)
+
+
+def config(J):
+  units = J / np.linalg.norm(J, axis=1, keepdims=True)
+  x = np.linalg.pinv(units) @ np.ones(len(J))
+  x = x / np.linalg.norm(x)
+  return np.sum(J @ x) * x
+
+
+def _solve_power(G, alpha):
+  """w > 0 with G w = w^(-1/alpha), by scipy's least squares in log space."""
+  n = len(G)
+
+  def residual(z):  # w_i^(1/alpha) (G w)_i - 1: dimensionless
+    w = np.exp(z)
+    return w ** (1.0 / alpha) * (G @ w) - 1.0
+
+  z0 = np.log(np.diag(G) ** (-alpha / (1 + alpha)))
+  res = scipy.optimize.least_squares(residual, z0, xtol=1e-15, ftol=1e-15, gtol=1e-15,
+                                     max_nfev=10000)
+  assert np.max(np.abs(residual(res.x))) < 1e-8, res
+  del n
+  return np.exp(res.x)
+
+
+def fairgrad(J, alpha=1.0):
+  return _solve_power(J @ J.T, alpha) @ J
+
+
+def nash_mtl(J, max_norm=1.0):
+  G = J @ J.T
+  w = _solve_power(G / np.linalg.norm(G), 1.0)
+  d = w @ J
+  n = np.linalg.norm(d)
+  return d * (max_norm / n if 0 < max_norm < n else 1.0)
+
+
+def gradvac(J, orders, targets, beta=0.5):
+  """One GradVac step (Wang et al., Eqs. 4-5); returns (update, new targets)."""
+  targets = targets.copy()
+  out = []
+  for i, g in enumerate(J):
+    g = g.copy()
+    for j in orders[i]:
+      if j == i:
+        continue
+      phi = g @ J[j] / (np.linalg.norm(g) * np.linalg.norm(J[j]))
+      t = targets[i, j]
+      if phi < t:
+        g = g + (np.linalg.norm(g) * (t * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - t**2))
+                 / (np.linalg.norm(J[j]) * np.sqrt(1 - t**2))) * J[j]
+      targets[i, j] = (1 - beta) * t + beta * phi
+    out.append(g)
+  return np.sum(out, 0), targets
+
+
+DETERMINISTIC = {
+    "mean": mean, "mgda": mgda, "upgrad": upgrad, "dualproj": dualproj, "cagrad": cagrad,
+    "imtl_g": imtl_g, "aligned_mtl": aligned_mtl, "config": config, "fairgrad": fairgrad,
+    "nash_mtl": nash_mtl,
+}
