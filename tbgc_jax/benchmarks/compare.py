@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -320,12 +321,13 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
     half = [rows[m]["delta_m"][1] for m in order]
     colors = ["tab:red" if m.startswith("tbgc") else "tab:gray" if m == "single"
               else "tab:blue" for m in order]
-    ax.barh(order, mu, xerr=half, color=colors, capsize=3)
+    labels = [f"{m} ({rows[m]['seeds']})" for m in order]
+    ax.barh(labels, mu, xerr=half, color=colors, capsize=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_title(f"{bench}: {summary[bench]['steps']} steps")
-    ax.set_xlabel("Δm% vs single-task (higher is better)")
-  fig.text(0.01, 0.01, caption, fontsize=7, va="bottom")
-  fig.tight_layout(rect=(0, 0.08, 1, 1))
+    ax.set_xlabel("Δm% vs single-task (higher is better); (n) = seeds")
+  fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 150)), fontsize=7, va="bottom")
+  fig.tight_layout(rect=(0, 0.12, 1, 1))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)
