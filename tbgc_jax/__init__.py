@@ -31,5 +31,12 @@ from tbgc_jax._src.registry import make_method as make_method
 from tbgc_jax._src.registry import method_names as method_names
 from tbgc_jax._src.registry import register as register
 from tbgc_jax._src.registry import unregister as unregister
+from tbgc_jax._src.weighting import DwaState as DwaState
+from tbgc_jax._src.weighting import FamoState as FamoState
+from tbgc_jax._src.weighting import UncertaintyState as UncertaintyState
+from tbgc_jax._src.weighting import dwa as dwa
+from tbgc_jax._src.weighting import famo as famo
+from tbgc_jax._src.weighting import rlw as rlw
+from tbgc_jax._src.weighting import uncertainty as uncertainty
 
 __version__ = "0.1.0"
