@@ -23,6 +23,7 @@ def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collecti
   c.model.backbone = "t"
   c.model.drop_path_rate = 0.1
   c.model.det.preset = "challenge"
+  c.model.det.overrides = {}  # the tiny config's num_queries=30 is not the challenge's 900
   c.model.seg.preset = "challenge"
   c.model.cls.hidden_dim = 0  # MLP width = backbone width
   c.optim.lr = 1e-4

@@ -236,7 +236,11 @@ def test_box_refinement_reads_the_decoder_output_before_the_final_norm():
 
 
 def test_presets():
-  cfg = dino_challenge_config()
+  from configs import challenge
+
+  det = challenge.get_config().model.det
+  assert det.preset == "challenge"
+  cfg = dino_challenge_config(**det.overrides)  # what build_model makes of the challenge config
   assert (cfg.num_queries, cfg.num_denoising, cfg.num_encoder_layers, cfg.num_decoder_layers,
           cfg.hidden_dim, cfg.num_heads, cfg.num_points) == (900, 100, 6, 6, 256, 8, 4)
   assert (cfg.cost_class, cfg.cost_bbox, cfg.cost_giou) == (2.0, 5.0, 2.0)
