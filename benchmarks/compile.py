@@ -16,8 +16,9 @@ the trainer does before the first step). With ``--options`` each XLA:CPU option 
 compiled too, and with ``--step_time`` (tiny config) the step time of the executables from each
 option set is measured, interleaved, on the real embedded-data batches.
 
-Compiles go around the persistent cache (none is configured here), so every figure is a cold
-compile. Times are wall-clock seconds; on a shared machine compare ratios within one run.
+Compiles go around the persistent cache (none is configured here) and jax's in-memory caches
+are cleared before each, so every figure is a cold compile. Times are wall-clock seconds; on a
+shared machine compare ratios within one run.
 """
 
 import os
@@ -119,6 +120,7 @@ def measure(config) -> None:
     print(f"\nXLA compile, options {opt!r} {options or ''}")
     print(f"{'function':12s} {'compile s':>9s} {'hlo instrs':>11s}")
     for name, low in lowered.items():
+      jax.clear_caches()  # jax keeps compiled executables in memory: force a real compile
       t0 = time.perf_counter()
       c = low.compile(compiler_options=options)
       secs = time.perf_counter() - t0
@@ -126,6 +128,7 @@ def measure(config) -> None:
       print(f"{name:12s} {secs:9.1f} {_hlo_ops(c):11d}", flush=True)
     print(f"{'sum':12s} {total:9.1f}   (one after the other)")
     if _CONCURRENT.value:
+      jax.clear_caches()
       t0 = time.perf_counter()
       step.compile(state, rest, batches, compiler_options=options)
       print(f"{'concurrent':12s} {time.perf_counter() - t0:9.1f}   (PerTaskStep.compile: "

@@ -28,9 +28,10 @@ class _Toy(nnx.Module):
     return jnp.mean((y + noise) ** 2), {"mean": jnp.mean(y)}
 
 
-def _setup():
+def _setup(**fields):
   config = tiny.get_config()
   config.tasks = _TASKS
+  config.update(fields)
   model = _Toy(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedules = make_optimizer(config, _TASKS, backbone_mask, 100, 10)
@@ -66,3 +67,10 @@ def test_concurrent_compile_equals_the_jitted_functions():
   wider = {t: {"x": jnp.zeros((3, 3))} for t in _TASKS}
   with pytest.raises((TypeError, ValueError)):
     step(got2, rest, wider)
+
+
+def test_xla_cpu_options_reach_the_compile():
+  fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  step = _setup(xla_cpu_options=fast)[0]
+  assert step.compiler_options == (fast if jax.default_backend() == "cpu" else None)
+  assert _setup()[0].compiler_options is None

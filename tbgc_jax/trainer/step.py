@@ -98,11 +98,13 @@ class PerTaskStep:
     tasks: task order of a step.
     task_grads: ``{task: jit((params, rest, batch, rng, step) -> ((loss, aux), grads))}``.
     update: ``jit((state, {task: task_grads output}) -> (state, metrics))``, donating state.
+    compiler_options: XLA options of that first compile (None: XLA's defaults).
   """
 
   tasks: tuple[str, ...]
   task_grads: dict[str, Callable[..., Any]]
   update: Callable[..., Any]
+  compiler_options: dict | None = None
   _compiled: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
   def compile(self, state: dict, rest: Any, batches: dict,
@@ -131,7 +133,7 @@ class PerTaskStep:
 
   def __call__(self, state: dict, rest: Any, batches: dict) -> tuple[dict, dict]:
     if not self._compiled:
-      self._compiled.append(self.compile(state, rest, batches))
+      self._compiled.append(self.compile(state, rest, batches, self.compiler_options))
     step = self._compiled[0]
     outs = {t: step.task_grads[t](state["params"], rest, batches[t], state["rng"], state["step"])
             for t in self.tasks}
@@ -146,6 +148,8 @@ def make_train_step(
   """Builds the jitted ``step(state, rest, batches) -> (state, metrics)``.
 
   A `PerTaskStep` for ``config.grad.step_mode == "per_task_jit"``, one ``jax.jit`` for "fused".
+  On the CPU backend the `PerTaskStep` compiles with ``config.xla_cpu_options`` (optional; see
+  docs/performance.md).
 
   ``state`` is ``{"step", "params", "opt_state", "rng"}`` (donated; replicated over ``mesh``);
   ``rest`` the model's non-parameter state (rng streams); ``batches`` ``{task: batch}``
@@ -190,5 +194,7 @@ def make_train_step(
     grads = {t: outs[t][1] for t in tasks}
     return update(state, losses, aux, grads)
 
+  options = config.get("xla_cpu_options") if jax.default_backend() == "cpu" else None
   return PerTaskStep(tasks, {t: task_grad(t) for t in tasks},
-                     jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0))
+                     jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0),
+                     dict(options) if options else None)
