@@ -19,7 +19,8 @@ option set is measured, interleaved, on the real embedded-data batches.
 Compiles go around the persistent cache (none is configured here), each option set compiles
 once in this process and the concurrent compiles run in a fresh process, so every figure is a
 cold compile. Times are wall-clock seconds; on a
-shared machine compare ratios within one run.
+shared machine compare ratios within one run, and the process CPU seconds (all threads), which
+depend less on the other load.
 """
 
 import os
@@ -123,13 +124,15 @@ def measure(config) -> None:
     total = 0.0
     print(f"\nXLA compile, options {opt!r} {options or ''}")
     print(f"{'function':12s} {'compile s':>9s} {'hlo instrs':>11s}")
+    cpu0 = time.process_time()
     for name, low in lowered.items():
       t0 = time.perf_counter()
       c = low.compile(compiler_options=options)
       secs = time.perf_counter() - t0
       total += secs
       print(f"{name:12s} {secs:9.1f} {_hlo_ops(c):11d}", flush=True)
-    print(f"{'sum':12s} {total:9.1f}   (one after the other)")
+    print(f"{'sum':12s} {total:9.1f}   (one after the other; process CPU "
+          f"{time.process_time() - cpu0:.1f} s)")
     if _CONCURRENT.value:
       # A fresh process: jax keeps executables in memory, even across jax.clear_caches().
       argv = [a for a in sys.argv if not a.startswith(("--options", "--concurrent_only"))]
@@ -141,11 +144,11 @@ def concurrent(config) -> None:
   """Wall time of `PerTaskStep.compile` (all functions compiled at once, in threads)."""
   step, state, rest, batches, _ = abstract_step(config)
   for opt in _OPTIONS.value:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     step.compile(state, rest, batches, compiler_options=OPTION_SETS[opt])
     print(f"{'concurrent':12s} {time.perf_counter() - t0:9.1f}   (options {opt!r}, fresh "
           f"process: PerTaskStep.compile, lowering + {len(step.tasks) + 1} compiles in "
-          "threads)", flush=True)
+          f"threads; process CPU {time.process_time() - cpu0:.1f} s)", flush=True)
 
 
 def step_time(config) -> None:
