@@ -149,3 +149,69 @@ def test_torch_round_trip(tmp_path):
   convert.load_backbone_weights(model, dest)
   np.testing.assert_array_equal(
       model.patch_embed.norm1.scale[...], sd["patch_embed.norm1.1.weight"])
+
+
+# Backbone tensors of the official mmdet/mmseg InternImage-T/S checkpoints (layer_scale=1.0):
+# stem 8; per block 22 (norm1.0, dcn.{dw_conv.0, dw_conv.1.1, offset, mask, input_proj,
+# output_proj}, norm2.0, mlp.fc1, mlp.fc2: weight + bias each, then gamma1, gamma2); level norms
+# 2 each (pre-norm T only); downsamples 3 each (conv.weight, norm.1.weight/bias).
+_DOWNSTREAM_COUNTS = {"t_downstream": 8 + 30 * 22 + 4 * 2 + 3 * 3,
+                      "s_downstream": 8 + 33 * 22 + 3 * 3}
+
+
+@pytest.mark.parametrize("preset", ["t_downstream", "s_downstream"])
+def test_official_downstream_checkpoint_converts(preset, tmp_path):
+  config = PRESETS[preset]
+  c = config.channels
+  # Official settings of the detection/segmentation configs.
+  assert (config.layer_scale, config.offset_scale, config.mlp_ratio) == (1.0, 1.0, 4.0)
+  assert config.drop_path_rate == {"t_downstream": 0.2, "s_downstream": 0.3}[preset]
+  assert config.post_norm == (preset == "s_downstream")
+  sd = _random_checkpoint(config, seed=4)
+  assert len(sd) == _DOWNSTREAM_COUNTS[preset]
+  last = config.depths[2] - 1
+  g = config.groups[2]
+  for name, shape in [
+      ("levels.0.blocks.0.gamma1", (c,)), ("levels.0.blocks.3.gamma2", (c,)),
+      (f"levels.2.blocks.{last}.gamma1", (4 * c,)),
+      (f"levels.2.blocks.{last}.dcn.offset.weight", (g * 9 * 2, 4 * c)),
+      (f"levels.2.blocks.{last}.dcn.mask.weight", (g * 9, 4 * c)),
+      ("levels.3.blocks.3.mlp.fc1.weight", (32 * c, 8 * c)),
+      ("levels.2.downsample.conv.weight", (8 * c, 4 * c, 3, 3))]:
+    assert sd[name].shape == shape, name
+  assert ("levels.0.norm.0.weight" in sd) == (not config.post_norm)
+  mmdet = {"meta": {"epoch": 12}, "state_dict": {
+      **{f"backbone.{k}": v for k, v in sd.items()},
+      "neck.lateral_convs.0.conv.weight": np.zeros((256, c, 1, 1)),
+      "bbox_head.cls_branches.0.weight": np.zeros((80, 256))}}
+  state = convert.backbone_state_dict(mmdet)
+  assert set(state) == set(sd)
+  params = convert.convert_state_dict(state, config, source=f"{preset}.pth")
+  if preset == "t_downstream":  # S has the same parameters as the classification "s"
+    assert convert.infer_config(state) == config
+  path = tmp_path / "down.npz"
+  convert.save_backbone_weights(params, config, path)
+  model = _abstract(config)
+  convert.load_backbone_weights(model, path)  # checks every path and shape of our model
+  np.testing.assert_array_equal(model.levels[2].blocks[last].gamma1[...],
+                                sd[f"levels.2.blocks.{last}.gamma1"])
+
+
+def test_classification_checkpoint_into_layer_scale_backbone(tmp_path):
+  # InternImage-T ImageNet weights (no layer scale) into the downstream preset: the gammas
+  # start at layer_scale, everything else is loaded.
+  down = dataclasses.replace(TINY, layer_scale=1.0)
+  sd = _random_checkpoint(TINY, seed=5)
+  path = tmp_path / "cls.npz"
+  convert.save_backbone_weights(convert.convert_state_dict(sd, TINY), TINY, path)
+  model = _abstract(down)
+  convert.load_backbone_weights(model, path)
+  block = model.levels[2].blocks[1]
+  np.testing.assert_array_equal(block.gamma2[...], np.ones(64, np.float32))
+  np.testing.assert_array_equal(block.mlp.fc1.bias[...], sd["levels.2.blocks.1.mlp.fc1.bias"])
+  # Other missing parameters are still an error.
+  with np.load(path) as data:
+    arrays = {k: data[k] for k in data.files if k != "levels/2/blocks/1/mlp/fc1/bias"}
+  np.savez(tmp_path / "partial.npz", **arrays)
+  with pytest.raises(convert.CheckpointMismatchError, match="missing: levels/2/blocks/1/mlp"):
+    convert.load_backbone_weights(_abstract(down), tmp_path / "partial.npz")

@@ -5,12 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tbgc_jax.models.detection import (
-    DINOHead,
-    dino_challenge_config,
-    dino_tiny_config,
-    rescale_boxes,
+  DINOHead,
+  denoising_layout,
+  dino_challenge_config,
+  dino_tiny_config,
+  rescale_boxes,
 )
 
 _CHANS = (4, 8, 12, 16)
@@ -77,6 +80,13 @@ def test_loss_is_finite_ignores_padding_and_compiles_once():
   for g, g2 in zip(flat, jax.tree.leaves(grads2), strict=True):
     np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-6)
   assert step._cache_size() == 1
+  # Another real box count (here 1 per image): other active groups, the same executable.
+  one = {k: v.copy() for k, v in batch.items()}
+  one["box_mask"][0, 1] = False
+  (loss3, diag3), _ = step(params, feats, one, jax.random.key(1))
+  assert np.isfinite(float(loss3)) and float(diag3["num_boxes"]) == 2.0
+  assert float(diag3["loss_dn"]) > 0
+  assert step._cache_size() == 1
 
 
 def test_predict_top_k_in_input_pixels_and_rescale():
@@ -100,7 +110,8 @@ def test_predict_top_k_in_input_pixels_and_rescale():
 
 
 def test_denoising_queries_noise_bounds_and_attention_mask():
-  cfg = dino_tiny_config(num_queries=4, num_denoising=48)
+  # 2 real boxes of 3 padded, dn_number 24: 24 // 2 = 12 groups of 2 + 2 queries in 48 slots.
+  cfg = dino_tiny_config(num_queries=4, num_denoising=24)
   boxes = jnp.asarray([[[0.5, 0.5, 0.2, 0.4], [0.3, 0.3, 0.1, 0.1], [0.5, 0.5, 1.0, 1.0]]])
   labels = jnp.asarray([[1, 2, 0]])
   valid = jnp.asarray([[True, True, False]])
@@ -108,45 +119,128 @@ def test_denoising_queries_noise_bounds_and_attention_mask():
   @jax.jit
   def run(key):  # one small compile instead of many eager ops
     head = DINOHead(_CHANS, _K, cfg, rngs=nnx.Rngs(0))
-    tgt, ref_unact, target_of_dn, dn_valid, groups, mask = head._denoising(
-        boxes, labels, valid, key)
-    assert groups == 48 // (2 * 3)
-    return tgt, ref_unact, target_of_dn, dn_valid, mask
+    return head._denoising(boxes, labels, valid, key)
 
-  tgt, ref_unact, target_of_dn, dn_valid, mask = run(jax.random.key(0))
-  groups = 48 // 6
-  n = 3
-  assert tgt.shape == (1, 2 * n * groups, cfg.hidden_dim)
-  pos = np.tile(np.repeat([True, False], n), groups)
-  real = np.tile([True, True, False], 2 * groups)
-  want = np.where(pos & real, np.tile(np.arange(n), 2 * groups), -1)
+  tgt, ref_unact, target_of_dn, active, groups, mask = run(jax.random.key(0))
+  m, groups_want, d = 2, 12, 48
+  assert int(groups) == groups_want
+  assert tgt.shape == (1, d, cfg.hidden_dim)
+  slot = np.arange(d)
+  pos = (slot % (2 * m)) < m
+  np.testing.assert_array_equal(active[0], slot < 2 * m * groups_want)
+  want = np.where(pos, slot % m, -1)
   np.testing.assert_array_equal(target_of_dn[0], want)
-  np.testing.assert_array_equal(dn_valid[0], real)
   # Positive queries' corners move by < half the box size, negatives' by 1 to 2 halves.
   noised = jax.nn.sigmoid(ref_unact[0])
   from tbgc_jax.models.detection import box_cxcywh_to_xyxy
-  shift = np.abs(np.asarray(box_cxcywh_to_xyxy(noised) - box_cxcywh_to_xyxy(
-      jnp.tile(boxes[0], (2 * groups, 1)))))
-  half = np.tile(np.asarray(boxes[0, :, 2:]) / 2, (2 * groups, 2))
+  gt = jnp.tile(boxes[0, :m], (d // m, 1))
+  shift = np.abs(np.asarray(box_cxcywh_to_xyxy(noised) - box_cxcywh_to_xyxy(gt)))
+  half = np.tile(np.asarray(gt[:, 2:]) / 2, (1, 2))
   rel = shift / half
-  assert (rel[pos & real] <= 1 + 1e-4).all()
+  assert (rel[pos] <= 1 + 1e-4).all()
   # Negatives can be clipped at the image border or flipped (width < 0 becomes ~0, as in
   # DINO): check the others.
   xyxy = np.asarray(box_cxcywh_to_xyxy(noised))
   inside = (xyxy > 1e-4).all(-1) & (xyxy < 1 - 1e-4).all(-1) & (noised[:, 2:] > 1e-3).all(-1)
-  neg = ~pos & real & inside
+  neg = ~pos & inside
   assert neg.any() and (rel[neg] >= 1 - 1e-4).all() and (rel[neg] <= 2 + 1e-4).all()
-  m = np.asarray(mask[0, 0])
-  d = 2 * n * groups
-  assert m.shape == (d + 4, d + 4)
-  assert not m[d:, :d].any() and m[d:, d:].all()  # matching queries never see DN queries
-  assert not m[:2 * n, 2 * n:d].any() and not m[2 * n:d, :2 * n].any()  # groups separated
-  assert m[:d, d:].all()  # DN queries may see matching queries
-  assert not m[0, 2] and m[2, 2] and m[0, 1]  # padded targets' queries are hidden
+  mk = np.asarray(mask[0, 0])
+  assert mk.shape == (d + 4, d + 4)
+  assert not mk[d:, :d].any() and mk[d:, d:].all()  # matching queries never see DN queries
+  assert not mk[:2 * m, 2 * m:d].any() and not mk[2 * m:d, :2 * m].any()  # groups separated
+  assert mk[:2 * m, :2 * m].all()  # a group sees itself
+  assert mk[:d, d:].all()  # DN queries may see matching queries
+
+
+@pytest.mark.parametrize("counts,num_dn,groups", [
+    ((3, 1), 50, 16),  # a budget of 100 slots, 3 real boxes: 100 // 6 groups
+    ((3, 0), 100, 33),  # the official default: 200 // 6
+    ((0, 0), 50, 1),  # no box: one (empty) group, as in the official code
+    ((5, 5), 2, 1),  # budget smaller than a group: one group, slots grown to 2 N
+])
+def test_denoising_groups_follow_real_box_count(counts, num_dn, groups):
+  n = 5
+  valid = np.arange(n)[None] < np.asarray(counts)[:, None]
+  lay = jax.jit(denoising_layout, static_argnums=1)(valid, num_dn)
+  assert int(lay.groups) == groups
+  assert lay.active.shape == (2, max(2 * num_dn, 2 * n))
+  # Each image has, per active group, one positive and one negative query per real box.
+  np.testing.assert_array_equal(lay.active.sum(1), 2 * groups * np.asarray(counts))
+  act = np.asarray(lay.active)
+  for b, c in enumerate(counts):
+    for g in range(groups):
+      sel = act[b] & (np.asarray(lay.group) == g)
+      assert sorted(np.asarray(lay.target)[sel & ~np.asarray(lay.is_neg)]) == list(range(c))
+      assert sorted(np.asarray(lay.target)[sel & np.asarray(lay.is_neg)]) == list(range(c))
+  assert not act[:, np.asarray(lay.group) >= groups].any()
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=2, max_size=2), st.integers(1, 60))
+def test_denoising_layout_properties(counts, num_dn):
+  n = 6
+  valid = np.arange(n)[None] < np.asarray(counts)[:, None]
+  lay = denoising_layout(jnp.asarray(valid), num_dn)
+  m = max(counts)
+  groups = max(1, num_dn // m) if m else 1
+  assert int(lay.groups) == groups
+  act = np.asarray(lay.active)
+  assert act.sum() == 2 * groups * sum(counts)
+  assert act.shape[1] == max(2 * num_dn, 2 * n) >= 2 * max(m, 1) * groups
+  tgt = np.asarray(lay.target)
+  assert (valid[np.arange(len(counts))[:, None], tgt[None]] | ~act).all()
+
+
+def test_box_refinement_reads_the_decoder_output_before_the_final_norm():
+  cfg = _cfg(num_encoder_layers=0, num_decoder_layers=2)
+  head = DINOHead(_CHANS, _K, cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  # Non-trivial final norm and box head, so normed and raw outputs give different boxes.
+  head.decoder_norm.scale.value = jnp.asarray(rng.uniform(0.2, 3.0, cfg.hidden_dim), jnp.float32)
+  head.decoder_norm.bias.value = jnp.asarray(rng.normal(size=cfg.hidden_dim), jnp.float32)
+  last = head.bbox_embed.layers[-1]
+  last.kernel.value = jnp.asarray(rng.normal(size=last.kernel.shape) * 0.3, jnp.float32)
+
+  seen = []
+
+  class Spy(nnx.Module):
+    def __init__(self, layer):
+      self.layer = layer
+
+    def __call__(self, tgt, query_pos, ref, *args):
+      out = self.layer(tgt, query_pos, ref, *args)
+      seen.append((ref, out))
+      return out
+
+  head.decoder = nnx.List([Spy(layer) for layer in head.decoder])
+  from tbgc_jax.models.detection.box_ops import inverse_sigmoid
+
+  @jax.jit
+  def run(feats, batch):  # one compile instead of many eager ops
+    memory, shapes, masks, props, token_mask, ratio = head._encode(feats, batch)
+    _, ref_unact = head._select_queries(memory, props, token_mask)
+    tgt = head._content_queries(3)
+    outputs = head._decode(tgt, ref_unact, memory, shapes, masks, ratio, None)
+    (_, out0), (ref1, _) = seen
+    scale = jnp.concatenate([ratio[:, ::-1], ratio[:, ::-1]], -1)[:, None, :]
+    ref = jax.nn.sigmoid(ref_unact)
+    raw = jax.nn.sigmoid(head.bbox_embed(out0) + inverse_sigmoid(ref))
+    normed = jax.nn.sigmoid(head.bbox_embed(head.decoder_norm(out0)) + inverse_sigmoid(ref))
+    return ref1[:, :, 0] / scale, raw, normed, outputs[0][1]
+
+  ref1, raw, normed, boxes0 = run(_features(rng), _batch())
+  assert float(jnp.abs(raw - normed).max()) > 1e-2  # the two rules differ here
+  np.testing.assert_allclose(ref1, raw, rtol=1e-5, atol=1e-6)
+  # The returned boxes read the normed output (DINO's outputs_coord).
+  np.testing.assert_allclose(boxes0, normed, rtol=1e-5, atol=1e-6)
 
 
 def test_presets():
-  cfg = dino_challenge_config()
+  from configs import challenge
+
+  det = challenge.get_config().model.det
+  assert det.preset == "challenge"
+  cfg = dino_challenge_config(**det.overrides)  # what build_model makes of the challenge config
   assert (cfg.num_queries, cfg.num_denoising, cfg.num_encoder_layers, cfg.num_decoder_layers,
           cfg.hidden_dim, cfg.num_heads, cfg.num_points) == (900, 100, 6, 6, 256, 8, 4)
   assert (cfg.cost_class, cfg.cost_bbox, cfg.cost_giou) == (2.0, 5.0, 2.0)

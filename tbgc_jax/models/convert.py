@@ -37,6 +37,7 @@ _CONV = "conv"  # OIHW -> HWIO (depthwise: [C, 1, k, k] -> [k, k, 1, C])
 _IGNORED_PREFIXES = ("conv_head.", "head.")
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".running_mean", ".running_var")
 _CONFIG_KEY = "__config__"
+_LAYER_SCALES = ("gamma1", "gamma2")
 # Architecture fields a converted file must agree on (the rest are training settings).
 _ARCH_FIELDS = ("channels", "depths", "groups", "mlp_ratio", "offset_scale", "post_norm",
                 "dw_kernel_size")
@@ -207,7 +208,9 @@ def infer_config(state_dict: Mapping) -> InternImageConfig:
   """The preset whose official parameter names and shapes match ``state_dict``.
 
   ``offset_scale`` does not show in shapes; it is taken from the matching preset (1.0 for
-  T/S/B, 2.0 for L/XL).
+  T/S/B, 2.0 for L/XL). The first matching preset wins: an mmdet/mmseg InternImage-T
+  checkpoint (with layer scale) gives "t_downstream"; InternImage-S has the same parameters in
+  classification and downstream ("s", "s_downstream" differ only in drop path).
 
   Raises:
     CheckpointMismatchError: if no preset matches.
@@ -234,7 +237,8 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
   """Loads a converted ``.npz`` into a backbone, in place.
 
   Works on concrete models and on abstract ones (``nnx.eval_shape``), whose parameters it
-  then makes concrete.
+  then makes concrete. A file without layer scales loads into a backbone with them (the
+  gammas get ``config.layer_scale``, like the official downstream fine-tuning).
 
   Args:
     model: an ``InternImage``, or a module holding one as ``model.backbone`` (the
@@ -259,6 +263,14 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
           f"{source}: architecture differs from the model's: " + "; ".join(diffs))
   flat = nnx.to_flat_state(nnx.state(backbone, nnx.Param))
   ours = {path_key(p): v for p, v in flat}
+  layer_scale = getattr(config, "layer_scale", None)
+  if layer_scale is not None:
+    # A classification checkpoint without layer scale into a backbone with it (InternImage-T
+    # into "t_downstream"): the gammas keep their initial value, as the official mmdet/mmseg
+    # fine-tuning does (init, then a non-strict load of the pretrained weights).
+    for k, v in ours.items():
+      if k not in arrays and k.rsplit("/", 1)[-1] in _LAYER_SCALES:
+        arrays[k] = np.full(tuple(v.shape), layer_scale, np.float32)
   missing = sorted(k for k in ours if k not in arrays)
   unexpected = sorted(k for k in arrays if k not in ours)
   wrong = [(k, arrays[k].shape, tuple(v.shape)) for k, v in ours.items()

@@ -60,17 +60,27 @@ class InternImageConfig:
 # Official settings, from OpenGVLab/InternImage classification/configs/
 # (with_lr_decay/internimage_t_1k_224.yaml, without_lr_decay/internimage_{s,b}_1k_224.yaml,
 # without_lr_decay/internimage_{l,xl}_22kto1k_384.yaml). drop_path_rate is that of the
-# ImageNet fine-tuning configs; downstream detection/segmentation configs often use others
-# (override with dataclasses.replace). "tiny" is ours: for CPU tests and the embedded-data
-# trainer, not an official model.
+# ImageNet fine-tuning configs. "t_downstream"/"s_downstream" are the backbones of the official
+# detection and segmentation configs (detection/configs/coco/mask_rcnn_internimage_{t,s}_fpn_
+# 1x_coco.py, dino_4scale_internimage_t_1x_coco_layer_wise_lr.py, segmentation/configs/ade20k/
+# upernet_internimage_{t,s}_512_160k_ade20k.py): layer scale 1.0 (so their mmdet/mmseg
+# checkpoints hold gamma1/gamma2, which the classification T lacks), drop path 0.2 (T) and
+# 0.3 (S), offset_scale 1.0, mlp_ratio 4, post_norm as in classification. "tiny" is ours: for
+# CPU tests and the embedded-data trainer, not an official model.
 PRESETS: dict[str, InternImageConfig] = {
     "tiny": InternImageConfig(
         channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), drop_path_rate=0.1),
     "t": InternImageConfig(
         channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), drop_path_rate=0.1),
+    "t_downstream": InternImageConfig(
+        channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32), layer_scale=1.0,
+        drop_path_rate=0.2),
     "s": InternImageConfig(
         channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1e-5,
         post_norm=True, drop_path_rate=0.4),
+    "s_downstream": InternImageConfig(
+        channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1.0,
+        post_norm=True, drop_path_rate=0.3),
     "b": InternImageConfig(
         channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56), layer_scale=1e-5,
         post_norm=True, drop_path_rate=0.5),

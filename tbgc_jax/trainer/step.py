@@ -10,6 +10,7 @@ Two forms, same results:
   ``tbgc_jax.per_task_value_and_grad(..., sequential=config.grad.sequential)``.
 """
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -83,20 +84,54 @@ def _update(state, losses, aux, grads, *, tasks, tx, schedules):
 class PerTaskStep:
   """The ``per_task_jit`` step: Algorithm 1 as one executable per task, then the update.
 
+  The first call compiles every executable at once, in threads (XLA compiles release the GIL),
+  instead of one after the other as each is first reached; later calls run the compiled
+  executables, so a step serves the shapes of its first call (the trainer's are fixed).
+
   Attributes:
     tasks: task order of a step.
     task_grads: ``{task: jit((params, rest, batch, rng, step) -> ((loss, aux), grads))}``.
     update: ``jit((state, {task: task_grads output}) -> (state, metrics))``, donating state.
+    compiler_options: XLA options of that first compile (None: XLA's defaults).
   """
 
   tasks: tuple[str, ...]
   task_grads: dict[str, Callable[..., Any]]
   update: Callable[..., Any]
+  compiler_options: dict | None = None
+  _compiled: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+  def compile(self, state: dict, rest: Any, batches: dict,
+              compiler_options: dict | None = None) -> "PerTaskStep":
+    """Compiles the per-task functions and the update concurrently for these inputs.
+
+    Args:
+      state, rest, batches: the step's inputs (arrays or ``jax.ShapeDtypeStruct``).
+      compiler_options: XLA options passed to every compile (``Lowered.compile``).
+
+    Returns:
+      A `PerTaskStep` whose ``task_grads`` and ``update`` are the compiled executables.
+    """
+    args = {t: (state["params"], rest, batches[t], state["rng"], state["step"])
+            for t in self.tasks}
+    lowered = {t: self.task_grads[t].lower(*args[t]) for t in self.tasks}
+    outs = {t: jax.eval_shape(self.task_grads[t], *args[t]) for t in self.tasks}
+    lowered["__update__"] = self.update.lower(state, outs)
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+      futures = {k: pool.submit(low.compile, compiler_options) for k, low in lowered.items()}
+      compiled = {k: f.result() for k, f in futures.items()}
+    update = compiled.pop("__update__")
+    step = PerTaskStep(self.tasks, compiled, update)
+    step._compiled.append(step)  # already compiled: calls run these executables
+    return step
 
   def __call__(self, state: dict, rest: Any, batches: dict) -> tuple[dict, dict]:
-    outs = {t: self.task_grads[t](state["params"], rest, batches[t], state["rng"], state["step"])
+    if not self._compiled:
+      self._compiled.append(self.compile(state, rest, batches, self.compiler_options))
+    step = self._compiled[0]
+    outs = {t: step.task_grads[t](state["params"], rest, batches[t], state["rng"], state["step"])
             for t in self.tasks}
-    return self.update(state, outs)
+    return step.update(state, outs)
 
 
 def make_train_step(
@@ -108,6 +143,8 @@ def make_train_step(
 
   A `PerTaskStep` for ``config.grad.step_mode == "per_task_jit"``, one ``jax.jit`` for "fused"
   (``config`` checked by ``train.validate_config``: the step mode is one of `STEP_MODES`).
+  On the CPU backend the `PerTaskStep` compiles with ``config.xla_cpu_options`` (optional; see
+  docs/performance.md).
 
   ``state`` is ``{"step", "params", "opt_state", "rng"}`` (donated; replicated over ``mesh``);
   ``rest`` the model's non-parameter state (rng streams); ``batches`` ``{task: batch}``
@@ -147,5 +184,7 @@ def make_train_step(
     grads = {t: outs[t][1] for t in tasks}
     return update(state, losses, aux, grads)
 
+  options = config.get("xla_cpu_options") if jax.default_backend() == "cpu" else None
   return PerTaskStep(tasks, {t: task_grad(t) for t in tasks},
-                     jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0))
+                     jax.jit(apply, out_shardings=(rep(state), replicated), donate_argnums=0),
+                     dict(options) if options else None)

@@ -14,6 +14,7 @@ padded bottom/right like the image.
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,10 @@ class DINOConfig:
   Attributes:
     hidden_dim: model width.
     num_queries: matching queries (top-k encoder proposals).
-    num_denoising: budget of denoising queries; with ``N`` padded targets per image the head
-      uses ``max(1, num_denoising // (2 N))`` groups of ``N`` positive + ``N`` negative queries.
+    num_denoising: DINO's ``dn_number``: ``max(2 num_denoising, 2 N)`` fixed query slots
+      (``N`` padded targets per image) hold ``max(1, num_denoising // m)`` groups of ``m``
+      positive + ``m`` negative queries, ``m`` the batch's real maximum of boxes per image
+      (`denoising_layout`).
     num_encoder_layers, num_decoder_layers: depths.
     num_heads: attention heads; num_points: deformable sampling points per head and level.
     ffn_dim: feed-forward width; dropout: dropout rate (NNX "dropout" stream).
@@ -102,6 +105,65 @@ def _sine_embed(coords: jax.Array, num_feats: int, temperature: float) -> jax.Ar
   x = coords[..., None] / jnp.asarray(dim_t, coords.dtype)
   x = jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])], -1)
   return x.reshape(*coords.shape[:-1], coords.shape[-1] * num_feats)
+
+
+class DenoisingLayout(NamedTuple):
+  """Where the contrastive denoising queries sit in their fixed slots.
+
+  Attributes:
+    groups: int32 scalar, active groups ``max(1, num_denoising // m)`` for the batch's real
+      maximum number of boxes per image ``m`` (1 when ``m == 0``).
+    group: ``[S]`` int32 group of each slot (``slot // (2 m)``).
+    target: ``[S]`` int32 target index of each slot within its image.
+    is_neg: ``[S]`` bool, negative (far-noised) query.
+    active: ``[B, S]`` bool, slot of an active group whose target is a real box.
+  """
+
+  groups: jax.Array
+  group: jax.Array
+  target: jax.Array
+  is_neg: jax.Array
+  active: jax.Array
+
+
+def denoising_layout(target_valid: jax.Array, num_denoising: int) -> DenoisingLayout:
+  """Contrastive-denoising groups for a fixed query budget and the batch's real box count.
+
+  DINO makes ``2 * dn_number // (2 m)`` groups of ``m`` positive then ``m`` negative queries,
+  ``m`` the largest number of boxes of an image in the batch (one group when that is 0 or
+  the budget is smaller than one group). Here the budget is ``S = max(2 * num_denoising,
+  2 N)`` fixed slots (``N`` padded targets per image, so one group always fits); the group
+  size and count are traced values and the slots past the last group, or of padded targets,
+  are inactive. One compile serves every box count. (For ``dn_number < 50`` the official
+  code keeps ``2 dn_number`` groups whatever the box count, a size no fixed budget can hold;
+  the rule above is the one it applies at its default ``dn_number = 100``.)
+
+  Args:
+    target_valid: ``[B, N]`` bool, real targets (padding False).
+    num_denoising: the official ``dn_number`` (challenge: 100, i.e. up to 200 queries).
+
+  Returns:
+    A `DenoisingLayout`.
+
+  References:
+    IDEA-Research/DINO, ``models/dino/dn_components.py``, ``prepare_for_cdn`` (``dn_number``,
+    ``single_pad``, ``pad_size`` and the group-blocked ``attn_mask``).
+  """
+  b, n = target_valid.shape
+  slots = max(2 * num_denoising, 2 * n)
+  # Real box count: last real index + 1 (equals the count when targets are packed first).
+  m = jnp.max(jnp.where(target_valid, jnp.arange(1, n + 1, dtype=jnp.int32), 0))
+  size = jnp.maximum(m, 1)
+  groups = jnp.where(m > 0, jnp.maximum((2 * num_denoising) // (2 * size), 1), 1)
+  groups = groups.astype(jnp.int32)
+  s = jnp.arange(slots, dtype=jnp.int32)
+  group = s // (2 * size)
+  within = s % (2 * size)
+  is_neg = within >= size
+  target = jnp.minimum(within % size, n - 1)
+  real = jnp.take_along_axis(target_valid, jnp.broadcast_to(target[None], (b, slots)), axis=1)
+  active = (group < groups)[None] & real
+  return DenoisingLayout(groups, group, target, is_neg, active)
 
 
 class _FFN(nnx.Module):
@@ -290,7 +352,20 @@ class DINOHead(nnx.Module):
   # --- decoder -------------------------------------------------------------------------
 
   def _decode(self, tgt, ref_unact, memory, shapes, masks, ratio, attn_mask):
-    """Runs the decoder; returns per-layer ``(logits, boxes)`` with look-forward-twice."""
+    """Runs the decoder; returns per-layer ``(logits, boxes)`` with look-forward-twice.
+
+    Each layer's boxes are ``bbox_embed(norm(out)) + inverse_sigmoid(prev)`` (``prev`` the
+    previous layer's undetached refinement); the next reference is
+    ``sigmoid(bbox_embed(out) + inverse_sigmoid(ref))`` on the output *before* the final norm,
+    detached.
+
+    References:
+      IDEA-Research/DINO, ``models/dino/deformable_transformer.py``,
+      ``TransformerDecoder.forward`` ("iter update": ``delta_unsig =
+      self.bbox_embed[layer_id](output)``, then ``intermediate.append(self.norm(output))``)
+      and ``models/dino/dino.py``, ``DINO.forward`` (``layer_bbox_embed(layer_hs) +
+      inverse_sigmoid(layer_ref_sig)`` on the normed ``hs``).
+    """
     values = _split_levels(memory, shapes)
     scale = jnp.concatenate([ratio[:, ::-1], ratio[:, ::-1]], -1)[:, None, :]  # (w, h, w, h)
     ref = jax.nn.sigmoid(jax.lax.stop_gradient(ref_unact))
@@ -304,45 +379,54 @@ class DINOHead(nnx.Module):
                                     (*ref_in.shape[:2], self.num_levels, 4))
       tgt = layer(tgt, query_pos, ref_levels, values, masks, attn_mask)
       hs = self.decoder_norm(tgt)
-      delta = self.bbox_embed(hs)
       # Look forward twice: this layer's box loss also trains the previous layer's refinement.
-      boxes = jax.nn.sigmoid(delta + inverse_sigmoid(prev))
-      prev = jax.nn.sigmoid(delta + inverse_sigmoid(ref))
+      boxes = jax.nn.sigmoid(self.bbox_embed(hs) + inverse_sigmoid(prev))
+      # The reference update reads the decoder output before the final norm (official
+      # deformable_transformer.py, TransformerDecoder.forward: bbox_embed(output), then
+      # intermediate.append(self.norm(output))); the returned boxes read the normed one.
+      prev = jax.nn.sigmoid(self.bbox_embed(tgt) + inverse_sigmoid(ref))
       ref = jax.lax.stop_gradient(prev)
       outputs.append((self.class_embed(hs), boxes))
     return outputs
 
   def _denoising(self, boxes, labels, target_valid, rng):
-    """Contrastive denoising queries from noised ground truth (fixed number of groups)."""
+    """Contrastive denoising queries from noised ground truth (fixed slots, dynamic groups).
+
+    Returns ``(tgt, ref_unact, target_of_dn, dn_active, groups, attn_mask)``: the queries'
+    content ``[B, S, C]`` and unsigmoided boxes ``[B, S, 4]``, each slot's target index
+    (``-1`` for negatives and inactive slots) ``[B, S]``, the active slots ``[B, S]``, the
+    number of active groups (int32 scalar) and the self-attention mask ``[B, 1, T, T]``
+    (True = may attend) over ``T = S + num_queries`` queries.
+    """
     cfg = self.config
-    b, n = labels.shape
-    groups = max(1, cfg.num_denoising // (2 * n))
-    num_dn = 2 * n * groups
+    b = labels.shape[0]
+    layout = denoising_layout(target_valid, cfg.num_denoising)
+    num_dn = layout.target.shape[0]
     k_flip, k_lab, k_sign, k_part = jax.random.split(rng, 4)
-    rep_labels = jnp.tile(labels, (1, 2 * groups))
-    rep_boxes = jnp.tile(boxes, (1, 2 * groups, 1))
-    rep_valid = jnp.tile(target_valid, (1, 2 * groups))
-    is_neg = np.tile(np.repeat([False, True], n), groups)
+    index = jnp.broadcast_to(layout.target[None], (b, num_dn))
+    rep_labels = jnp.take_along_axis(labels, index, axis=1)
+    rep_boxes = jnp.take_along_axis(boxes, index[..., None], axis=1)
     flip = jax.random.uniform(k_flip, (b, num_dn)) < cfg.label_noise_ratio * 0.5
     noisy_labels = jnp.where(flip, jax.random.randint(k_lab, (b, num_dn), 0, self.num_classes),
                              rep_labels)
     xyxy = box_cxcywh_to_xyxy(rep_boxes)
     half = jnp.concatenate([rep_boxes[..., 2:], rep_boxes[..., 2:]], -1) * 0.5
     sign = jax.random.randint(k_sign, (b, num_dn, 4), 0, 2).astype(jnp.float32) * 2.0 - 1.0
-    part = jax.random.uniform(k_part, (b, num_dn, 4)) + jnp.asarray(is_neg, jnp.float32)[:, None]
+    part = (jax.random.uniform(k_part, (b, num_dn, 4))
+            + layout.is_neg.astype(jnp.float32)[None, :, None])
     xyxy = jnp.clip(xyxy + sign * part * half * cfg.box_noise_scale, 0.0, 1.0)
     ref_unact = inverse_sigmoid(box_xyxy_to_cxcywh(xyxy))
     tgt = self.label_enc(noisy_labels)
-    target_of_dn = jnp.where(rep_valid & ~is_neg[None],
-                             jnp.tile(jnp.arange(n, dtype=jnp.int32), 2 * groups)[None], -1)
+    active = layout.active
+    target_of_dn = jnp.where(active & ~layout.is_neg[None], index, -1)
     # Attention mask (True = may attend): matching queries never see denoising queries,
-    # denoising groups never see each other; denoising queries of padded targets are hidden.
+    # denoising groups never see each other, inactive slots are hidden from everyone.
     total = num_dn + cfg.num_queries
-    group = np.concatenate([np.arange(num_dn) // (2 * n), np.full(cfg.num_queries, -1)])
+    group = jnp.concatenate([layout.group, jnp.full((cfg.num_queries,), -1, jnp.int32)])
     allowed = (group[None, :] == group[:, None]) | (group[None, :] < 0)
-    key_ok = jnp.concatenate([rep_valid, jnp.ones((b, cfg.num_queries), bool)], 1)
-    mask = (jnp.asarray(allowed)[None] & key_ok[:, None, :]) | jnp.eye(total, dtype=bool)[None]
-    return tgt, ref_unact, target_of_dn, rep_valid, groups, mask[:, None]
+    key_ok = jnp.concatenate([active, jnp.ones((b, cfg.num_queries), bool)], 1)
+    mask = (allowed[None] & key_ok[:, None, :]) | jnp.eye(total, dtype=bool)[None]
+    return tgt, ref_unact, target_of_dn, active, layout.groups, mask[:, None]
 
   def _content_queries(self, b: int) -> jax.Array:
     """Learned content queries (mixed query selection), ``[B, num_queries, C]``."""
@@ -417,7 +501,8 @@ class DINOHead(nnx.Module):
     layer_parts, enc_parts = parts[:-1], parts[-1]
     dn_parts = [set_prediction_losses(lg[:, :num_dn], bx[:, :num_dn], tlabels, tboxes,
                                       target_of_dn, dn_valid.astype(jnp.float32),
-                                      num_boxes * groups, cfg.focal_alpha, cfg.focal_gamma)
+                                      num_boxes * groups.astype(jnp.float32), cfg.focal_alpha,
+                                      cfg.focal_gamma)
                 for lg, bx in outputs]
     loss_last = weighted(layer_parts[-1])
     loss_aux = sum((weighted(p) for p in layer_parts[:-1]), jnp.float32(0.0))

@@ -1,0 +1,76 @@
+"""The per-task step compiles its executables concurrently and computes what the jits do."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from tbgc_jax.models.multitask import backbone_mask
+from tbgc_jax.trainer.optim import make_optimizer
+from tbgc_jax.trainer.step import PerTaskStep, make_train_step
+
+_TASKS = ("det", "cls")
+
+
+class _Toy(nnx.Module):
+  """A shared layer and one head per task, with the multi-task model's ``task_loss``."""
+
+  def __init__(self, rngs):
+    self.backbone = nnx.Linear(3, 4, rngs=rngs)
+    self.heads = nnx.Dict({"det": nnx.Linear(4, 2, rngs=rngs),
+                           "cls": nnx.Linear(4, 1, rngs=rngs)})
+
+  def task_loss(self, task, batch, rng):
+    y = self.heads[task](jnp.tanh(self.backbone(batch["x"])))
+    noise = jax.random.normal(rng, y.shape) * 0.1
+    return jnp.mean((y + noise) ** 2), {"mean": jnp.mean(y)}
+
+
+def _setup(**fields):
+  config = tiny.get_config()
+  config.tasks = _TASKS
+  config.update(fields)
+  model = _Toy(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, schedules = make_optimizer(config, _TASKS, backbone_mask, 100, 10)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(0)}
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  step = make_train_step(graphdef, _TASKS, tx, schedules, config, backbone_mask, mesh, state,
+                         rest)
+  rng = np.random.default_rng(0)
+  batches = {t: {"x": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)} for t in _TASKS}
+  return step, state, rest, batches
+
+
+def test_concurrent_compile_equals_the_jitted_functions():
+  step, state, rest, batches = _setup()
+  assert isinstance(step, PerTaskStep)
+  copy = lambda s: jax.tree.map(jnp.copy, s)
+  # Reference: the per-task jits, one after the other, then the jitted update.
+  ref_state = copy(state)
+  outs = {t: step.task_grads[t](ref_state["params"], rest, batches[t], ref_state["rng"],
+                                ref_state["step"]) for t in _TASKS}
+  want, want_metrics = step.update(ref_state, outs)
+  got, metrics = step(copy(state), rest, batches)  # first call: concurrent AOT compile
+  compiled = step._compiled[0]
+  assert all(isinstance(f, jax.stages.Compiled) for f in compiled.task_grads.values())
+  assert isinstance(compiled.update, jax.stages.Compiled)
+  for a, b in zip(jax.tree.leaves((want, want_metrics)), jax.tree.leaves((got, metrics)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Later calls reuse the executables (no compile), and they are for fixed shapes only.
+  got2, _ = step(got, rest, batches)
+  assert step._compiled[0] is compiled and int(got2["step"]) == 2
+  wider = {t: {"x": jnp.zeros((3, 3))} for t in _TASKS}
+  with pytest.raises((TypeError, ValueError)):
+    step(got2, rest, wider)
+
+
+def test_xla_cpu_options_reach_the_compile():
+  fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+  step = _setup(xla_cpu_options=fast)[0]
+  assert step.compiler_options == (fast if jax.default_backend() == "cpu" else None)
+  assert _setup()[0].compiler_options is None
