@@ -27,7 +27,7 @@ import numpy as np
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.data.augment import build_augment, build_chain
 from tbgc_jax.data.batching import pad_example, padding_example
-from tbgc_jax.data.records import TASKS, RecordSource
+from tbgc_jax.data.records import TASKS, DataValidationError, RecordSource
 
 _log = logging.getLogger(__name__)
 
@@ -90,9 +90,22 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   return source
 
 
+def _describe(source: Any, record: int) -> str:
+  """``"record <i> (<file>)"``: where an example comes from, for error messages."""
+  rec = getattr(source, "records", None)
+  path = getattr(rec[record], "image_path", None) if rec is not None else None
+  return f"record {record}" + (f" ({path})" if path else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainExample(grain.transforms.MapWithIndex):
-  """Record index -> augmented fixed-shape example, rng from (seed, epoch, record index)."""
+  """Record index -> augmented fixed-shape example, rng from (seed, epoch, record index).
+
+  A record that fails to read or augment raises an error naming the task, the record and its
+  file (``policy="strict"``), or (``policy="skip"``) is replaced by the next record that
+  works, deterministically; the example's ``skipped`` field counts the records passed over
+  (0 for most), so the trainer can count skips across grain worker processes.
+  """
 
   source: Any
   augment: Any
@@ -102,6 +115,7 @@ class TrainExample(grain.transforms.MapWithIndex):
   seed: int
   epoch_len: int
   num_epochs: int
+  policy: str = "strict"
 
   def example(self, epoch: int, record: int) -> dict[str, Any]:
     """The augmented (variable-shape) example of ``record`` in ``epoch``."""
@@ -111,8 +125,21 @@ class TrainExample(grain.transforms.MapWithIndex):
     return self.augment.random_map(ex, rng)
 
   def map_with_index(self, index: int, element: int) -> dict[str, np.ndarray]:
-    ex = self.example(index // self.epoch_len, int(element))
-    return pad_example(ex, self.task, self.image_size, self.max_boxes)
+    epoch, n = index // self.epoch_len, len(self.source)
+    for skipped in range(n):
+      record = (int(element) + skipped) % n
+      try:
+        ex = pad_example(self.example(epoch, record), self.task, self.image_size,
+                         self.max_boxes)
+      except Exception as e:  # noqa: BLE001 - any reader or augmentation error
+        where = f"{self.task}: {_describe(self.source, record)}, epoch {epoch}"
+        if self.policy != "skip":
+          raise DataValidationError(f"{where}: {type(e).__name__}: {e}") from e
+        _log.warning("%s skipped (policy 'skip'): %s: %s", where, type(e).__name__, e)
+        continue
+      ex["skipped"] = np.int32(skipped)
+      return ex
+    raise DataValidationError(f"{self.task}: every one of the {n} records failed to load")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +156,11 @@ class EvalExample(grain.transforms.Map):
     i = int(element)
     if i >= len(self.source):
       return padding_example(self.task, self.image_size, self.max_boxes)
-    ex = self.transform.random_map(self.source[i], np.random.default_rng(0))
+    try:
+      ex = self.transform.random_map(self.source[i], np.random.default_rng(0))
+    except Exception as e:  # noqa: BLE001 - name the record whatever the error
+      raise DataValidationError(
+          f"{self.task} eval: {_describe(self.source, i)}: {type(e).__name__}: {e}") from e
     return pad_example(ex, self.task, self.image_size, self.max_boxes)
 
 
@@ -149,7 +180,8 @@ def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
     source: a ready source (default ``make_source(task_cfg, task, "train")``).
 
   Returns:
-    ``len(ds)`` batches (``drop_remainder``) of fixed-shape numpy dicts.
+    ``len(ds)`` batches (``drop_remainder``) of fixed-shape numpy dicts, with ``skipped``
+    (int32 per example: unreadable records passed over under ``task_cfg.policy == "skip"``).
   """
   source = source if source is not None else make_source(task_cfg, task, "train")
   batch_size = int(batch_size or task_cfg["batch_size"])
@@ -158,7 +190,7 @@ def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
   epoch_len = len(records)
   fn = TrainExample(source, aug, task, tuple(task_cfg["image_size"]),
                     int(_get(task_cfg, "max_boxes", 0) or 0), int(seed), epoch_len,
-                    int(num_epochs))
+                    int(num_epochs), _get(task_cfg, "policy", "strict"))
   ds = records.shuffle(seed=int(seed)).repeat(int(num_epochs)).map_with_index(fn)
   return ds.batch(batch_size, drop_remainder=True)
 
