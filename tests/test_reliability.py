@@ -126,6 +126,11 @@ def test_resumed_logs_hold_each_step_once(tmp_path):
     writer.write(step, {"x": step})
   writer.close()
   assert [r["step"] for r in logs.read_jsonl(writer.path)] == list(range(8))
+  # Killed before its first checkpoint: the next run starts from step 0 and logs it all again.
+  writer = logs.MetricWriter(str(tmp_path), resume_step=0)
+  writer.write(0, {"x": 0})
+  writer.close()
+  assert [r["step"] for r in logs.read_jsonl(writer.path)] == [0]
 
 
 # ---- damaged checkpoints -------------------------------------------------------------------

@@ -11,9 +11,10 @@ class MetricWriter:
   """Writes scalar rows to ``workdir/metrics.jsonl`` and TensorBoard event files.
 
   Only the host with ``jax.process_index() == 0`` should write; others pass ``enabled=False``.
-  A run resumed from the checkpoint of step ``resume_step`` passes it: the rows of steps
-  ``>= resume_step`` (written after that checkpoint, before the stop) are removed from the
-  JSONL file and purged from TensorBoard, so that each step is logged once.
+  A run starting from the checkpoint of step ``resume_step`` (0: none) passes it: the rows
+  of steps ``>= resume_step`` (written after that checkpoint by a run that stopped before its
+  next one) are removed from the JSONL file and purged from TensorBoard, so that each step
+  is logged once.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
@@ -22,12 +23,10 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      if resume_step > 0:
-        truncate_jsonl(self.path, resume_step)
+      truncate_jsonl(self.path, resume_step)
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=resume_step if resume_step > 0 else None)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
