@@ -159,25 +159,15 @@ def final_checkpoint(workdir: str) -> dict:
 
 def differences(got_dir: str, want_dir: str) -> list[str]:
   """What differs between the final checkpoints and logs of two runs (empty: none)."""
-  import jax
-
   got, want = final_checkpoint(got_dir), final_checkpoint(want_dir)
   out = []
   if got["step"] != want["step"]:
     out.append(f"final step {got['step']} != {want['step']}")
-  g_leaves = jax.tree_util.tree_leaves_with_path(got["state"])
-  w_leaves = jax.tree_util.tree_leaves_with_path(want["state"])
-  if [p for p, _ in g_leaves] != [p for p, _ in w_leaves]:
-    out.append("state tree structures differ")
-  else:
-    for (path, a), (_, b) in zip(g_leaves, w_leaves, strict=True):
-      a, b = np.asarray(a), np.asarray(b)
-      if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
-        out.append(f"state{jax.tree_util.keystr(path)} differs")
+  out += state_differences(got["state"], want["state"])
   if got["files"] != want["files"]:
     out.append(f"data-iterator/counter files differ: {sorted(got['files'])} vs "
                f"{sorted(want['files'])}")
-  rows = {d: _rows(d) for d in (got_dir, want_dir)}
+  rows = {d: log_rows(d) for d in (got_dir, want_dir)}
   steps = [r["step"] for r in rows[got_dir]]
   if steps != sorted(set(steps)):
     out.append(f"metrics.jsonl repeats or misorders steps: {steps}")
@@ -186,7 +176,24 @@ def differences(got_dir: str, want_dir: str) -> list[str]:
   return out
 
 
-def _rows(workdir: str) -> list[dict]:
+def state_differences(got: dict, want: dict) -> list[str]:
+  """Paths of the leaves of two state pytrees that are not bitwise equal."""
+  import jax
+
+  g_leaves = jax.tree_util.tree_leaves_with_path(got)
+  w_leaves = jax.tree_util.tree_leaves_with_path(want)
+  if [p for p, _ in g_leaves] != [p for p, _ in w_leaves]:
+    return ["state tree structures differ"]
+  out = []
+  for (path, a), (_, b) in zip(g_leaves, w_leaves, strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+      out.append(f"state{jax.tree_util.keystr(path)} differs")
+  return out
+
+
+def log_rows(workdir: str) -> list[dict]:
+  """``metrics.jsonl`` rows without the timing fields."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]

@@ -98,8 +98,9 @@ def _describe(source: Any, record: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainExample(grain.transforms.MapWithIndex):
-  """Record index -> augmented fixed-shape example, rng from (seed, epoch, record index).
+class TrainExample(grain.transforms.Map):
+  """(stream position, record index) -> augmented fixed-shape example, rng from (seed, epoch,
+  record index).
 
   A record that fails to read or augment raises an error naming the task, the record and its
   file (``policy="strict"``), or (``policy="skip"``) is replaced by the next record that
@@ -124,10 +125,12 @@ class TrainExample(grain.transforms.MapWithIndex):
     ex["progress"] = epoch / max(self.num_epochs, 1)
     return self.augment.random_map(ex, rng)
 
-  def map_with_index(self, index: int, element: int) -> dict[str, np.ndarray]:
-    epoch, n = index // self.epoch_len, len(self.source)
+  def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``(position in the global stream, record index)`` -> fixed-shape example."""
+    position, first = element
+    epoch, n = position // self.epoch_len, len(self.source)
     for skipped in range(n):
-      record = (int(element) + skipped) % n
+      record = (int(first) + skipped) % n
       try:
         ex = pad_example(self.example(epoch, record), self.task, self.image_size,
                          self.max_boxes)
@@ -140,6 +143,27 @@ class TrainExample(grain.transforms.MapWithIndex):
       ex["skipped"] = np.int32(skipped)
       return ex
     raise DataValidationError(f"{self.task}: every one of the {n} records failed to load")
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalPosition(grain.transforms.Map):
+  """This host's ``q``-th example -> ``(p, record)``: its position ``p`` in the global stream.
+
+  The global batch ``k`` is positions ``[k * G, (k + 1) * G)`` of one shuffled stream, with
+  ``G = local_batch * shard_count``; host ``i`` takes the ``local_batch`` positions from
+  ``k * G + i * local_batch``. So the global batches, and every example in them, do not
+  depend on how many hosts share them.
+  """
+
+  stream: Any  # MapDataset of record indices in global order
+  local_batch: int
+  shard_index: int
+  shard_count: int
+
+  def map(self, element: int) -> tuple[int, int]:
+    k, j = divmod(int(element), self.local_batch)
+    p = (k * self.shard_count + self.shard_index) * self.local_batch + j
+    return p, int(self.stream[p])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +199,9 @@ def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
     seed: data seed (shuffle and augmentation).
     num_epochs: epochs to run (also the curriculum horizon).
     batch_size: examples per batch on this host (default ``task_cfg.batch_size``).
-    shard_index: this host's shard (multi-host data parallelism).
-    shard_count: number of shards.
+    shard_index: this host's part of each global batch (multi-host data parallelism).
+    shard_count: number of hosts; the global batch (``batch_size * shard_count`` examples)
+      is the same whatever the number of hosts.
     source: a ready source (default ``make_source(task_cfg, task, "train")``).
 
   Returns:
@@ -186,12 +211,14 @@ def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
   source = source if source is not None else make_source(task_cfg, task, "train")
   batch_size = int(batch_size or task_cfg["batch_size"])
   aug = build_augment(task_cfg["augment"], source)
-  records = grain.MapDataset.range(len(source))[shard_index::shard_count]
-  epoch_len = len(records)
+  epoch_len = len(source)
   fn = TrainExample(source, aug, task, tuple(task_cfg["image_size"]),
                     int(_get(task_cfg, "max_boxes", 0) or 0), int(seed), epoch_len,
                     int(num_epochs), _get(task_cfg, "policy", "strict"))
-  ds = records.shuffle(seed=int(seed)).repeat(int(num_epochs)).map_with_index(fn)
+  stream = grain.MapDataset.range(epoch_len).shuffle(seed=int(seed)).repeat(int(num_epochs))
+  global_batches = len(stream) // (batch_size * shard_count)
+  ds = grain.MapDataset.range(global_batches * batch_size).map(
+      _GlobalPosition(stream, batch_size, shard_index, shard_count)).map(fn)
   return ds.batch(batch_size, drop_remainder=True)
 
 
