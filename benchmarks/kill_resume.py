@@ -141,13 +141,18 @@ def _finished(workdir: str) -> bool:
 
 def final_checkpoint(workdir: str) -> dict:
   """The newest checkpoint of a run: ``{"state": numpy pytree, "files": {item/file: bytes}}``."""
+  import jax
   import orbax.checkpoint as ocp
 
   ckpt = os.path.join(workdir, "checkpoints")
   step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
   base = os.path.join(ckpt, str(step))
+  path = os.path.join(base, "state")
   with ocp.PyTreeCheckpointer() as checkpointer:
-    state = checkpointer.restore(os.path.join(base, "state"))
+    # As host numpy arrays: the saving run's devices (other processes') need not exist here.
+    tree = checkpointer.metadata(path).item_metadata.tree
+    state = checkpointer.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
   files = {}
   for item in sorted(os.listdir(base)):
     if item.startswith("data_") or item == "counters":
