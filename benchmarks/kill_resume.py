@@ -10,7 +10,7 @@ exits 0. It then compares with an uninterrupted run: the final parameters, optim
 step, rng and counters (bitwise), the grain data-iterator states and the run counters
 (byte for byte), and ``metrics.jsonl`` (each step once, the same values).
 
-  python benchmarks/kill_resume.py --trials 10 --kills 3 --workdir /tmp/kill_resume
+  python benchmarks/kill_resume.py --trials 10 --kills 3 --workdir /tmp/kill_resume [--tasks cls]
 
 All runs share one persistent compilation cache (``<workdir>/jax_cache``): restarts load
 the executables the first run compiled, as a restarted production job would.
@@ -222,10 +222,12 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default="/tmp/kill_resume")
   parser.add_argument("--total_steps", type=int, default=12)
+  parser.add_argument("--tasks", default="seg,cls", help="comma-separated tasks to train")
   args = parser.parse_args()
   shutil.rmtree(args.workdir, ignore_errors=True)
   env = train_env(os.path.join(args.workdir, "jax_cache"))
-  overrides = (f"--config.total_steps={args.total_steps}",)
+  tasks = tuple(args.tasks.split(","))
+  overrides = (f"--config.total_steps={args.total_steps}", f"--config.tasks={tasks!r}")
   reference = os.path.join(args.workdir, "reference")
   reference_run(reference, env, overrides)  # also fills the compilation cache
   expected = reference_run(os.path.join(args.workdir, "reference_warm"), env, overrides)
