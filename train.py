@@ -17,6 +17,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (default: cluster auto-detection).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of hosts.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This host's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300,
+                                     "Seconds to wait for every host to join (--multihost).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +28,8 @@ def main(argv):
 
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               initialization_timeout=_INIT_TIMEOUT.value)
   from tbgc_jax.trainer.train import train_and_evaluate, use_compilation_cache
 
   use_compilation_cache(_WORKDIR.value)

@@ -52,6 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
 
+  # A task whose loss or gradient is non-finite: "drop_task" leaves it out of that step's
+  # update (counted, logged) and stops after `max_consecutive` such steps of one task in a
+  # row; "stop" stops at the first. Non-finite parameters always stop. Either way the run
+  # stops before the affected state is checkpointed.
+  c.nonfinite = ml_collections.ConfigDict({"policy": "drop_task", "max_consecutive": 5})
+
   c.loss_weights = ml_collections.ConfigDict({"det": 1.0, "seg": 1.0, "cls": 1.0})
   c.num_epochs = 8  # ~8 min for train.py + eval.py on a 2-core CPU
   c.total_steps = 0  # > 0 overrides num_epochs

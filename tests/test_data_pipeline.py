@@ -151,14 +151,17 @@ def test_embedded_generation_is_deterministic(data_cfg, tmp_path):
   assert embedded.embedded_dir().endswith(embedded.VERSION) or os.environ.get("TBGC_DATA_DIR")
 
 
-def test_shards_partition_the_records(data_cfg):
+def test_hosts_split_the_same_global_batches(data_cfg):
+  """Host k's batch j is its slice of global batch j, whatever the number of hosts."""
   cfg = data_cfg.cls
   src = pipeline.make_source(cfg, "cls", "train")
-  seen = []
-  for k in range(3):
-    ds = pipeline.train_dataset(cfg, "cls", seed=0, num_epochs=1, batch_size=1, shard_index=k,
-                                shard_count=3, source=src)
-    idx = [int(ds[j]["index"][0]) for j in range(len(ds))]
-    assert all(i % 3 == k for i in idx)
-    seen += idx
-  assert sorted(seen) == list(range(len(src)))
+  one_host = pipeline.train_dataset(cfg, "cls", seed=0, num_epochs=1, batch_size=6, source=src)
+  shards = [pipeline.train_dataset(cfg, "cls", seed=0, num_epochs=1, batch_size=2,
+                                   shard_index=k, shard_count=3, source=src) for k in range(3)]
+  assert all(len(ds) == len(one_host) for ds in shards)
+  for j in (0, len(one_host) - 1):
+    for key, want in one_host[j].items():
+      got = np.concatenate([ds[j][key] for ds in shards])
+      np.testing.assert_array_equal(got, want, err_msg=key)
+  seen = np.concatenate([ds[j]["index"] for ds in shards for j in range(len(ds))])
+  assert len(set(seen.tolist())) == len(seen) == len(one_host) * 6

@@ -27,7 +27,7 @@ import numpy as np
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.data.augment import build_augment, build_chain
 from tbgc_jax.data.batching import pad_example, padding_example
-from tbgc_jax.data.records import TASKS, RecordSource
+from tbgc_jax.data.records import TASKS, DataValidationError, RecordSource
 
 _log = logging.getLogger(__name__)
 
@@ -102,9 +102,23 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   return source
 
 
+def _describe(source: Any, record: int) -> str:
+  """``"record <i> (<file>)"``: where an example comes from, for error messages."""
+  rec = getattr(source, "records", None)
+  path = getattr(rec[record], "image_path", None) if rec is not None else None
+  return f"record {record}" + (f" ({path})" if path else "")
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainExample(grain.transforms.MapWithIndex):
-  """Record index -> augmented fixed-shape example, rng from (seed, epoch, record index)."""
+class TrainExample(grain.transforms.Map):
+  """(stream position, record index) -> augmented fixed-shape example, rng from (seed, epoch,
+  record index).
+
+  A record that fails to read or augment raises an error naming the task, the record and its
+  file (``policy="strict"``), or (``policy="skip"``) is replaced by the next record that
+  works, deterministically; the example's ``skipped`` field counts the records passed over
+  (0 for most), so the trainer can count skips across grain worker processes.
+  """
 
   source: Any
   augment: Any
@@ -114,6 +128,7 @@ class TrainExample(grain.transforms.MapWithIndex):
   seed: int
   epoch_len: int
   num_epochs: int
+  policy: str = "strict"
 
   def example(self, epoch: int, record: int) -> dict[str, Any]:
     """The augmented (variable-shape) example of ``record`` in ``epoch``."""
@@ -122,9 +137,45 @@ class TrainExample(grain.transforms.MapWithIndex):
     ex["progress"] = epoch / max(self.num_epochs, 1)
     return self.augment.random_map(ex, rng)
 
-  def map_with_index(self, index: int, element: int) -> dict[str, np.ndarray]:
-    ex = self.example(index // self.epoch_len, int(element))
-    return pad_example(ex, self.task, self.image_size, self.max_boxes)
+  def map(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``(position in the global stream, record index)`` -> fixed-shape example."""
+    position, first = element
+    epoch, n = position // self.epoch_len, len(self.source)
+    for skipped in range(n):
+      record = (int(first) + skipped) % n
+      try:
+        ex = pad_example(self.example(epoch, record), self.task, self.image_size,
+                         self.max_boxes)
+      except Exception as e:  # noqa: BLE001 - any reader or augmentation error
+        where = f"{self.task}: {_describe(self.source, record)}, epoch {epoch}"
+        if self.policy != "skip":
+          raise DataValidationError(f"{where}: {type(e).__name__}: {e}") from e
+        _log.warning("%s skipped (policy 'skip'): %s: %s", where, type(e).__name__, e)
+        continue
+      ex["skipped"] = np.int32(skipped)
+      return ex
+    raise DataValidationError(f"{self.task}: every one of the {n} records failed to load")
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalPosition(grain.transforms.Map):
+  """This host's ``q``-th example -> ``(p, record)``: its position ``p`` in the global stream.
+
+  The global batch ``k`` is positions ``[k * G, (k + 1) * G)`` of one shuffled stream, with
+  ``G = local_batch * shard_count``; host ``i`` takes the ``local_batch`` positions from
+  ``k * G + i * local_batch``. So the global batches, and every example in them, do not
+  depend on how many hosts share them.
+  """
+
+  stream: Any  # MapDataset of record indices in global order
+  local_batch: int
+  shard_index: int
+  shard_count: int
+
+  def map(self, element: int) -> tuple[int, int]:
+    k, j = divmod(int(element), self.local_batch)
+    p = (k * self.shard_count + self.shard_index) * self.local_batch + j
+    return p, int(self.stream[p])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +192,11 @@ class EvalExample(grain.transforms.Map):
     i = int(element)
     if i >= len(self.source):
       return padding_example(self.task, self.image_size, self.max_boxes)
-    ex = self.transform.random_map(self.source[i], np.random.default_rng(0))
+    try:
+      ex = self.transform.random_map(self.source[i], np.random.default_rng(0))
+    except Exception as e:  # noqa: BLE001 - name the record whatever the error
+      raise DataValidationError(
+          f"{self.task} eval: {_describe(self.source, i)}: {type(e).__name__}: {e}") from e
     return pad_example(ex, self.task, self.image_size, self.max_boxes)
 
 
@@ -156,22 +211,26 @@ def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
     seed: data seed (shuffle and augmentation).
     num_epochs: epochs to run (also the curriculum horizon).
     batch_size: examples per batch on this host (default ``task_cfg.batch_size``).
-    shard_index: this host's shard (multi-host data parallelism).
-    shard_count: number of shards.
+    shard_index: this host's part of each global batch (multi-host data parallelism).
+    shard_count: number of hosts; the global batch (``batch_size * shard_count`` examples)
+      is the same whatever the number of hosts.
     source: a ready source (default ``make_source(task_cfg, task, "train")``).
 
   Returns:
-    ``len(ds)`` batches (``drop_remainder``) of fixed-shape numpy dicts.
+    ``len(ds)`` batches (``drop_remainder``) of fixed-shape numpy dicts, with ``skipped``
+    (int32 per example: unreadable records passed over under ``task_cfg.policy == "skip"``).
   """
   source = source if source is not None else make_source(task_cfg, task, "train")
   batch_size = int(batch_size or task_cfg["batch_size"])
   aug = build_augment(task_cfg["augment"], source)
-  records = grain.MapDataset.range(len(source))[shard_index::shard_count]
-  epoch_len = len(records)
+  epoch_len = len(source)
   fn = TrainExample(source, aug, task, tuple(task_cfg["image_size"]),
                     int(_get(task_cfg, "max_boxes", 0) or 0), int(seed), epoch_len,
-                    int(num_epochs))
-  ds = records.shuffle(seed=int(seed)).repeat(int(num_epochs)).map_with_index(fn)
+                    int(num_epochs), _get(task_cfg, "policy", "strict"))
+  stream = grain.MapDataset.range(epoch_len).shuffle(seed=int(seed)).repeat(int(num_epochs))
+  global_batches = len(stream) // (batch_size * shard_count)
+  ds = grain.MapDataset.range(global_batches * batch_size).map(
+      _GlobalPosition(stream, batch_size, shard_index, shard_count)).map(fn)
   return ds.batch(batch_size, drop_remainder=True)
 
 

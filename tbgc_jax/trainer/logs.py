@@ -1,7 +1,6 @@
-"""Training logs: JSONL and TensorBoard scalars, the non-finite check, and end-of-run plots."""
+"""Training logs: JSONL and TensorBoard scalars, the non-finite policy check, end-of-run plots."""
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -12,17 +11,22 @@ class MetricWriter:
   """Writes scalar rows to ``workdir/metrics.jsonl`` and TensorBoard event files.
 
   Only the host with ``jax.process_index() == 0`` should write; others pass ``enabled=False``.
+  A run starting from the checkpoint of step ``resume_step`` (0: none) passes it: the rows
+  of steps ``>= resume_step`` (written after that checkpoint by a run that stopped before its
+  next one) are removed from the JSONL file and purged from TensorBoard, so that each step
+  is logged once.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      truncate_jsonl(self.path, resume_step)
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -38,14 +42,69 @@ class MetricWriter:
       self._tb.close()
 
 
-def check_finite(step: int, metrics: Mapping[str, float], tasks: Sequence[str]) -> None:
-  """Raises on a non-finite task loss, naming the step and the task (never trains through)."""
-  for task in tasks:
-    value = metrics.get(f"{task}/loss")
-    if value is not None and not math.isfinite(value):
+def truncate_jsonl(path: str, first_dropped: int) -> int:
+  """Keeps the rows of ``path`` with ``step < first_dropped`` (atomic rewrite).
+
+  A row cut short by a kill (the file's last line) is dropped too.
+
+  Returns:
+    The number of rows removed.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, removed = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        removed += 1
+        continue
+      if row["step"] < first_dropped:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        removed += 1
+  if removed:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return removed
+
+
+def check_nonfinite(step: int, metrics: Mapping[str, float], tasks: Sequence[str],
+                    max_consecutive: int) -> list[str]:
+  """The host side of the non-finite policy, on one step's fetched metrics.
+
+  Args:
+    step: the step of ``metrics`` (0-based).
+    metrics: that step's scalars (``<task>/dropped``, ``<task>/dropped_streak``,
+      ``<task>/dropped_total``, ``params_finite``, ``<task>/loss``).
+    tasks: task names.
+    max_consecutive: stop once a task was dropped in this many steps in a row.
+
+  Returns:
+    The tasks dropped from this step's update (the caller logs them).
+
+  Raises:
+    FloatingPointError: a parameter is non-finite, or a task reached ``max_consecutive``;
+      the message names the step and the task. Raised before the state is checkpointed.
+  """
+  if not metrics.get("params_finite", 1):
+    raise FloatingPointError(
+        f"non-finite parameters after step {step}: stopping before they are checkpointed; "
+        "the last checkpoint is intact. Lower the learning rate or check the data.")
+  dropped = [t for t in tasks if metrics.get(f"{t}/dropped", 0)]
+  for task in dropped:
+    streak = int(metrics[f"{task}/dropped_streak"])
+    if streak >= max_consecutive:
       raise FloatingPointError(
-          f"non-finite loss at step {step} for task {task!r}: {value}. The last checkpoint "
-          "before it is kept; lower the learning rate or max norm, or check that task's data.")
+          f"task {task!r}: non-finite loss or gradient in {streak} consecutive steps (up to "
+          f"step {step}, loss {metrics.get(f'{task}/loss')}); config.nonfinite."
+          f"max_consecutive={max_consecutive}. Stopping before this state is checkpointed; "
+          "the last checkpoint is intact. Lower the learning rate or max norm, or check that "
+          "task's data.")
+  return dropped
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -24,11 +24,19 @@ def _preset(table: dict, name: str, where: str):
 def build_model(config: Any, *, rngs: nnx.Rngs) -> MultiTaskModel:
   """The shared backbone and one head per task of ``config.tasks``.
 
-  Uses ``config.model`` (``backbone``, ``drop_path_rate``, ``det``, ``seg``, ``cls``) and the
-  class counts of ``config.data.<task>.num_classes``.
+  Uses ``config.model`` (``backbone``, optional ``backbone_overrides`` of the preset's
+  fields, ``drop_path_rate``, ``det``, ``seg``, ``cls``) and the class counts of
+  ``config.data.<task>.num_classes``.
   """
   m = config.model
   backbone_cfg = _preset(PRESETS, m.backbone, "config.model.backbone")
+  overrides = dict(m.get("backbone_overrides", None) or {})
+  if overrides:
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(backbone_cfg)}
+    if unknown:
+      raise ValueError(f"config.model.backbone_overrides: unknown fields {sorted(unknown)}")
+    overrides = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in overrides.items()}
+    backbone_cfg = dataclasses.replace(backbone_cfg, **overrides)
   if m.drop_path_rate >= 0:
     backbone_cfg = dataclasses.replace(backbone_cfg, drop_path_rate=float(m.drop_path_rate))
   backbone = InternImage(backbone_cfg, rngs=rngs)

@@ -55,11 +55,56 @@ def make_loss_fns(graphdef: nnx.GraphDef, tasks: Sequence[str], weights: dict[st
   return {t: make(k, t) for k, t in enumerate(tasks)}
 
 
+def init_nonfinite_state(tasks: Sequence[str]) -> dict[str, dict[str, jax.Array]]:
+  """Per-task counters of dropped (non-finite) steps: ``{"count": {t: i32}, "streak": ...}``.
+
+  ``count``: steps in which the task's loss or gradient was non-finite; ``streak``: how
+  many of the latest steps in a row were.
+  """
+  # Distinct arrays per leaf: the state is donated, and one buffer may not be donated twice.
+  return {k: {t: jnp.zeros([], jnp.int32) for t in tasks} for k in ("count", "streak")}
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def drop_nonfinite_tasks(losses: dict, grads: dict, counters: dict
+                         ) -> tuple[dict, dict, dict[str, jax.Array]]:
+  """The step's policy for a diverging task, applied before any gradient method.
+
+  A task whose loss or gradient has a NaN or Inf contributes a zero gradient to this step's
+  update (the other tasks still train), and its counters advance.
+
+  Args:
+    losses: ``{task: scalar loss}``.
+    grads: ``{task: params-shaped gradient}``.
+    counters: `init_nonfinite_state` pytree of the previous step.
+
+  Returns:
+    ``(grads, counters, ok)``: gradients with dropped tasks zeroed, updated counters and
+    ``{task: bool[]}`` (True where the task was kept).
+  """
+  ok = {t: jnp.isfinite(losses[t]) & _all_finite(grads[t]) for t in grads}
+  grads = {t: jax.tree.map(lambda g, keep=ok[t]: jnp.where(keep, g, jnp.zeros_like(g)), grads[t])
+           for t in grads}
+  bad = {t: (~ok[t]).astype(jnp.int32) for t in grads}
+  counters = {"count": {t: counters["count"][t] + bad[t] for t in grads},
+              "streak": {t: (counters["streak"][t] + 1) * bad[t] for t in grads}}
+  return grads, counters, ok
+
+
 def _update(state, losses, aux, grads, *, tasks, tx, schedules):
-  """Gradient method + optimizer + metrics; shared by both step forms."""
+  """Non-finite policy + gradient method + optimizer + metrics; shared by both step forms."""
   params = state["params"]
-  updates, opt_state = tx.update(grads, state["opt_state"], params, losses=losses)
   metrics = {}
+  grads, nonfinite, ok = drop_nonfinite_tasks(losses, grads, state["nonfinite"])
+  for t in tasks:
+    metrics[f"{t}/dropped"] = (~ok[t]).astype(jnp.int32)
+    metrics[f"{t}/dropped_total"] = nonfinite["count"][t]
+    metrics[f"{t}/dropped_streak"] = nonfinite["streak"][t]
+  updates, opt_state = tx.update(grads, state["opt_state"], params, losses=losses)
   for t, d in tbgc_jax.task_diagnostics(opt_state).items():
     metrics[f"{t}/backbone_grad_norm"] = d["backbone_norm"]
     metrics[f"{t}/backbone_grad_norm_after"] = d["backbone_norm_after"]
@@ -71,11 +116,14 @@ def _update(state, losses, aux, grads, *, tasks, tx, schedules):
     metrics.update({f"{t}/{k}": jnp.asarray(v, jnp.float32) for k, v in aux[t].items()})
   metrics["lr"] = schedules["head"](state["step"])
   metrics["backbone_lr"] = schedules["backbone"](state["step"])
+  new_params = optax.apply_updates(params, updates)
+  metrics["params_finite"] = _all_finite(new_params).astype(jnp.int32)
   new_state = {
       "step": state["step"] + 1,
-      "params": optax.apply_updates(params, updates),
+      "params": new_params,
       "opt_state": opt_state,
       "rng": state["rng"],
+      "nonfinite": nonfinite,
   }
   return new_state, metrics
 
@@ -146,10 +194,10 @@ def make_train_step(
   On the CPU backend the `PerTaskStep` compiles with ``config.xla_cpu_options`` (optional; see
   docs/performance.md).
 
-  ``state`` is ``{"step", "params", "opt_state", "rng"}`` (donated; replicated over ``mesh``);
-  ``rest`` the model's non-parameter state (rng streams); ``batches`` ``{task: batch}``
-  sharded over the mesh's "data" axis. Randomness: ``fold_in(state["rng"], step)``. Metrics
-  stay on device (no host sync inside).
+  ``state`` is ``{"step", "params", "opt_state", "rng", "nonfinite"}`` (donated; replicated
+  over ``mesh``); ``rest`` the model's non-parameter state (rng streams); ``batches``
+  ``{task: batch}`` sharded over the mesh's "data" axis. Randomness:
+  ``fold_in(state["rng"], step)``. Metrics stay on device (no host sync inside).
   """
   tasks = tuple(tasks)
   loss_fns = make_loss_fns(graphdef, tasks, {t: float(config.loss_weights[t]) for t in tasks})

@@ -12,6 +12,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -31,10 +34,11 @@ from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer import logs
 from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import make_optimizer, method_hyperparameters
-from tbgc_jax.trainer.step import STEP_MODES, make_train_step
+from tbgc_jax.trainer.step import STEP_MODES, init_nonfinite_state, make_train_step
 
 TASKS = ("det", "seg", "cls")
 NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
+NONFINITE_POLICIES = ("drop_task", "stop")
 _log = logging.getLogger(__name__)
 
 
@@ -67,6 +71,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "Set it to 'none' to start from random weights")
   if pretrained == NO_PRETRAINED:
     _log.warning("config.model.pretrained='none': the backbone starts from random weights")
+  nonfinite = config.get("nonfinite", None)
+  if nonfinite is not None:
+    if nonfinite.policy not in NONFINITE_POLICIES:
+      raise ValueError(f"config.nonfinite.policy must be one of {NONFINITE_POLICIES}, got "
+                       f"{nonfinite.policy!r}")
+    if not int(nonfinite.max_consecutive) >= 1:
+      raise ValueError(f"config.nonfinite.max_consecutive must be >= 1, got "
+                       f"{nonfinite.max_consecutive}")
   if config.mesh_devices < 0 or config.mesh_devices > jax.device_count():
     raise ValueError(f"config.mesh_devices must be in [0, {jax.device_count()}] (0 = all), "
                      f"got {config.mesh_devices}")
@@ -140,27 +152,122 @@ def _schedule_lengths(setup: Setup, sources: dict) -> tuple[int, int]:
   return steps_per_epoch, total
 
 
+def _max_consecutive_nonfinite(config) -> int:
+  """Dropped steps in a row after which a task stops the run (1 under policy "stop")."""
+  nonfinite = config.get("nonfinite", None)
+  if nonfinite is None or nonfinite.policy == "stop":
+    return 1
+  return int(nonfinite.max_consecutive)
+
+
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=int(config.keep_checkpoints), enable_async_checkpointing=True,
-          create=True),
+          create=True, cleanup_tmp_directories=True),
   )
 
 
-def _state_args(state, iterators, config) -> ocp.args.Composite:
+def _state_args(state, iterators, config, counters) -> ocp.args.Composite:
   items = {"state": ocp.args.StandardSave(state),
-           "config": ocp.args.JsonSave(config.to_dict())}
+           "config": ocp.args.JsonSave(config.to_dict()),
+           "counters": ocp.args.JsonSave(counters)}
   items.update({f"data_{t}": grain.checkpoint.CheckpointSave(it) for t, it in iterators.items()})
   return ocp.args.Composite(**items)
 
 
 def _restore_args(abstract_state, iterators) -> ocp.args.Composite:
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  items = {"state": ocp.args.StandardRestore(abstract_state),
+           "counters": ocp.args.JsonRestore()}
   items.update({f"data_{t}": grain.checkpoint.CheckpointRestore(it)
                 for t, it in iterators.items()})
   return ocp.args.Composite(**items)
+
+
+def restore_latest_intact(mngr: ocp.CheckpointManager, args: Any, workdir: str
+                          ) -> tuple[Any, int | None]:
+  """Restores the newest checkpoint that reads back whole; sets damaged ones aside.
+
+  A step that fails to restore (files truncated, missing or unreadable; a save cut short)
+  is logged with a warning naming the step and the error, and the next older one is tried.
+  Once one restores, the damaged newer steps are moved to ``<workdir>/checkpoints_damaged``
+  (kept for inspection, never deleted), so that the run can save those steps again.
+
+  Args:
+    mngr: the run's checkpoint manager.
+    args: the ``ocp.args.Composite`` to restore with (the same for every step).
+    workdir: the run's directory.
+
+  Returns:
+    ``(restored, step)``, or ``(None, None)`` when there is no checkpoint at all.
+
+  Raises:
+    RuntimeError: checkpoints exist but none restores (the run does not start from scratch).
+  """
+  damaged: list[tuple[int, str]] = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - any failure means this step is not usable
+      what = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      _log.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one",
+                   step, mngr.directory, what)
+      damaged.append((step, what))
+      continue
+    if damaged:
+      _set_aside(mngr, [d for d, _ in damaged], workdir)
+      _log.warning("resumed from step %d; damaged newer checkpoint(s) %s moved to %s", step,
+                   [d for d, _ in damaged], os.path.join(workdir, "checkpoints_damaged"))
+    return restored, step
+  if damaged:
+    raise RuntimeError(
+        f"no checkpoint in {mngr.directory} can be restored: "
+        + "; ".join(f"step {d}: {w}" for d, w in damaged)
+        + ". Not starting from scratch: move that directory away to start over.")
+  return None, None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
+  if jax.process_index() == 0:
+    target = os.path.join(workdir, "checkpoints_damaged")
+    os.makedirs(target, exist_ok=True)
+    for step in steps:
+      dest = os.path.join(target, f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
+      shutil.move(os.path.join(str(mngr.directory), str(step)), dest)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("tbgc_set_aside_damaged_checkpoints")
+  mngr.reload()
+
+
+class Preemption:
+  """A preemption notice (SIGTERM) turned into "checkpoint at the next step boundary".
+
+  On several processes, orbax's ``reached_preemption`` (jax's preemption sync service, which
+  handles SIGTERM itself) agrees on one step for all of them; on one process a Python SIGTERM
+  handler sets a flag. Call `reached` at every step boundary, on every process.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager):
+    self._mngr = mngr
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    return bool(self._mngr.reached_preemption(step)) or self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def restore_params(setup: Setup, workdir: str, step: int | None = None):
@@ -180,6 +287,14 @@ def restore_params(setup: Setup, workdir: str, step: int | None = None):
           partial_restore=True)))
   mngr.close()
   return restored["state"]["params"], step
+
+
+def _write_summary(workdir: str, step: int, summary: dict) -> None:
+  """``<workdir>/summary.json``: the run's counts (dropped steps, skipped records) at ``step``."""
+  path = os.path.join(workdir, "summary.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump({"step": step, **summary}, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -215,67 +330,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "params": setup.params,
       "opt_state": jax.jit(tx.init)(setup.params),
       "rng": jax.random.PRNGKey(config.seed),
+      "nonfinite": init_nonfinite_state(tasks),
   }
   state = jax.device_put(state, setup.replicated)
+  # Records passed over by the data pipeline (policy "skip"), per task, counted by this process.
+  skipped = {t: 0 for t in tasks}
 
   mngr = _checkpoint_manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.replicated), state)
-    state = mngr.restore(latest, args=_restore_args(abstract, iterators))["state"]
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.replicated), state)
+  restored, latest = restore_latest_intact(mngr, _restore_args(abstract, iterators), workdir)
+  if restored is not None:
+    state = restored["state"]
+    saved = restored["counters"]["data_skipped"]
+    skipped = {t: int(saved[t][jax.process_index()]) if len(saved[t]) == jax.process_count()
+               else int(sum(saved[t])) * is_main for t in tasks}
     _log.info("resumed from step %d in %s", latest, workdir)
 
   jstep = make_train_step(setup.graphdef, tasks, tx, schedules, config, backbone_mask,
                           setup.mesh, state, setup.rest)
-  writer = logs.MetricWriter(workdir, enabled=is_main)
+  start = int(state["step"])
+  writer = logs.MetricWriter(workdir, enabled=is_main, resume_step=start)
+  max_consecutive = _max_consecutive_nonfinite(config)
+  from jax.experimental import multihost_utils
   from tqdm import tqdm
 
-  start = int(state["step"])
   bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train",
              dynamic_ncols=True)
-  pending: list[tuple[int, Any, float]] = []
+  pending: list[tuple[int, Any, float, dict[str, int]]] = []
   flush_t = time.perf_counter()
   last_step = min(total_steps, stop_after) if stop_after else total_steps
+  preemption = Preemption(mngr)
+  summary = {"tasks": list(tasks), "dropped_steps": {t: 0 for t in tasks},
+             "data_skipped": {t: 0 for t in tasks}, "skipped_by_process": {}}
 
   def flush():
     nonlocal flush_t
     if not pending:
       return
-    fetched = jax.device_get([m for _, m, _ in pending])
+    fetched = jax.device_get([m for _, m, _, _ in pending])
+    # Every process's skip counts (the same flush steps on all of them).
+    by_process = np.asarray(multihost_utils.process_allgather(
+        np.asarray([[c[t] for t in tasks] for _, _, _, c in pending], np.int64)))
+    by_process = by_process.reshape(jax.process_count(), len(pending), len(tasks))
     now = time.perf_counter()
     wall = (now - flush_t) / len(pending)
     flush_t = now
-    for (step, _, wait), metrics in zip(pending, fetched, strict=True):
+    for i, ((step, _, wait, _), metrics) in enumerate(zip(pending, fetched, strict=True)):
       row = {k: float(v) for k, v in metrics.items()}
-      logs.check_finite(step, row, tasks)
+      dropped = logs.check_nonfinite(step, row, tasks, max_consecutive)
+      for t in dropped:
+        _log.warning("step %d: task %r has a non-finite loss or gradient (loss %s): dropped "
+                     "from this update (%d dropped steps in a row, %d in all; stop at %d)",
+                     step, t, row[f"{t}/loss"], row[f"{t}/dropped_streak"],
+                     row[f"{t}/dropped_total"], max_consecutive)
+      row.update({f"{t}/data_skipped": float(by_process[:, i, k].sum())
+                  for k, t in enumerate(tasks)})
       row.update(step_time=wall, data_wait=wait)
       writer.write(step, row)
+    summary["dropped_steps"] = {t: int(row[f"{t}/dropped_total"]) for t in tasks}
+    summary["data_skipped"] = {t: int(by_process[:, -1, k].sum()) for k, t in enumerate(tasks)}
+    summary["skipped_by_process"] = {t: by_process[:, -1, k].tolist()
+                                     for k, t in enumerate(tasks)}
     bar.set_postfix({t: f"{float(fetched[-1][f'{t}/loss']):.3g}" for t in tasks})
     pending.clear()
 
-  for step in range(start, last_step):
-    t0 = time.perf_counter()
-    host = {t: next(iterators[t]) for t in tasks}
-    wait = time.perf_counter() - t0
-    batches = {t: eval_lib.global_batch(b, setup.data_sharding) for t, b in host.items()}
-    state, metrics = jstep(state, setup.rest, batches)
-    pending.append((step, metrics, wait))
-    bar.update(1)
-    done = step + 1
-    save = done % config.checkpoint_every == 0 or done == last_step
-    if done % config.log_every == 0 or save:
-      flush()  # raises on a non-finite loss before anything is saved
-    if save:
-      mngr.save(done, args=_state_args(state, iterators, config))
-  flush()
-  bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
+  try:
+    for step in range(start, last_step):
+      t0 = time.perf_counter()
+      host = {t: next(iterators[t]) for t in tasks}
+      wait = time.perf_counter() - t0
+      for t in tasks:
+        skipped[t] += int(np.sum(host[t].pop("skipped")))
+      batches = {t: eval_lib.global_batch(b, setup.data_sharding) for t, b in host.items()}
+      state, metrics = jstep(state, setup.rest, batches)
+      pending.append((step, metrics, wait, dict(skipped)))
+      bar.update(1)
+      done = step + 1
+      preempted = preemption.reached(done)
+      save = done % config.checkpoint_every == 0 or done == last_step or preempted
+      if done % config.log_every == 0 or save:
+        flush()  # raises under the non-finite policy before anything is saved
+      if save:
+        counters = {"data_skipped": summary["skipped_by_process"]}
+        mngr.save(done, args=_state_args(state, iterators, config, counters), force=preempted)
+        if is_main:
+          _write_summary(workdir, done, summary)
+      if preempted:
+        _log.warning("preemption notice: checkpoint of step %d written; rerun the same "
+                     "command to resume", done)
+        break
+    flush()
+  finally:
+    preemption.close()
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
   if int(state["step"]) < total_steps:
     return {}
 
+  if is_main:
+    _write_summary(workdir, int(state["step"]), summary)
   if is_main and os.path.exists(writer.path):
     logs.plot_training(writer.path, workdir, tasks)
   metrics, _ = eval_lib.evaluate(config, setup.eval_graphdef, state["params"], setup.rest,

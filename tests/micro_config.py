@@ -1,0 +1,40 @@
+"""A minimal two-task config (seg + cls) for the reliability tests: same code paths as
+``configs/tiny.py``, widths, depths, queries and resolutions cut so that XLA:CPU compiles
+a train step in seconds.
+
+  python train.py --config tests/micro_config.py --workdir /tmp/micro
+"""
+
+import ml_collections
+
+from configs import tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = tiny.get_config()
+  c.tasks = ("seg", "cls")
+  c.model.backbone_overrides = ml_collections.ConfigDict(
+      {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 1, 2, 2), "mlp_ratio": 1.0})
+  c.model.seg.overrides = ml_collections.ConfigDict(
+      {"hidden_dim": 8, "mask_dim": 8, "num_queries": 12, "num_decoder_layers": 1,
+       "num_heads": 1, "decoder_ffn_dim": 8, "encoder_ffn_dim": 8, "encoder_heads": 1,
+       "encoder_points": 1, "num_points": 16})
+  c.data.seg.batch_size = 2
+  c.data.seg.image_size = (32, 32)
+  c.data.seg.eval_image_size = (32, 32)
+  c.data.seg.augment = ml_collections.ConfigDict(
+      {"mode": "chain", "chain": "random_resize(long_edge=40, ratio_min=0.5, ratio_max=2.0)|"
+                                 "random_crop(size=(32, 32))|noise(max_std=8.0)"})
+  c.data.seg.eval_augment = "resize_fit(size=(32, 32))"
+  c.data.cls.batch_size = 4
+  c.data.cls.image_size = (32, 32)
+  c.data.cls.eval_image_size = (32, 32)
+  c.data.cls.augment = ml_collections.ConfigDict(
+      {"mode": "chain", "chain": "resize(size=(32, 32))|random_erase"})
+  c.data.cls.eval_augment = "resize(size=(32, 32))"
+  c.total_steps = 8
+  c.log_every = 2
+  c.checkpoint_every = 2
+  c.keep_checkpoints = 2
+  c.mesh_devices = 1
+  return c
