@@ -7,10 +7,16 @@ which pytest loads before collecting anything:
   tiny shapes a test spends far more time in LLVM than in running code. Compiled buffer
   sizes (``memory_analysis``) do not depend on it. Subprocesses started by tests (train.py,
   eval.py) inherit it through the environment. Set ``TBGC_TEST_XLA_OPT=1`` to test with the
-  default back-end.
+  default back-end;
+- one persistent XLA compilation cache per test run, shared by the xdist workers and the
+  processes tests start (train.py, eval.py, restarts after a kill): the end-to-end tests
+  compile the same functions again and again. The controlling process makes the folder and
+  the workers inherit it through the environment; a folder set by the caller
+  (``JAX_COMPILATION_CACHE_DIR``) wins.
 """
 
 import os
+import tempfile
 
 import jax
 
@@ -19,5 +25,14 @@ if os.environ.get("TBGC_TEST_XLA_OPT", "0") != "1":
   flags = os.environ.get("XLA_FLAGS", "").split()
   os.environ["XLA_FLAGS"] = " ".join(
       flags + [f for f in _FAST_BACKEND if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")])
+
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tbgc-test-jax-cache-")
+# Cache every compile, however small or quick (the defaults skip those under 1 s).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 jax.config.update("jax_num_cpu_devices", 8)

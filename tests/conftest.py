@@ -15,3 +15,9 @@ def embedded_root(tmp_path_factory) -> str:
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent
   return embedded.ensure_embedded(str(base / "tbgc_embedded"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> str:
+  """The test run's persistent compilation cache (set up in the root conftest.py)."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]

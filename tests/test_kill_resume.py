@@ -13,8 +13,8 @@ OVERRIDES = ("--config.tasks=('cls',)", "--config.total_steps=8")
 
 
 @pytest.mark.slow
-def test_killed_and_preempted_runs_end_bitwise_like_an_uninterrupted_one(tmp_path):
-  env = kill_resume.train_env(str(tmp_path / "jax_cache"))
+def test_killed_and_preempted_runs_end_bitwise_like_an_uninterrupted_one(tmp_path, cache_dir):
+  env = kill_resume.train_env(cache_dir)
   reference = str(tmp_path / "reference")
   seconds = kill_resume.reference_run(reference, env, OVERRIDES)
   workdir = str(tmp_path / "trial")

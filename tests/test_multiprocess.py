@@ -46,7 +46,7 @@ def _two_processes(workdir, env):
 
 @pytest.mark.slow
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
-  env = kill_resume.train_env(str(tmp_path / "jax_cache"))
+  env = kill_resume.train_env(os.environ["JAX_COMPILATION_CACHE_DIR"])
   one = str(tmp_path / "one")
   kill_resume.reference_run(one, dict(env, JAX_NUM_CPU_DEVICES="2"), OVERRIDES)
   two = str(tmp_path / "two")

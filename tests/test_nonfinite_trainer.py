@@ -22,16 +22,6 @@ from tests import micro_config
 _MAKE_SOURCE = pipeline.make_source
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-
-
 def _poison(monkeypatch, task, bad_steps):
   """Makes ``task``'s loss and gradient NaN at the given (0-based) steps."""
   def make(*args, **kwargs):

@@ -18,17 +18,6 @@ from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate, va
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache: later runs in this module (and eval.py) reuse compiles."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-
-
 def _config(**overrides):
   c = tiny.get_config()
   c.total_steps = 4
