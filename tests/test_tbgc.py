@@ -402,3 +402,21 @@ def test_many_small_leaves_lower_to_few_reductions():
     tx = make_tx(method, ("a", "b", "c"), MASK)
     hlo = jax.jit(tx.update).lower(grads, tx.init(params), params).as_text()
     assert hlo.count("stablehlo.reduce") <= 8, (method, hlo.count("stablehlo.reduce"))
+
+
+def test_all_finite_is_exact_and_lowers_to_few_reductions():
+  params = _tree([jnp.zeros((7,)) for _ in range(150)], [jnp.zeros((3,)) for _ in range(150)])
+  params["big"] = jnp.zeros((1 << 16,))
+  hlo = jax.jit(tbgc_jax.all_finite).lower(params).as_text()
+  assert hlo.count("stablehlo.reduce") <= 2, hlo.count("stablehlo.reduce")
+  assert bool(tbgc_jax.all_finite(params))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    for key in ("big", "backbone"):
+      tree = dict(params)
+      if key == "big":
+        tree["big"] = params["big"].at[-1].set(bad)
+      else:
+        tree["backbone"] = {**params["backbone"], "b9": params["backbone"]["b9"].at[3].set(bad)}
+      assert not bool(tbgc_jax.all_finite(tree)), (bad, key)
+  # Large but finite values are finite (no overflow, unlike a sum of squares).
+  assert bool(tbgc_jax.all_finite({"x": jnp.full((3,), 3e38, jnp.float32)}))

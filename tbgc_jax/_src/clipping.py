@@ -68,23 +68,33 @@ def _split_grads(updates: Any, tasks: tuple[str, ...], params: Any, where: str):
 _SMALL_LEAF = 1 << 16  # elements
 
 
-def _sum_squares(leaves: Sequence[jax.Array], select: Sequence[bool], want: bool) -> jax.Array:
-  """Float32 sum of squares of the selected leaves.
+def _reduce_leaves(leaves: Sequence[jax.Array], fn) -> jax.Array:
+  """Float32 sum of the elementwise ``fn`` over all ``leaves``.
 
   Large leaves are reduced one by one, in place. Small leaves (biases, norm scales: most of
   a real model's leaves, little of its size) are concatenated and reduced once: XLA:CPU
   compiles every reduction kernel separately, and one per leaf takes minutes to compile for
   a few hundred leaves x 3 tasks; concatenating everything instead copies the whole gradient.
   """
-  chosen = [x for x, s in zip(leaves, select, strict=True) if s == want]
-  small = [x.astype(_F32).ravel() for x in chosen if x.size < _SMALL_LEAF]
+  small = [fn(x).ravel() for x in leaves if x.size < _SMALL_LEAF]
   total = jnp.zeros([], _F32)
   if small:
-    total = jnp.sum(jnp.square(jnp.concatenate(small)))
-  for x in chosen:
+    total = jnp.sum(jnp.concatenate(small))
+  for x in leaves:
     if x.size >= _SMALL_LEAF:
-      total = total + jnp.sum(jnp.square(x.astype(_F32)))
+      total = total + jnp.sum(fn(x))
   return total
+
+
+def _sum_squares(leaves: Sequence[jax.Array], select: Sequence[bool], want: bool) -> jax.Array:
+  """Float32 sum of squares of the leaves whose ``select`` entry equals ``want``."""
+  chosen = [x for x, s in zip(leaves, select, strict=True) if s == want]
+  return _reduce_leaves(chosen, lambda x: jnp.square(x.astype(_F32)))
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """bool[]: every element of every leaf of ``tree`` is finite (few reductions; see above)."""
+  return _reduce_leaves(jax.tree.leaves(tree), lambda x: (~jnp.isfinite(x)).astype(_F32)) == 0
 
 
 def _safe_ratio(num, den):

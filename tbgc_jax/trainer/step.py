@@ -65,11 +65,6 @@ def init_nonfinite_state(tasks: Sequence[str]) -> dict[str, dict[str, jax.Array]
   return {k: {t: jnp.zeros([], jnp.int32) for t in tasks} for k in ("count", "streak")}
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def drop_nonfinite_tasks(losses: dict, grads: dict, counters: dict
                          ) -> tuple[dict, dict, dict[str, jax.Array]]:
   """The step's policy for a diverging task, applied before any gradient method.
@@ -86,7 +81,7 @@ def drop_nonfinite_tasks(losses: dict, grads: dict, counters: dict
     ``(grads, counters, ok)``: gradients with dropped tasks zeroed, updated counters and
     ``{task: bool[]}`` (True where the task was kept).
   """
-  ok = {t: jnp.isfinite(losses[t]) & _all_finite(grads[t]) for t in grads}
+  ok = {t: jnp.isfinite(losses[t]) & tbgc_jax.all_finite(grads[t]) for t in grads}
   grads = {t: jax.tree.map(lambda g, keep=ok[t]: jnp.where(keep, g, jnp.zeros_like(g)), grads[t])
            for t in grads}
   bad = {t: (~ok[t]).astype(jnp.int32) for t in grads}
@@ -117,7 +112,7 @@ def _update(state, losses, aux, grads, *, tasks, tx, schedules):
   metrics["lr"] = schedules["head"](state["step"])
   metrics["backbone_lr"] = schedules["backbone"](state["step"])
   new_params = optax.apply_updates(params, updates)
-  metrics["params_finite"] = _all_finite(new_params).astype(jnp.int32)
+  metrics["params_finite"] = tbgc_jax.all_finite(new_params).astype(jnp.int32)
   new_state = {
       "step": state["step"] + 1,
       "params": new_params,
