@@ -23,14 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seg.image_size = (32, 32)
   c.data.seg.eval_image_size = (32, 32)
   c.data.seg.augment = ml_collections.ConfigDict(
-      {"mode": "chain", "chain": "random_resize(long_edge=40, ratio_min=0.5, ratio_max=2.0)|"
+      {"mode": "plain", "plain": "random_resize(long_edge=40, ratio_min=0.5, ratio_max=2.0)|"
                                  "random_crop(size=(32, 32))|noise(max_std=8.0)"})
   c.data.seg.eval_augment = "resize_fit(size=(32, 32))"
   c.data.cls.batch_size = 4
   c.data.cls.image_size = (32, 32)
   c.data.cls.eval_image_size = (32, 32)
   c.data.cls.augment = ml_collections.ConfigDict(
-      {"mode": "chain", "chain": "resize(size=(32, 32))|random_erase"})
+      {"mode": "plain", "plain": "resize(size=(32, 32))|random_erase"})
   c.data.cls.eval_augment = "resize(size=(32, 32))"
   c.total_steps = 8
   c.log_every = 2
