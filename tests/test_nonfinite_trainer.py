@@ -35,7 +35,12 @@ def _poison(monkeypatch, task, bad_steps):
         grads = jax.tree.map(lambda g: g * jnp.nan, grads)
       return (loss, aux), grads
 
-    return dataclasses.replace(step_fn, task_grads={**step_fn.task_grads, task: poisoned})
+    # The wrapper branches on the step in Python, so it cannot be lowered ahead of time: the
+    # step is marked compiled and runs its functions as plain jits.
+    step_fn = dataclasses.replace(step_fn, task_grads={**step_fn.task_grads, task: poisoned},
+                                  _compiled=[])
+    step_fn._compiled.append(step_fn)
+    return step_fn
 
   monkeypatch.setattr(train_lib, "make_train_step", make)
 
