@@ -66,7 +66,7 @@ def abstract_step(config):
   from tbgc_jax.models.multitask import backbone_mask
   from tbgc_jax.trainer.model_factory import build_model
   from tbgc_jax.trainer.optim import make_optimizer
-  from tbgc_jax.trainer.step import init_nonfinite_state, make_train_step
+  from tbgc_jax.trainer.step import make_train_step
   from tbgc_jax.trainer.train import make_mesh
 
   tasks = tuple(config.tasks)
@@ -77,8 +77,7 @@ def abstract_step(config):
   sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
   state = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params),
-           "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-           "nonfinite": jax.eval_shape(lambda: init_nonfinite_state(tasks))}
+           "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
   batches = {}
   for t in tasks:
     d = config.data[t]

@@ -79,12 +79,9 @@ def _state(setup, tx, params=None):
   import jax
   import jax.numpy as jnp
 
-  from tbgc_jax.trainer.step import init_nonfinite_state
-
   params = jax.tree.map(jnp.copy, setup.params) if params is None else params
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": jax.jit(tx.init)(params), "rng": jax.random.PRNGKey(0),
-           "nonfinite": init_nonfinite_state(setup.tasks)}
+           "opt_state": jax.jit(tx.init)(params), "rng": jax.random.PRNGKey(0)}
   return jax.device_put(state, setup.replicated)
 
 

@@ -161,7 +161,7 @@ def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
   import json
 
   from tbgc_jax.trainer import logs
-  from tbgc_jax.trainer.step import _update, init_nonfinite_state
+  from tbgc_jax.trainer.step import _update
 
   mask_fn = tbgc_jax.path_mask("^backbone")
   grads, params = _grads(), _params()
@@ -170,7 +170,7 @@ def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
   for method in ("none", "tbgc", "upgrad"):
     tx, schedules = make_optimizer(_trainer_config(method), TASKS, mask_fn, 10, 5)
     state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
-             "rng": jax.random.PRNGKey(0), "nonfinite": init_nonfinite_state(TASKS)}
+             "rng": jax.random.PRNGKey(0)}
     update = jax.jit(functools.partial(_update, tasks=TASKS, tx=tx, schedules=schedules))
     _, metrics = update(state, losses, {t: {} for t in TASKS}, grads)
     keys[method] = set(metrics)

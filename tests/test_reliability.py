@@ -18,8 +18,8 @@ from tbgc_jax.data import pipeline
 from tbgc_jax.data.records import RecordSource
 from tbgc_jax.trainer import logs
 from tbgc_jax.trainer import train as train_lib
-from tbgc_jax.trainer.optim import make_optimizer
-from tbgc_jax.trainer.step import _update, init_nonfinite_state
+from tbgc_jax.trainer.optim import make_optimizer, nonfinite_counters
+from tbgc_jax.trainer.step import _update
 
 TASKS = ("a", "b")
 
@@ -42,7 +42,7 @@ def _run_updates(method, losses_and_grads):
   tx, schedules = make_optimizer(config, TASKS, _mask, total_steps=10, steps_per_epoch=5)
   params = _toy_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.PRNGKey(0), "nonfinite": init_nonfinite_state(TASKS)}
+           "rng": jax.random.PRNGKey(0)}
   update = jax.jit(lambda state, losses, grads: _update(
       state, losses, {t: {} for t in TASKS}, grads, tasks=TASKS, tx=tx, schedules=schedules))
   history = []
@@ -90,8 +90,8 @@ def test_a_nonfinite_task_is_dropped_and_counted_for_every_method(method):
   streaks = [int(m["a/dropped_streak"]) for _, m in poisoned]
   assert streaks == [0, 1, 2, 0, 0]
   assert [int(m["a/dropped_total"]) for _, m in poisoned] == [0, 1, 2, 2, 2]
-  final = poisoned[-1][0]["nonfinite"]
-  assert int(final["count"]["a"]) == 2 and int(final["count"]["b"]) == 0
+  final = nonfinite_counters(poisoned[-1][0]["opt_state"])
+  assert int(final.count["a"]) == 2 and int(final.count["b"]) == 0
 
 
 def test_the_host_check_stops_after_k_in_a_row_and_on_nonfinite_params():

@@ -9,7 +9,7 @@ from flax import nnx
 from configs import tiny
 from tbgc_jax.models.multitask import backbone_mask
 from tbgc_jax.trainer.optim import make_optimizer
-from tbgc_jax.trainer.step import PerTaskStep, init_nonfinite_state, make_train_step
+from tbgc_jax.trainer.step import PerTaskStep, make_train_step
 
 _TASKS = ("det", "cls")
 
@@ -36,8 +36,7 @@ def _setup(**fields):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedules = make_optimizer(config, _TASKS, backbone_mask, 100, 10)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(0),
-           "nonfinite": init_nonfinite_state(_TASKS)}
+           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(0)}
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   step = make_train_step(graphdef, _TASKS, tx, schedules, config, backbone_mask, mesh, state,
                          rest)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 import tbgc_jax
+from tbgc_jax.trainer.optim import nonfinite_counters
 
 STEP_MODES = ("per_task_jit", "fused")
 
@@ -55,51 +56,16 @@ def make_loss_fns(graphdef: nnx.GraphDef, tasks: Sequence[str], weights: dict[st
   return {t: make(k, t) for k, t in enumerate(tasks)}
 
 
-def init_nonfinite_state(tasks: Sequence[str]) -> dict[str, dict[str, jax.Array]]:
-  """Per-task counters of dropped (non-finite) steps: ``{"count": {t: i32}, "streak": ...}``.
-
-  ``count``: steps in which the task's loss or gradient was non-finite; ``streak``: how
-  many of the latest steps in a row were.
-  """
-  # Distinct arrays per leaf: the state is donated, and one buffer may not be donated twice.
-  return {k: {t: jnp.zeros([], jnp.int32) for t in tasks} for k in ("count", "streak")}
-
-
-def drop_nonfinite_tasks(losses: dict, grads: dict, counters: dict
-                         ) -> tuple[dict, dict, dict[str, jax.Array]]:
-  """The step's policy for a diverging task, applied before any gradient method.
-
-  A task whose loss or gradient has a NaN or Inf contributes a zero gradient to this step's
-  update (the other tasks still train), and its counters advance.
-
-  Args:
-    losses: ``{task: scalar loss}``.
-    grads: ``{task: params-shaped gradient}``.
-    counters: `init_nonfinite_state` pytree of the previous step.
-
-  Returns:
-    ``(grads, counters, ok)``: gradients with dropped tasks zeroed, updated counters and
-    ``{task: bool[]}`` (True where the task was kept).
-  """
-  ok = {t: jnp.isfinite(losses[t]) & tbgc_jax.all_finite(grads[t]) for t in grads}
-  grads = {t: jax.tree.map(lambda g, keep=ok[t]: jnp.where(keep, g, jnp.zeros_like(g)), grads[t])
-           for t in grads}
-  bad = {t: (~ok[t]).astype(jnp.int32) for t in grads}
-  counters = {"count": {t: counters["count"][t] + bad[t] for t in grads},
-              "streak": {t: (counters["streak"][t] + 1) * bad[t] for t in grads}}
-  return grads, counters, ok
-
-
 def _update(state, losses, aux, grads, *, tasks, tx, schedules):
   """Non-finite policy + gradient method + optimizer + metrics; shared by both step forms."""
   params = state["params"]
   metrics = {}
-  grads, nonfinite, ok = drop_nonfinite_tasks(losses, grads, state["nonfinite"])
-  for t in tasks:
-    metrics[f"{t}/dropped"] = (~ok[t]).astype(jnp.int32)
-    metrics[f"{t}/dropped_total"] = nonfinite["count"][t]
-    metrics[f"{t}/dropped_streak"] = nonfinite["streak"][t]
   updates, opt_state = tx.update(grads, state["opt_state"], params, losses=losses)
+  nonfinite = nonfinite_counters(opt_state)
+  for t in tasks:
+    metrics[f"{t}/dropped"] = (~nonfinite.kept[t]).astype(jnp.int32)
+    metrics[f"{t}/dropped_total"] = nonfinite.count[t]
+    metrics[f"{t}/dropped_streak"] = nonfinite.streak[t]
   for t, d in tbgc_jax.task_diagnostics(opt_state).items():
     metrics[f"{t}/backbone_grad_norm"] = d["backbone_norm"]
     metrics[f"{t}/backbone_grad_norm_after"] = d["backbone_norm_after"]
@@ -118,7 +84,6 @@ def _update(state, losses, aux, grads, *, tasks, tx, schedules):
       "params": new_params,
       "opt_state": opt_state,
       "rng": state["rng"],
-      "nonfinite": nonfinite,
   }
   return new_state, metrics
 
@@ -189,7 +154,7 @@ def make_train_step(
   On the CPU backend the `PerTaskStep` compiles with ``config.xla_cpu_options`` (optional; see
   docs/performance.md).
 
-  ``state`` is ``{"step", "params", "opt_state", "rng", "nonfinite"}`` (donated; replicated
+  ``state`` is ``{"step", "params", "opt_state", "rng"}`` (donated; replicated
   over ``mesh``); ``rest`` the model's non-parameter state (rng streams); ``batches``
   ``{task: batch}`` sharded over the mesh's "data" axis. Randomness:
   ``fold_in(state["rng"], step)``. Metrics stay on device (no host sync inside).

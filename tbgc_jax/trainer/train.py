@@ -34,7 +34,7 @@ from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer import logs
 from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import make_optimizer, method_hyperparameters
-from tbgc_jax.trainer.step import STEP_MODES, init_nonfinite_state, make_train_step
+from tbgc_jax.trainer.step import STEP_MODES, make_train_step
 
 TASKS = ("det", "seg", "cls")
 NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
@@ -330,7 +330,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "params": setup.params,
       "opt_state": jax.jit(tx.init)(setup.params),
       "rng": jax.random.PRNGKey(config.seed),
-      "nonfinite": init_nonfinite_state(tasks),
   }
   state = jax.device_put(state, setup.replicated)
   # Records passed over by the data pipeline (policy "skip"), per task, counted by this process.
