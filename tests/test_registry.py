@@ -186,3 +186,36 @@ def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
   assert {"a/backbone_grad_norm_after", "b/grad_norm"} <= keys["tbgc"]
   assert {"grad/weight/a", "grad/cosine/a/b", "grad/num_conflicts",
           "grad/backbone_norm_after/b"} <= keys["upgrad"]
+
+
+@pytest.mark.parametrize("method", ["tbgc", "upgrad", "pcgrad", "famo"])
+def test_the_flat_update_equals_the_update_on_trees(method):
+  """`flat_groups` packs leaves per group; the updates and method state match the tree form."""
+  from tbgc_jax.trainer.optim import FlatLayout, nonfinite_counters
+
+  rng = np.random.default_rng(3)
+  params = {"backbone": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(4, jnp.bfloat16)},
+            "heads": {"w": jnp.ones((2, 5)), "b": jnp.zeros(1)}}
+  grads = [{t: jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+            for t in TASKS} for _ in range(3)]
+  grads[1]["b"]["heads"]["b"] = jnp.full((1,), jnp.nan)  # task b dropped at the second step
+  mask_fn = tbgc_jax.path_mask("^backbone")
+  out = {}
+  for flat in (False, True):
+    c = _trainer_config(method)
+    c.optim.flat_update = flat
+    tx, _ = make_optimizer(c, TASKS, mask_fn, 10, 5)
+    state, p, steps = tx.init(params), params, []
+    for i, g in enumerate(grads):
+      u, state = jax.jit(tx.update)(g, state, p, losses={"a": 1.0 + i, "b": 2.0})
+      p = optax.apply_updates(p, u)
+      steps.append(p)
+    out[flat] = steps, nonfinite_counters(state)
+  for a, b in zip(out[False][0], out[True][0], strict=True):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6)
+  assert int(out[True][1].count["b"]) == int(out[False][1].count["b"]) == 1
+  layout = FlatLayout.of(params, jax.tree.map(lambda m: "backbone" if m else "head",
+                                              mask_fn(params)))
+  assert layout.groups == (("backbone/bfloat16", (0,)), ("backbone/float32", (1,)),
+                           ("head", (2, 3)))
+  chex.assert_trees_all_equal(layout.unravel(layout.ravel(grads[0]["a"])), grads[0]["a"])
