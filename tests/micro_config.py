@@ -9,16 +9,21 @@ import ml_collections
 
 from configs import tiny
 
+# Model sizes at which XLA:CPU compiles each head's gradient in seconds.
+BACKBONE = {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 1, 2, 2), "mlp_ratio": 1.0}
+SEG = {"hidden_dim": 8, "mask_dim": 8, "num_queries": 12, "num_decoder_layers": 1,
+       "num_heads": 1, "decoder_ffn_dim": 8, "encoder_ffn_dim": 8, "encoder_heads": 1,
+       "encoder_points": 1, "num_points": 16}
+DET = {"hidden_dim": 16, "num_queries": 12, "num_denoising": 8, "num_encoder_layers": 1,
+       "num_decoder_layers": 1, "num_heads": 1, "num_points": 1, "ffn_dim": 16,
+       "norm_groups": 8, "num_select": 12}
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = tiny.get_config()
   c.tasks = ("seg", "cls")
-  c.model.backbone_overrides = ml_collections.ConfigDict(
-      {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 1, 2, 2), "mlp_ratio": 1.0})
-  c.model.seg.overrides = ml_collections.ConfigDict(
-      {"hidden_dim": 8, "mask_dim": 8, "num_queries": 12, "num_decoder_layers": 1,
-       "num_heads": 1, "decoder_ffn_dim": 8, "encoder_ffn_dim": 8, "encoder_heads": 1,
-       "encoder_points": 1, "num_points": 16})
+  c.model.backbone_overrides = ml_collections.ConfigDict(BACKBONE)
+  c.model.seg.overrides = ml_collections.ConfigDict(SEG)
   c.data.seg.batch_size = 2
   c.data.seg.image_size = (32, 32)
   c.data.seg.eval_image_size = (32, 32)

@@ -2,7 +2,8 @@
 whose submission is scored as the challenge would score it.
 
 Same heads, readers, augmentation (Table 1 branches at the challenge's sizes) and evaluation
-code as configs/challenge.py; only the sizes are overridden (docs/trainer.md, "CPU smoke run").
+code as configs/challenge.py; only the sizes are overridden (tests/challenge_smoke_config.py;
+docs/trainer.md, "CPU smoke run").
 """
 
 import json
@@ -22,24 +23,6 @@ from tests.test_challenge_eval import _pycocotools_map50
 ROOT = Path(__file__).resolve().parents[1]
 # 45 categories with sparse ids, as a converted TT100K file may number them.
 CATEGORIES = [(10 + 7 * i, f"sign{i}") for i in range(45)]
-SMOKE_OVERRIDES = [
-    "--config.model.pretrained=none",
-    "--config.model.backbone=tiny",
-    "--config.model.det.preset=tiny",
-    "--config.model.seg.preset=tiny",
-    "--config.data.det.max_boxes=8",
-    "--config.data.det.image_size=(64, 64)",
-    "--config.data.det.eval_image_size=(64, 64)",
-    "--config.data.seg.image_size=(64, 64)",
-    "--config.data.seg.eval_image_size=(48, 64)",
-    "--config.data.cls.image_size=(32, 32)",
-    "--config.data.cls.eval_image_size=(32, 32)",
-    "--config.total_steps=2",
-    "--config.log_every=1",
-    "--config.checkpoint_every=2",
-    "--config.num_workers=0",
-    "--config.mesh_devices=1",
-]
 
 
 def _det_images(split, n):
@@ -89,7 +72,7 @@ def _decode_polygons(polygons: dict, hw) -> np.ndarray:
 def test_challenge_config_trains_evaluates_and_submits(tmp_path):
   det, seg, cls, val_list = _write_data(str(tmp_path / "data"))
   workdir = str(tmp_path / "run")
-  config = [f"--config={ROOT / 'configs' / 'challenge.py'}:{det},{seg},{cls}", *SMOKE_OVERRIDES]
+  config = [f"--config={ROOT / 'tests' / 'challenge_smoke_config.py'}:{det},{seg},{cls}"]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_backend_optimization_level=0 "
                        "--xla_llvm_disable_expensive_passes=true")

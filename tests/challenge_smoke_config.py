@@ -1,0 +1,33 @@
+"""``configs/challenge.py`` at CPU smoke-test sizes: the same tasks, readers, augmentation
+branches, heads and evaluation; widths, depths, queries and resolutions of
+``tests/micro_config.py``.
+
+  python train.py --config tests/challenge_smoke_config.py:DET_ROOT,SEG_ROOT,CLS_ROOT ...
+"""
+
+import ml_collections
+
+from configs import challenge
+from tests import micro_config
+
+
+def get_config(roots: str) -> ml_collections.ConfigDict:
+  c = challenge.get_config(roots)
+  c.model.pretrained = "none"
+  c.model.backbone = "tiny"
+  c.model.backbone_overrides = ml_collections.ConfigDict(micro_config.BACKBONE)
+  c.model.det = ml_collections.ConfigDict({"preset": "tiny", "overrides": micro_config.DET})
+  # BDD100K's 19 classes each need a query to match.
+  c.model.seg = ml_collections.ConfigDict(
+      {"preset": "tiny", "overrides": {**micro_config.SEG, "num_queries": 20}})
+  c.data.det.max_boxes = 8
+  for task, train, val in (("det", (64, 64), (64, 64)), ("seg", (64, 64), (48, 64)),
+                           ("cls", (32, 32), (32, 32))):
+    c.data[task].image_size = train
+    c.data[task].eval_image_size = val
+  c.total_steps = 2
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.num_workers = 0
+  c.mesh_devices = 1
+  return c
