@@ -1,8 +1,9 @@
-"""A minimal two-task config (seg + cls) for the reliability tests: same code paths as
-``configs/tiny.py``, widths, depths, queries and resolutions cut so that XLA:CPU compiles
-a train step in seconds.
+"""A minimal config for the end-to-end tests: same code paths as ``configs/tiny.py``, widths,
+depths, queries and resolutions cut so that XLA:CPU compiles a train step in seconds. Two
+tasks (seg + cls) by default; the argument picks others:
 
   python train.py --config tests/micro_config.py --workdir /tmp/micro
+  python train.py --config tests/micro_config.py:det,seg,cls --workdir /tmp/micro3
 """
 
 import ml_collections
@@ -14,16 +15,22 @@ BACKBONE = {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 1, 2, 2), "mlp_
 SEG = {"hidden_dim": 8, "mask_dim": 8, "num_queries": 12, "num_decoder_layers": 1,
        "num_heads": 1, "decoder_ffn_dim": 8, "encoder_ffn_dim": 8, "encoder_heads": 1,
        "encoder_points": 1, "num_points": 16}
-DET = {"hidden_dim": 16, "num_queries": 12, "num_denoising": 8, "num_encoder_layers": 1,
+DET = {"hidden_dim": 16, "num_queries": 24, "num_denoising": 8, "num_encoder_layers": 1,
        "num_decoder_layers": 1, "num_heads": 1, "num_points": 1, "ffn_dim": 16,
        "norm_groups": 8, "num_select": 12}
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(tasks: str = "seg,cls") -> ml_collections.ConfigDict:
   c = tiny.get_config()
-  c.tasks = ("seg", "cls")
+  c.tasks = tuple(tasks.split(","))
   c.model.backbone_overrides = ml_collections.ConfigDict(BACKBONE)
+  c.model.det.overrides = ml_collections.ConfigDict(DET)
   c.model.seg.overrides = ml_collections.ConfigDict(SEG)
+  c.data.det.image_size = (64, 80)
+  c.data.det.eval_image_size = (64, 80)
+  c.data.det.augment = ml_collections.ConfigDict(
+      {"mode": "plain", "plain": "resize_fit(size=(64, 80))|hflip"})
+  c.data.det.eval_augment = "resize_fit(size=(64, 80))"
   c.data.seg.batch_size = 2
   c.data.seg.image_size = (32, 32)
   c.data.seg.eval_image_size = (32, 32)

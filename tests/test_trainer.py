@@ -1,5 +1,6 @@
-"""End to end: the tiny config trains, checkpoints, resumes bitwise, evaluates; eval.py CLI;
-the same step on 1 and 8 devices; config validation."""
+"""End to end, the tiny config's code paths at micro sizes (tests/micro_config.py): trains,
+checkpoints, resumes bitwise, evaluates; eval.py CLI; the same step on 1 and 8 devices; config
+validation."""
 
 import json
 import os
@@ -11,15 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from tbgc_jax.trainer.evaluate import evaluate, shared_batch
 from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate, validate_config
+from tests import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
-  c = tiny.get_config()
+  c = micro_config.get_config("det,seg,cls")
   c.total_steps = 4
   c.log_every = 2
   c.checkpoint_every = 2
@@ -47,7 +48,7 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   metrics = train_and_evaluate(config, stopped)
   # ... ends with exactly the parameters of an uninterrupted run.
   straight = str(tmp_path / "straight")
-  train_and_evaluate(config, straight)
+  assert train_and_evaluate(config, straight, evaluate=False) == {}
   got, step = _params(stopped, config)
   want, _ = _params(straight, config)
   assert step == 4
@@ -72,7 +73,8 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=cache_dir)
   result = subprocess.run(
-      [sys.executable, str(ROOT / "eval.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+      [sys.executable, str(ROOT / "eval.py"), "--config",
+       f"{ROOT / 'tests' / 'micro_config.py'}:det,seg,cls",
        "--workdir", stopped, "--config.mesh_devices=1", f"--submission={submission}"],
       capture_output=True, text=True, env=env, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -298,7 +298,8 @@ def _write_summary(workdir: str, step: int, summary: dict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after: int | None = None) -> dict[str, float]:
+                       stop_after: int | None = None, evaluate: bool = True
+                       ) -> dict[str, float]:
   """Trains on ``config`` in ``workdir`` (resuming from its latest checkpoint), then evaluates.
 
   Args:
@@ -306,9 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: where checkpoints, logs, plots and metrics go.
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would;
       a later call resumes. For tests and time-boxed jobs.
+    evaluate: evaluate on the val splits after the last step (False: train only).
 
   Returns:
-    The evaluation metrics (empty if stopped early).
+    The evaluation metrics (empty if stopped early or not evaluated).
   """
   setup = Setup(config)
   tasks, is_main = setup.tasks, jax.process_index() == 0
@@ -433,6 +435,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _write_summary(workdir, int(state["step"]), summary)
   if is_main and os.path.exists(writer.path):
     logs.plot_training(writer.path, workdir, tasks)
+  if not evaluate:
+    return {}
   metrics, _ = eval_lib.evaluate(config, setup.eval_graphdef, state["params"], setup.rest,
                                  setup.mesh)
   if is_main:
