@@ -137,7 +137,9 @@ def test_invariant_to_scaling_a_task_gradient(grads, log_c):
   tx = tbgc_jax.tbgc(S, MASK, tasks=tasks)
   scaled = dict(grads)
   scaled[tasks[0]] = jax.tree.map(lambda x: x * np.float32(10.0**log_c), grads[tasks[0]])
-  chex.assert_trees_all_close(_run(tx, grads)[0], _run(tx, scaled)[0], rtol=1e-4, atol=1e-9)
+  # Each task adds a backbone part of norm S: where tasks cancel, float32 rounding of terms of
+  # size ~S leaves ~S * 1e-7 (atol), not an exact zero.
+  chex.assert_trees_all_close(_run(tx, grads)[0], _run(tx, scaled)[0], rtol=1e-4, atol=S * 1e-6)
 
 
 @settings(max_examples=12, deadline=None)
