@@ -22,14 +22,18 @@ _SUBMISSION = flags.DEFINE_string("submission", None, "Write the challenge submi
 _SEG_PNG_DIR = flags.DEFINE_string(
     "seg_png_dir", None, "Also write the segmentation predictions (original resolution) as "
     "BDD100K-style label PNGs in this folder.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs in the terminal too "
+                             "(they always go to WORKDIR/eval.log).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   from tbgc_jax.trainer import evaluate as eval_lib
+  from tbgc_jax.trainer.logs import route_library_logs
   from tbgc_jax.trainer.train import Setup, restore_params, use_compilation_cache
 
+  route_library_logs(_WORKDIR.value, "eval", verbose=_VERBOSE.value)
   use_compilation_cache(_WORKDIR.value)
   if _SEG_PNG_DIR.value:
     os.makedirs(_SEG_PNG_DIR.value, exist_ok=True)

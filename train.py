@@ -19,12 +19,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of hosts.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This host's index.")
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300,
                                      "Seconds to wait for every host to join (--multihost).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs in the terminal too "
+                             "(they always go to WORKDIR/train.log).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   import jax
+
+  from tbgc_jax.trainer.logs import route_library_logs
+
+  log_file = route_library_logs(_WORKDIR.value, "train", verbose=_VERBOSE.value)
 
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
@@ -34,6 +40,9 @@ def main(argv):
 
   use_compilation_cache(_WORKDIR.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(f"checkpoints, metrics.jsonl, plots (*.png) and the full log ({log_file}) are in "
+          f"{_WORKDIR.value}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ validation."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,9 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
       capture_output=True, text=True, env=env, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "score (mean)" in result.stdout
+  # Library INFO logs (orbax, jax) go to the log file, not to the terminal.
+  assert not re.search(r"^I\d{4} ", result.stderr, re.M), result.stderr[:2000]
+  assert re.search(r" INFO ", open(os.path.join(stopped, "eval.log")).read())
   cli = json.load(open(os.path.join(stopped, "eval_metrics_4.json")))
   for k, v in metrics.items():
     np.testing.assert_allclose(cli[k], v, atol=1e-6, err_msg=k)

@@ -1,10 +1,40 @@
 """Training logs: JSONL and TensorBoard scalars, the non-finite policy check, end-of-run plots."""
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+
+def route_library_logs(workdir: str, name: str, *, verbose: bool = False) -> str:
+  """Sends every INFO log (jax, orbax, absl, the trainer) to ``workdir/<name>.log``.
+
+  The terminal keeps warnings and errors, and what the trainer prints (config summary,
+  progress bar, evaluation table); ``verbose`` shows the INFO lines there too. Call after
+  absl has parsed flags (inside ``main``).
+
+  Returns:
+    The log file's path.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, f"{name}.log")
+  handler = logging.FileHandler(path)
+  handler.setFormatter(logging.Formatter(
+      "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+  handler.setLevel(logging.INFO)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.get_absl_handler().setLevel(logging.INFO if verbose else logging.WARNING)
+  except ImportError:
+    pass
+  return path
 
 
 class MetricWriter:
