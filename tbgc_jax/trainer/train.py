@@ -356,11 +356,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from jax.experimental import multihost_utils
   from tqdm import tqdm
 
-  bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train",
-             dynamic_ncols=True)
+  # The bar starts after the first step, which compiles: its rate and ETA are the steps'.
+  bar = tqdm(total=total_steps, initial=start, disable=True)
   pending: list[tuple[int, Any, float, dict[str, int]]] = []
   flush_t = time.perf_counter()
   last_step = min(total_steps, stop_after) if stop_after else total_steps
+  if is_main and start < last_step:
+    print(f"compiling the train step ({len(tasks)} task functions + the update; a later run "
+          "in this workdir loads it from jax_cache/)...", flush=True)
   preemption = Preemption(mngr)
   summary = {"tasks": list(tasks), "dropped_steps": {t: 0 for t in tasks},
              "data_skipped": {t: 0 for t in tasks}, "skipped_by_process": {}}
@@ -406,6 +409,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       batches = {t: eval_lib.global_batch(b, setup.data_sharding) for t, b in host.items()}
       state, metrics = jstep(state, setup.rest, batches)
       pending.append((step, metrics, wait, dict(skipped)))
+      if step == start:
+        if is_main:
+          print(f"compiled and ran the first step in {time.perf_counter() - t0:.0f} s",
+                flush=True)
+        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train",
+                   dynamic_ncols=True)
       bar.update(1)
       done = step + 1
       preempted = preemption.reached(done)
@@ -437,6 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logs.plot_training(writer.path, workdir, tasks)
   if not evaluate:
     return {}
+  if is_main:
+    print("evaluating on the val splits (the first evaluation compiles)...", flush=True)
   metrics, _ = eval_lib.evaluate(config, setup.eval_graphdef, state["params"], setup.rest,
                                  setup.mesh)
   if is_main:
