@@ -38,12 +38,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Trainer config file.")
-_PARTS = flags.DEFINE_list("parts", ["time", "memory"], "time, memory or both.")
-_ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved rounds (time).")
-_STEPS = flags.DEFINE_integer("steps", 3, "Steps per method per round (time).")
-_METHODS = flags.DEFINE_list("methods", ["none", "vanilla", "tbgc"], "Gradient methods (time).")
-_FUSED = flags.DEFINE_bool("fused", True, "Also compile the one-jit per-task steps (memory).")
+
+def _define_flags() -> None:
+  """Defined when run as a script only: benchmarks/compile.py imports this module's helpers."""
+  global _CONFIG, _PARTS, _ROUNDS, _STEPS, _METHODS, _FUSED
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Trainer config file.")
+  _PARTS = flags.DEFINE_list("parts", ["time", "memory"], "time, memory or both.")
+  _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved rounds (time).")
+  _STEPS = flags.DEFINE_integer("steps", 3, "Steps per method per round (time).")
+  _METHODS = flags.DEFINE_list("methods", ["none", "vanilla", "tbgc"], "Gradient methods (time).")
+  _FUSED = flags.DEFINE_bool("fused", True, "Also compile the one-jit per-task steps (memory).")
 
 MiB = 2**20
 
@@ -276,4 +280,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

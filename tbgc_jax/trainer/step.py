@@ -12,6 +12,7 @@ Two forms, same results:
 
 import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,7 +126,10 @@ class PerTaskStep:
     lowered = {t: self.task_grads[t].lower(*args[t]) for t in self.tasks}
     outs = {t: jax.eval_shape(self.task_grads[t], *args[t]) for t in self.tasks}
     lowered["__update__"] = self.update.lower(state, outs)
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    # One XLA:CPU compile keeps about two cores busy: more threads than cores / 2 only contend
+    # (on 2 cores, one after the other was faster than all at once; docs/performance.md).
+    workers = max(1, min(len(lowered), (os.cpu_count() or 2) // 2))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       futures = {k: pool.submit(low.compile, compiler_options) for k, low in lowered.items()}
       compiled = {k: f.result() for k, f in futures.items()}
     update = compiled.pop("__update__")
