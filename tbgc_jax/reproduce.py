@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from tbgc_jax.data.augment import AUGMENT_MODES
-from tbgc_jax.trainer.evaluate import METRIC_NAMES as TASK_METRICS
+from tbgc_jax.tasks import metric_key, task_names
 
 PAPER_METHODS = ("none", "vanilla", "tbgc_star", "tbgc")
 BASELINE = "vanilla"
@@ -191,7 +191,7 @@ def _fmt(mean: float, half: float) -> str:
 def _columns(rows: Sequence[dict]) -> list[tuple[str, str]]:
   """(header, metric key) for the tasks present, then the overall score."""
   keys = {k for r in rows for k in r["metrics"]}
-  cols = [(t, m) for t, m in TASK_METRICS.items() if m in keys]
+  cols = [(t, metric_key(t)) for t in task_names() if metric_key(t) in keys]
   return cols + [("overall", "score")]
 
 
@@ -276,11 +276,13 @@ def ordering_verdict(summary: Mapping, order: Sequence[tuple[str, str]],
 
 
 def figure1(workdir: str, rows: Sequence[dict], path: str,
-            tasks: Sequence[str] = tuple(TASK_METRICS)) -> str | None:
+            tasks: Sequence[str] | None = None) -> str | None:
   """Figure 1: per-task backbone gradient norm over training, raw under vanilla, then after each
   method (seed 0, ``plain`` augmentation where present). Returns the path, or None if no run has
-  per-task norms logged."""
+  per-task norms logged. ``tasks``: default every registered task."""
   from tbgc_jax.trainer import logs
+
+  tasks = task_names() if tasks is None else tasks
 
   panels = []  # (title, jsonl, key suffix)
   by = {(r["method"], r["augment_mode"], r["seed"]): r for r in rows}

@@ -16,7 +16,8 @@ from configs import tiny
 from tbgc_jax.data import pipeline
 from tbgc_jax.metrics.detection import coco_map, records_to_coco
 from tbgc_jax.metrics.segmentation import scores_to_label_map
-from tbgc_jax.trainer.evaluate import detection_ground_truth, evaluate_task
+from tbgc_jax.tasks.detection import ground_truth as detection_ground_truth
+from tbgc_jax.trainer.evaluate import evaluate_task
 from tests import real_format_data as rfd
 
 CATEGORIES = [(42, "pl40"), (3, "i5"), (7, "p11")]  # not contiguous, not sorted

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tbgc_jax.trainer.model_factory import _DET_PRESETS, build_model
+from tbgc_jax.tasks.detection import head_presets as det_head_presets
+from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import lr_schedules
 from tbgc_jax.trainer.train import Setup, validate_config
 
@@ -65,7 +66,7 @@ def test_challenge_config_is_the_papers_recipe():
   assert c.model.cls.margin == 0.4
   assert c.model.backbone == "t"
   assert not c.model.det.overrides and not c.model.seg.overrides
-  det = _DET_PRESETS[c.model.det.preset](**c.model.det.overrides)
+  det = det_head_presets()[c.model.det.preset](**c.model.det.overrides)
   assert det.num_queries == 900 and det.num_denoising == 100
 
   # The schedule it produces: linear warm-up over 5 epochs from lr * 0.001, cosine to 0

@@ -32,6 +32,9 @@ def _det_example(h=60, w=80, boxes=((10, 12, 30, 40), (45, 5, 70, 25)), index=0)
           "orig_hw": np.int32([h, w]), "image_id": np.int32(index)}
 
 
+SEG_MAPS = ("label",)  # the segmentation spec's label maps (TaskSpec.label_maps)
+
+
 def _seg_example(h=60, w=80, index=0):
   img = np.zeros((h, w, 3), np.uint8)
   lab = np.zeros((h, w), np.uint8)
@@ -121,7 +124,7 @@ def test_boxes_follow_pixels(t):
 def test_autoaugment_geometric_ops_are_box_and_mask_aware(op, sign):
   ex = T._apply_op(_det_example(), op, T._magnitude(op, 9), sign)
   _assert_boxes_cover_pixels(ex)
-  ex = T._apply_op(_seg_example(), op, T._magnitude(op, 9), sign)
+  ex = T._apply_op(_seg_example(), op, T._magnitude(op, 9), sign, SEG_MAPS)
   _assert_label_follows_pixels(ex)
 
 
@@ -155,9 +158,11 @@ def test_hflip_reference():
 
 
 SEG_TRANSFORMS = [
-    T.RandomResize(long_edge=100), T.Rotate(max_deg=30, p=1.0), T.RandomCrop(size=(40, 40)),
-    T.HFlip(p=1.0), T.Mosaic(source=_Source("seg"), size=(96, 96)),
-    T.ResizeFit(size=(50, 50)),
+    T.RandomResize(long_edge=100, label_maps=SEG_MAPS),
+    T.Rotate(max_deg=30, p=1.0, label_maps=SEG_MAPS),
+    T.RandomCrop(size=(40, 40), label_maps=SEG_MAPS), T.HFlip(p=1.0, label_maps=SEG_MAPS),
+    T.Mosaic(source=_Source("seg"), size=(96, 96), label_maps=SEG_MAPS),
+    T.ResizeFit(size=(50, 50), label_maps=SEG_MAPS),
 ]
 
 
@@ -169,7 +174,8 @@ def test_label_maps_follow_pixels(t):
 
 
 def test_rotate_fills_label_with_ignore():
-  ex = T.Rotate(max_deg=45, p=1.0).random_map(_seg_example(), np.random.default_rng(3))
+  ex = T.Rotate(max_deg=45, p=1.0, label_maps=SEG_MAPS).random_map(_seg_example(),
+                                                                   np.random.default_rng(3))
   assert (ex["label"][0, 0] == 255) and (ex["image"][0, 0] == 0).all()
 
 
@@ -177,7 +183,7 @@ def test_mosaic_canvas_and_mixup():
   src = _Source("det")
   ex = T.Mosaic(source=src, size=(64, 96)).random_map(_det_example(), np.random.default_rng(0))
   assert ex["image"].shape == (64, 96, 3) and ex["index"] == 0
-  ex = T.Mosaic(source=_Source("seg"), size=(64, 96)).random_map(
+  ex = T.Mosaic(source=_Source("seg"), size=(64, 96), label_maps=SEG_MAPS).random_map(
       _seg_example(), np.random.default_rng(0))
   assert ex["label"].shape == (64, 96) and (ex["label"] == 255).any()
   mix = T.MixUp(source=src, p=1.0).random_map(_det_example(), np.random.default_rng(0))

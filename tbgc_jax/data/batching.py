@@ -1,9 +1,11 @@
 """Fixed-shape examples and batches (the shared batch interface in the project brief).
 
 ``pad_example`` turns a variable-shape example into fixed shapes: image padded bottom/right
-to ``image_hw`` (resized down first, keeping the aspect ratio, if it is larger), boxes padded
-to ``max_boxes``. Boxes beyond ``max_boxes`` are dropped, counted per process and logged
-(``box_overflow_count``), never silently. ``collate`` stacks fixed-shape examples.
+to ``image_hw`` (resized down first, keeping the aspect ratio, if it is larger), label maps
+likewise (255), the task's other fields as its spec pads them (``TaskSpec.pad_targets``:
+detection pads boxes to ``max_boxes``). Boxes beyond ``max_boxes`` are dropped, counted per
+process and logged (``box_overflow_count``), never silently. ``collate`` stacks fixed-shape
+examples.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from tbgc_jax.data.records import IGNORE_LABEL
 from tbgc_jax.data.transforms import resize
+from tbgc_jax.tasks import TaskSpec, get_task
 
 _log = logging.getLogger(__name__)
 _OVERFLOW = {"examples": 0, "boxes": 0}
@@ -25,7 +28,8 @@ def box_overflow_count() -> dict[str, int]:
   return dict(_OVERFLOW)
 
 
-def _note_overflow(n_dropped: int, max_boxes: int, index: int) -> None:
+def note_box_overflow(n_dropped: int, max_boxes: int, index: int) -> None:
+  """Counts (and logs the 1st, 2nd, 4th, ... time) boxes dropped beyond ``max_boxes``."""
   _OVERFLOW["examples"] += 1
   _OVERFLOW["boxes"] += n_dropped
   k = _OVERFLOW["examples"]
@@ -35,23 +39,23 @@ def _note_overflow(n_dropped: int, max_boxes: int, index: int) -> None:
                  _OVERFLOW["examples"], _OVERFLOW["boxes"])
 
 
-def _fit(ex: dict, image_hw: Sequence[int]) -> dict:
+def _fit(ex: dict, image_hw: Sequence[int], label_maps: Sequence[str]) -> dict:
   """Resizes an example down (aspect kept) if it does not fit in ``image_hw``."""
   h, w = ex["image"].shape[:2]
   if h <= image_hw[0] and w <= image_hw[1]:
     return ex
   s = min(image_hw[0] / h, image_hw[1] / w)
   return resize(ex, (min(image_hw[0], max(1, round(h * s))),
-                     min(image_hw[1], max(1, round(w * s)))))
+                     min(image_hw[1], max(1, round(w * s)))), label_maps)
 
 
-def pad_example(ex: dict, task: str, image_hw: Sequence[int], max_boxes: int = 100,
+def pad_example(ex: dict, task: str | TaskSpec, image_hw: Sequence[int], max_boxes: int = 100,
                 valid: bool = True) -> dict[str, np.ndarray]:
   """Returns the fixed-shape version of one example (keys of the shared batch interface).
 
   Args:
     ex: example from a source/augmentation (``image`` uint8 [h,w,3], task annotations).
-    task: "det", "seg" or "cls".
+    task: a registered task's name (or its spec).
     image_hw: fixed (H, W); larger images are first resized down to fit.
     max_boxes: N, fixed number of box slots (det).
     valid: value of the ``valid`` field (False for eval padding examples).
@@ -59,7 +63,8 @@ def pad_example(ex: dict, task: str, image_hw: Sequence[int], max_boxes: int = 1
   Returns:
     Dict of numpy arrays with fixed shapes (no batch dimension).
   """
-  ex = _fit(ex, image_hw)
+  spec = get_task(task)
+  ex = _fit(ex, image_hw, spec.label_maps)
   H, W = int(image_hw[0]), int(image_hw[1])
   img = ex["image"]
   h, w = img.shape[:2]
@@ -75,43 +80,24 @@ def pad_example(ex: dict, task: str, image_hw: Sequence[int], max_boxes: int = 1
       "index": np.int32(ex["index"]),
       "valid": np.bool_(valid),
   }
-  if task == "det":
-    boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
-    labels = np.asarray(ex["labels"], np.int32).reshape(-1)
-    n = boxes.shape[0]
-    if n > max_boxes:
-      _note_overflow(n - max_boxes, max_boxes, int(ex["index"]))
-      boxes, labels, n = boxes[:max_boxes], labels[:max_boxes], max_boxes
-    out["boxes"] = np.zeros((max_boxes, 4), np.float32)
-    out["boxes"][:n] = boxes
-    out["labels"] = np.zeros((max_boxes,), np.int32)
-    out["labels"][:n] = labels
-    out["box_mask"] = np.arange(max_boxes) < n
-    out["image_id"] = np.int32(ex.get("image_id", -1))
-  elif task == "seg":
+  for k in spec.label_maps:
     lab = np.full((H, W), IGNORE_LABEL, np.uint8)
-    lab[:h, :w] = ex["label"]
-    out["label"] = lab
-  elif task == "cls":
-    out["label"] = np.int32(ex["label"])
-  else:
-    raise ValueError(f"task must be 'det', 'seg' or 'cls', got {task!r}")
+    lab[:h, :w] = ex[k]
+    out[k] = lab
+  out.update(spec.pad_targets(ex, (H, W), max_boxes=max_boxes))
   return out
 
 
-def padding_example(task: str, image_hw: Sequence[int], max_boxes: int = 100
+def padding_example(task: str | TaskSpec, image_hw: Sequence[int], max_boxes: int = 100
                     ) -> dict[str, np.ndarray]:
   """An all-zero example with ``valid=False`` (fills the last eval batch)."""
+  spec = get_task(task)
   H, W = int(image_hw[0]), int(image_hw[1])
   ex = {"image": np.zeros((0, 0, 3), np.uint8), "orig_hw": np.zeros(2, np.int32),
         "index": np.int32(-1), "image_id": np.int32(-1)}
-  if task == "det":
-    ex |= {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int32)}
-  elif task == "seg":
-    ex["label"] = np.zeros((0, 0), np.uint8)
-  else:
-    ex["label"] = np.int32(0)
-  out = pad_example(ex, task, (H, W), max_boxes, valid=False)
+  ex |= {k: np.zeros((0, 0), np.uint8) for k in spec.label_maps}
+  ex |= spec.padding_targets()
+  out = pad_example(ex, spec, (H, W), max_boxes, valid=False)
   out["image_hw"] = np.zeros(2, np.int32)
   return out
 

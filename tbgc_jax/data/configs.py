@@ -1,7 +1,8 @@
 """Data sections of the configs: ``tiny()`` (embedded data) and ``challenge(...)`` (real data).
 
 Each returns a ``ConfigDict`` with sub-sections ``det``, ``seg``, ``cls`` (the ``data`` section
-of a trainer config: ``config.data = configs.tiny()``). Per task:
+of a trainer config: ``config.data = configs.tiny()``); a task of your own adds its section
+(``tbgc_jax.tasks``). Per task:
 
 - ``source.format``: "embedded", "coco", "tt100k", "bdd100k", "cls_list" or "tfds";
   ``source.train`` / ``source.val``: keyword arguments of that reader
@@ -174,12 +175,13 @@ def challenge(det_root: str = "data/tt100k", seg_root: str = "data/bdd100k",
 
 
 def set_augment_mode(data: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
-  """Selects augmentation ``mode`` (one of ``AUGMENT_MODES``) for every task of ``data``."""
+  """Selects augmentation ``mode`` (one of ``AUGMENT_MODES``) for every task of ``data`` (each
+  section with an ``augment``)."""
   if mode not in AUGMENT_MODES:
     raise ValueError(f"augmentation mode must be one of {AUGMENT_MODES}, got {mode!r}")
-  for task in ("det", "seg", "cls"):
-    if task in data:
-      data[task].augment.mode = mode
+  for section in data.values():
+    if "augment" in section:
+      section.augment.mode = mode
   return data
 
 

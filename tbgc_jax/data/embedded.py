@@ -1,4 +1,4 @@
-"""Embedded default data: three small datasets built from images shipped inside PyPI packages.
+"""Embedded default data: small datasets built from images shipped inside PyPI packages.
 
 scikit-learn's handwritten digits (8x8, 1,797 samples; ``sklearn.datasets.load_digits``) are
 upscaled, coloured and composed onto crops of scikit-image's sample photos
@@ -6,8 +6,9 @@ upscaled, coloured and composed onto crops of scikit-image's sample photos
 seconds on first use; the result is cached in ``embedded_dir()``:
 ``$TBGC_DATA_DIR`` if set, else ``~/.cache/tbgc_jax/embedded-v1``.
 
-The datasets are written in the challenge's real on-disk formats and read back with the
-real readers (``tbgc_jax.data.readers``):
+Each task writes its own (``TaskSpec.write_embedded``, in ``tbgc_jax.tasks``) with the
+drawing helpers below, in the challenge's real on-disk formats, read back with the real
+readers (``tbgc_jax.data.readers``). The bundled tasks' data:
 
 - ``det/``: COCO JSON ``annotations/instances_{train,val}.json`` + ``images/{split}/*.jpg``;
   192x144 (w x h) scenes with 2-5 digits, 10 classes (the digit).
@@ -22,26 +23,21 @@ Train images use digits 0..1399 of the sklearn set, val images the other 397.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
 
+from tbgc_jax.tasks import EmbeddedPool, get_task
+
 VERSION = "embedded-v1"
-NUM_CLASSES = {"det": 10, "seg": 11, "cls": 20}
-SIZES = {"det": {"train": 240, "val": 60}, "seg": {"train": 240, "val": 60},
-         "cls": {"train": 400, "val": 100}}
-DET_HW = (144, 192)
-SEG_HW = (128, 160)
-CLS_HW = (64, 64)
+BUNDLED = ("det", "seg", "cls")  # the tasks of the versioned data set (one DONE marker)
 _BACKGROUNDS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
                 "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "page")
 _TRAIN_DIGITS = 1400
-# Two close ink hues per digit for the fine-grained classes (OpenCV hue units, 0..180).
-_CLS_HUES = (100.0, 118.0)
 
 
 def embedded_dir() -> str:
@@ -52,7 +48,7 @@ def embedded_dir() -> str:
   return os.path.join(os.path.expanduser("~"), ".cache", "tbgc_jax", VERSION)
 
 
-def _load_backgrounds() -> list[np.ndarray]:
+def load_backgrounds() -> list[np.ndarray]:
   import skimage.data
 
   out = []
@@ -66,8 +62,9 @@ def _load_backgrounds() -> list[np.ndarray]:
   return out
 
 
-def _background(rng: np.random.Generator, bgs: list[np.ndarray], hw: tuple[int, int]
-                ) -> np.ndarray:
+def background(rng: np.random.Generator, bgs: list[np.ndarray], hw: tuple[int, int]
+               ) -> np.ndarray:
+  """A dimmed random crop of one of the photos ``bgs``, resized to ``hw``."""
   bg = bgs[int(rng.integers(len(bgs)))]
   h, w = hw
   H, W = bg.shape[:2]
@@ -79,20 +76,22 @@ def _background(rng: np.random.Generator, bgs: list[np.ndarray], hw: tuple[int, 
   return (crop.astype(np.float32) * 0.6).astype(np.uint8)
 
 
-def _digit_alpha(digit: np.ndarray, size: int) -> np.ndarray:
+def digit_alpha(digit: np.ndarray, size: int) -> np.ndarray:
   """Upscales an 8x8 sklearn digit (0..16) to a [0,1] alpha map of ``size`` x ``size``."""
   a = cv2.resize((digit / 16.0).astype(np.float32), (size, size),
                  interpolation=cv2.INTER_CUBIC)
   return np.clip(a, 0.0, 1.0)
 
 
-def _ink(rng: np.random.Generator, hue: float | None = None) -> np.ndarray:
+def ink(rng: np.random.Generator, hue: float | None = None) -> np.ndarray:
+  """A saturated, bright RGB colour of a random hue (or ``hue`` +- 4)."""
   h = rng.uniform(0, 180) if hue is None else hue + rng.uniform(-4, 4)
   hsv = np.uint8([[[int(h) % 180, int(rng.uniform(170, 255)), int(rng.uniform(210, 255))]]])
   return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
-def _compose(img: np.ndarray, alpha: np.ndarray, x: int, y: int, color: np.ndarray) -> None:
+def compose(img: np.ndarray, alpha: np.ndarray, x: int, y: int, color: np.ndarray) -> None:
+  """Blends ``color`` into ``img`` with ``alpha`` (square) at top-left (x, y), in place."""
   s = alpha.shape[0]
   region = img[y:y + s, x:x + s].astype(np.float32)
   a = alpha[..., None]
@@ -122,7 +121,7 @@ def _digit_pool(split: str, images: np.ndarray, targets: np.ndarray):
   return images[idx], targets[idx]
 
 
-def _paste_digits(img, rng, digits, hw, count, size_range):
+def paste_digits(img, rng, digits, hw, count, size_range):
   """Pastes a random number of digits onto ``img``; yields ``(x, y, digit_index, alpha)``."""
   placed = []
   for _ in range(int(rng.integers(*count))):
@@ -132,107 +131,58 @@ def _paste_digits(img, rng, digits, hw, count, size_range):
       continue
     placed.append((*pos, size))
     k = int(rng.integers(len(digits)))
-    alpha = _digit_alpha(digits[k], size)
-    _compose(img, alpha, pos[0], pos[1], _ink(rng))
+    alpha = digit_alpha(digits[k], size)
+    compose(img, alpha, pos[0], pos[1], ink(rng))
     yield pos[0], pos[1], k, alpha
 
 
-def _write_det(root: str, split: str, n: int, rng, bgs, digits, targets) -> None:
-  os.makedirs(os.path.join(root, "det", "images", split), exist_ok=True)
-  os.makedirs(os.path.join(root, "det", "annotations"), exist_ok=True)
-  images, anns = [], []
-  for i in range(n):
-    img = _background(rng, bgs, DET_HW)
-    for x, y, k, alpha in _paste_digits(img, rng, digits, DET_HW, (2, 6), (20, 45)):
-      ys, xs = np.nonzero(alpha > 0.25)
-      x0, y0 = x + xs.min(), y + ys.min()
-      bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
-      anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(targets[k]) + 1,
-                   "bbox": [float(x0), float(y0), float(bw), float(bh)],
-                   "area": float(bw * bh), "iscrowd": 0})
-    name = f"{split}_{i:05d}.jpg"
-    cv2.imwrite(os.path.join(root, "det", "images", split, name),
-                cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-    images.append({"id": i + 1, "file_name": name, "height": DET_HW[0], "width": DET_HW[1]})
-  cats = [{"id": d + 1, "name": f"digit_{d}"} for d in range(10)]
-  with open(os.path.join(root, "det", "annotations", f"instances_{split}.json"), "w") as f:
-    json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+def generate(root: str, tasks: Sequence[str] = BUNDLED) -> None:
+  """Writes the embedded datasets of ``tasks`` under ``root`` (deterministic per task).
 
-
-def _write_seg(root: str, split: str, n: int, rng, bgs, digits, targets) -> None:
-  idir = os.path.join(root, "seg", "images", "10k", split)
-  mdir = os.path.join(root, "seg", "labels", "sem_seg", "masks", split)
-  os.makedirs(idir, exist_ok=True)
-  os.makedirs(mdir, exist_ok=True)
-  for i in range(n):
-    img = _background(rng, bgs, SEG_HW)
-    lab = np.zeros(SEG_HW, np.uint8)
-    for x, y, k, alpha in _paste_digits(img, rng, digits, SEG_HW, (2, 5), (28, 57)):
-      size = alpha.shape[0]
-      region = lab[y:y + size, x:x + size]
-      region[alpha > 0.15] = 255
-      region[alpha > 0.5] = int(targets[k]) + 1
-    name = f"{split}_{i:05d}"
-    cv2.imwrite(os.path.join(idir, name + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 92])
-    cv2.imwrite(os.path.join(mdir, name + ".png"), lab)
-
-
-def _write_cls(root: str, split: str, n: int, rng, bgs, digits, targets) -> None:
-  idir = os.path.join(root, "cls", "images")
-  os.makedirs(idir, exist_ok=True)
-  lines = []
-  for i in range(n):
-    label = i % NUM_CLASSES["cls"]  # balanced classes
-    digit, variant = divmod(label, 2)
-    pool = np.nonzero(targets == digit)[0]
-    k = int(pool[rng.integers(len(pool))])
-    img = _background(rng, bgs, CLS_HW)
-    size = int(rng.integers(36, 57))
-    x, y = int(rng.integers(0, CLS_HW[1] - size + 1)), int(rng.integers(0, CLS_HW[0] - size + 1))
-    _compose(img, _digit_alpha(digits[k], size), x, y, _ink(rng, _CLS_HUES[variant]))
-    name = f"{split}_{i:05d}.jpg"
-    cv2.imwrite(os.path.join(idir, name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 95])
-    lines.append(f"{name} {label}\n")
-  with open(os.path.join(root, "cls", f"{split}.txt"), "w") as f:
-    f.writelines(lines)
-
-
-def generate(root: str, tasks: tuple[str, ...] = ("det", "seg", "cls")) -> None:
-  """Writes the embedded datasets of ``tasks`` under ``root`` (deterministic per task)."""
+  Each task's ``TaskSpec.write_embedded`` draws from its own stream
+  (``[20230623, spec.stream, split]``), so a subset of tasks writes the same files.
+  """
   from sklearn.datasets import load_digits
 
+  specs = [get_task(t) for t in tasks]
   d = load_digits()
-  bgs = _load_backgrounds()
-  writers = {"det": _write_det, "seg": _write_seg, "cls": _write_cls}
-  for ti, task in enumerate(("det", "seg", "cls")):
-    if task not in tasks:
-      continue
+  bgs = load_backgrounds()
+  for spec in specs:
     for si, split in enumerate(("train", "val")):
       digits, targets = _digit_pool(split, d.images, d.target)
-      rng = np.random.default_rng([20230623, ti, si])
-      writers[task](root, split, SIZES[task][split], rng, bgs, digits, targets)
+      rng = np.random.default_rng([20230623, spec.stream, si])
+      spec.write_embedded(root, split, rng, EmbeddedPool(bgs, digits, targets))
 
 
-def ensure_embedded(root: str | None = None) -> str:
+def _once(lock_path: str, done: str, build: Callable[[], None]) -> None:
+  """Runs ``build`` unless ``done`` exists, under an exclusive file lock (process-safe)."""
+  import fcntl
+
+  if os.path.exists(done):
+    return
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(done):
+      build()
+
+
+def ensure_embedded(root: str | None = None, tasks: Sequence[str] = ()) -> str:
   """Returns the embedded data folder, generating it first if missing (safe across processes:
   one process generates under a file lock, the others wait; the result appears atomically).
 
+  The bundled tasks (``BUNDLED``) are generated together (marker ``DONE``); another task of
+  ``tasks`` that writes data of its own (``TaskSpec.embedded_data``) gets ``root/<task>``
+  on first use.
+
   Args:
     root: folder to use (default ``embedded_dir()``).
+    tasks: tasks whose data must be there besides the bundled ones.
   """
-  import fcntl
-
   root = root or embedded_dir()
-  if os.path.isfile(os.path.join(root, "DONE")):
-    return root
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
-  with open(os.path.abspath(root) + ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if os.path.isfile(os.path.join(root, "DONE")):
-      return root
+
+  def build_bundled():
     tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=parent)
     try:
       generate(tmp)
@@ -247,18 +197,26 @@ def ensure_embedded(root: str | None = None) -> str:
     finally:
       if os.path.isdir(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
+
+  _once(os.path.abspath(root) + ".lock", os.path.join(root, "DONE"), build_bundled)
+  for spec in (get_task(t) for t in tasks):
+    if spec.name in BUNDLED or not spec.embedded_data:
+      continue
+
+    def build_task(name=spec.name):
+      tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=root)
+      try:
+        generate(tmp, (name,))
+        os.rename(os.path.join(tmp, name), os.path.join(root, name))
+      finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    _once(os.path.join(root, f".{spec.name}.lock"), os.path.join(root, spec.name), build_task)
   return root
 
 
 def reader_args(task: str, split: str, root: str | None = None) -> dict[str, str]:
-  """Where the embedded files of (task, split) lie, as keyword arguments of the real reader."""
-  root = ensure_embedded(root)
-  if task == "det":
-    return {"ann_file": os.path.join(root, "det", "annotations", f"instances_{split}.json"),
-            "image_dir": os.path.join(root, "det", "images", split)}
-  if task == "seg":
-    return {"root": os.path.join(root, "seg"), "split": split}
-  if task == "cls":
-    return {"list_file": os.path.join(root, "cls", f"{split}.txt"),
-            "image_dir": os.path.join(root, "cls", "images")}
-  raise ValueError(f"task must be 'det', 'seg' or 'cls', got {task!r}")
+  """Where the embedded files of (task, split) lie, as keyword arguments of the task's
+  reader (``TaskSpec.embedded_format``), generating them first if missing."""
+  spec = get_task(task)
+  return spec.embedded_reader_args(ensure_embedded(root, (spec.name,)), split)

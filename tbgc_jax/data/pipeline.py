@@ -1,5 +1,8 @@
 """grain pipelines per task: source -> per-epoch shuffle -> augmentation -> fixed-shape batch.
 
+What differs between tasks (formats and records, decoding, label maps, padding) is the task's
+spec (``tbgc_jax.tasks``); every function here takes a registered task's name.
+
 Training: ``train_dataset`` builds a ``grain.MapDataset`` of batches over ``num_epochs``
 epochs (reshuffled every epoch, batches may straddle epoch ends);
 ``train_iterator`` adds ``grain`` worker processes and returns a checkpointable iterator
@@ -24,10 +27,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from tbgc_jax.data import embedded, readers
+from tbgc_jax.data import embedded
 from tbgc_jax.data.augment import build_augment, build_chain
 from tbgc_jax.data.batching import pad_example, padding_example
-from tbgc_jax.data.records import TASKS, DataValidationError, RecordSource
+from tbgc_jax.data.records import DataValidationError, RecordSource
+from tbgc_jax.tasks import RecordSet, TaskSpec, get_task
 
 _log = logging.getLogger(__name__)
 
@@ -39,12 +43,12 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default
 
 
-def make_source(task_cfg: Any, task: str, split: str) -> Any:
+def make_source(task_cfg: Any, task: str | TaskSpec, split: str) -> Any:
   """Reads (and validates) the records of one task and split; returns a random-access source.
 
   Args:
-    task_cfg: a task section (``data.det`` / ``data.seg`` / ``data.cls``).
-    task: "det", "seg" or "cls".
+    task_cfg: a task section (``data.det`` / ``data.seg`` / ``data.cls`` / ...).
+    task: a registered task's name (or its spec), whose ``read`` reads the format.
     split: key under ``task_cfg.source`` ("train" or "val").
 
   Returns:
@@ -53,8 +57,8 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
     file's category id, for ``category_id`` in exports), ``category_map``, ``class_names``
     and, for COCO files, ``annotation_file`` (evaluation scores against it).
   """
-  if task not in TASKS:
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+  spec = get_task(task)
+  task = spec.name
   src = task_cfg["source"]
   fmt = src["format"]
   kwargs = dict(_get(src, split, None) or {})
@@ -64,42 +68,30 @@ def make_source(task_cfg: Any, task: str, split: str) -> Any:
   nc = int(task_cfg["num_classes"])
   if fmt == "embedded":
     kwargs = embedded.reader_args(task, split, _get(src, "root", "") or None)
-    fmt = {"det": "coco", "seg": "bdd100k", "cls": "cls_list"}[task]
-  if fmt == "tfds":
-    if task != "cls":
-      raise ValueError(f"source format 'tfds' is for task 'cls', got task {task!r}")
-    return readers.TfdsClsSource(**kwargs)
-  cat_ids = names = annotation_file = None
-  if task == "det" and fmt in ("coco", "tt100k"):
-    reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
-    result = reader(**kwargs, policy=policy, deep_check=deep, allow_outside_root=outside)
-    records, names, cat_ids = result.records, result.class_names, result.category_ids
-    if len(names) != nc:
-      raise ValueError(f"{kwargs}: expected {nc} categories (data.det.num_classes), "
-                       f"got {len(names)}")
-    if fmt == "coco":
-      annotation_file = kwargs["ann_file"]
-  elif task == "seg" and fmt == "bdd100k":
-    records = readers.read_bdd100k_seg(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
-                                       allow_outside_root=outside)
-  elif task == "cls" and fmt == "cls_list":
-    records = readers.read_cls_list(**kwargs, num_classes=nc, policy=policy, deep_check=deep,
-                                    allow_outside_root=outside)
-  else:
-    raise ValueError(f"source format {fmt!r} is not available for task {task!r}")
-  if not records:
+    fmt = spec.embedded_format
+  result = spec.read(fmt, kwargs, num_classes=nc, policy=policy, deep_check=deep,
+                     allow_outside_root=outside)
+  if not isinstance(result, RecordSet):
+    return result  # a ready source (e.g. TFDS)
+  if not result.records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
-  source = RecordSource(records, task, nc, int(_get(task_cfg, "min_decode_side", 0) or 0),
-                        category_ids=cat_ids, class_names=names,
-                        annotation_file=annotation_file)
-  if task == "det":
-    max_boxes = int(task_cfg["max_boxes"])
-    over = sum(len(r.labels) > max_boxes for r in records)
-    if over:
-      _log.warning("%s/%s: %d of %d records have more than max_boxes=%d boxes; the extra "
-                   "boxes are dropped (counted in batching.box_overflow_count())", task, split,
-                   over, len(records), max_boxes)
+  source = RecordSource(result.records, spec, nc,
+                        int(_get(task_cfg, "min_decode_side", 0) or 0),
+                        category_ids=result.category_ids, class_names=result.class_names,
+                        annotation_file=result.annotation_file)
+  spec.check_source(source, task_cfg, split)
   return source
+
+
+def augmentation(task_cfg: Any, task: str | TaskSpec, source: Any = None
+                 ) -> grain.transforms.RandomMap:
+  """The training augmentation of a task section (``task_cfg.augment``, its label maps)."""
+  return build_augment(task_cfg["augment"], source, label_maps=get_task(task).label_maps)
+
+
+def eval_transform(task_cfg: Any, task: str | TaskSpec) -> grain.transforms.RandomMap:
+  """The evaluation transform of a task section (``task_cfg.eval_augment``)."""
+  return build_chain(task_cfg["eval_augment"], label_maps=get_task(task).label_maps)
 
 
 def _describe(source: Any, record: int) -> str:
@@ -129,6 +121,11 @@ class TrainExample(grain.transforms.Map):
   epoch_len: int
   num_epochs: int
   policy: str = "strict"
+  spec: Any = None  # the task's spec (default: the registered one), pickled to the workers
+
+  def __post_init__(self):
+    if self.spec is None:
+      object.__setattr__(self, "spec", get_task(self.task))
 
   def example(self, epoch: int, record: int) -> dict[str, Any]:
     """The augmented (variable-shape) example of ``record`` in ``epoch``."""
@@ -144,7 +141,7 @@ class TrainExample(grain.transforms.Map):
     for skipped in range(n):
       record = (int(first) + skipped) % n
       try:
-        ex = pad_example(self.example(epoch, record), self.task, self.image_size,
+        ex = pad_example(self.example(epoch, record), self.spec, self.image_size,
                          self.max_boxes)
       except Exception as e:  # noqa: BLE001 - any reader or augmentation error
         where = f"{self.task}: {_describe(self.source, record)}, epoch {epoch}"
@@ -187,27 +184,32 @@ class EvalExample(grain.transforms.Map):
   task: str
   image_size: tuple[int, int]
   max_boxes: int
+  spec: Any = None  # the task's spec (default: the registered one), pickled to the workers
+
+  def __post_init__(self):
+    if self.spec is None:
+      object.__setattr__(self, "spec", get_task(self.task))
 
   def map(self, element: int) -> dict[str, np.ndarray]:
     i = int(element)
     if i >= len(self.source):
-      return padding_example(self.task, self.image_size, self.max_boxes)
+      return padding_example(self.spec, self.image_size, self.max_boxes)
     try:
       ex = self.transform.random_map(self.source[i], np.random.default_rng(0))
     except Exception as e:  # noqa: BLE001 - name the record whatever the error
       raise DataValidationError(
           f"{self.task} eval: {_describe(self.source, i)}: {type(e).__name__}: {e}") from e
-    return pad_example(ex, self.task, self.image_size, self.max_boxes)
+    return pad_example(ex, self.spec, self.image_size, self.max_boxes)
 
 
-def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
+def train_dataset(task_cfg: Any, task: str | TaskSpec, *, seed: int, num_epochs: int,
                   batch_size: int | None = None, shard_index: int = 0, shard_count: int = 1,
                   source: Any = None) -> grain.MapDataset:
   """Training batches of one task over ``num_epochs`` epochs, as a ``grain.MapDataset``.
 
   Args:
     task_cfg: the task section of the data config.
-    task: "det", "seg" or "cls".
+    task: a registered task's name (or its spec).
     seed: data seed (shuffle and augmentation).
     num_epochs: epochs to run (also the curriculum horizon).
     batch_size: examples per batch on this host (default ``task_cfg.batch_size``).
@@ -220,13 +222,14 @@ def train_dataset(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
     ``len(ds)`` batches (``drop_remainder``) of fixed-shape numpy dicts, with ``skipped``
     (int32 per example: unreadable records passed over under ``task_cfg.policy == "skip"``).
   """
-  source = source if source is not None else make_source(task_cfg, task, "train")
+  spec = get_task(task)
+  source = source if source is not None else make_source(task_cfg, spec, "train")
   batch_size = int(batch_size or task_cfg["batch_size"])
-  aug = build_augment(task_cfg["augment"], source)
+  aug = augmentation(task_cfg, spec, source)
   epoch_len = len(source)
-  fn = TrainExample(source, aug, task, tuple(task_cfg["image_size"]),
+  fn = TrainExample(source, aug, spec.name, tuple(task_cfg["image_size"]),
                     int(_get(task_cfg, "max_boxes", 0) or 0), int(seed), epoch_len,
-                    int(num_epochs), _get(task_cfg, "policy", "strict"))
+                    int(num_epochs), _get(task_cfg, "policy", "strict"), spec)
   stream = grain.MapDataset.range(epoch_len).shuffle(seed=int(seed)).repeat(int(num_epochs))
   global_batches = len(stream) // (batch_size * shard_count)
   ds = grain.MapDataset.range(global_batches * batch_size).map(
@@ -260,7 +263,7 @@ def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int | None,
   return iter(it_ds)
 
 
-def train_iterator(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
+def train_iterator(task_cfg: Any, task: str | TaskSpec, *, seed: int, num_epochs: int,
                    batch_size: int | None = None, num_workers: int = 0,
                    read_threads: int | None = None, prefetch: int | None = None,
                    shard_index: int = 0, shard_count: int = 1, source: Any = None
@@ -277,20 +280,21 @@ def train_iterator(task_cfg: Any, task: str, *, seed: int, num_epochs: int,
   return _iterate(ds, num_workers, read_threads, prefetch)
 
 
-def eval_dataset(task_cfg: Any, task: str, *, split: str = "val", batch_size: int | None = None,
-                 source: Any = None) -> grain.MapDataset:
+def eval_dataset(task_cfg: Any, task: str | TaskSpec, *, split: str = "val",
+                 batch_size: int | None = None, source: Any = None) -> grain.MapDataset:
   """Evaluation batches: file order, deterministic resize, last batch padded (valid=False)."""
-  source = source if source is not None else make_source(task_cfg, task, split)
+  spec = get_task(task)
+  source = source if source is not None else make_source(task_cfg, spec, split)
   batch_size = int(batch_size or task_cfg["batch_size"])
   n = len(source)
   padded = math.ceil(n / batch_size) * batch_size
-  fn = EvalExample(source, build_chain(task_cfg["eval_augment"]), task,
+  fn = EvalExample(source, eval_transform(task_cfg, spec), spec.name,
                    tuple(task_cfg["eval_image_size"]),
-                   int(_get(task_cfg, "max_boxes", 0) or 0))
+                   int(_get(task_cfg, "max_boxes", 0) or 0), spec)
   return grain.MapDataset.range(padded).map(fn).batch(batch_size, drop_remainder=True)
 
 
-def eval_iterator(task_cfg: Any, task: str, *, split: str = "val",
+def eval_iterator(task_cfg: Any, task: str | TaskSpec, *, split: str = "val",
                   batch_size: int | None = None, num_workers: int = 0,
                   read_threads: int | None = None, prefetch: int | None = None,
                   source: Any = None) -> grain.DatasetIterator:

@@ -5,9 +5,10 @@ Usage:
 
 The config file's ``get_config()`` returns a ``ConfigDict`` with a ``data`` section
 (``tbgc_jax.data.configs``). Output: ``DIR/{task}_branch{b}.png`` (training augmentation,
-branch ``b`` forced, at epoch 0) and ``DIR/{task}_eval.png`` (evaluation transform). Boxes
-are drawn with their class id; label maps are overlaid in colour (ignore = grey); the
-padding region is dimmed.
+branch ``b`` forced, at epoch 0) and ``DIR/{task}_eval.png`` (evaluation transform), for
+every registered task the data section has. Label maps are overlaid in colour (ignore =
+grey), the padding region is dimmed, then the task's spec draws the rest (``TaskSpec.draw``:
+boxes with their class id, the class id).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import cv2
 import numpy as np
 
 from tbgc_jax.data import pipeline
-from tbgc_jax.data.augment import branch_chains, build_augment, build_chain
+from tbgc_jax.data.augment import branch_chains
 from tbgc_jax.data.batching import pad_example
 from tbgc_jax.data.records import IGNORE_LABEL
+from tbgc_jax.tasks import get_task, task_names
 
 
 def load_config(path: str):
@@ -39,7 +41,8 @@ def load_config(path: str):
   return mod.get_config()
 
 
-def _palette(n: int) -> np.ndarray:
+def palette(n: int) -> np.ndarray:
+  """``n`` fixed random RGB colours, the first black."""
   rng = np.random.default_rng(0)
   pal = rng.integers(60, 256, (max(n, 1), 3)).astype(np.uint8)
   pal[0] = 0
@@ -47,11 +50,12 @@ def _palette(n: int) -> np.ndarray:
 
 
 def draw(ex: dict, task: str, num_classes: int) -> np.ndarray:
-  """Draws one fixed-shape example: boxes/labels or label-map overlay, dimmed padding."""
+  """Draws one fixed-shape example: label-map overlay, dimmed padding, the task's drawing."""
+  spec = get_task(task)
   img = ex["image"].copy()
-  if task == "seg":
-    lab = ex["label"]
-    pal = _palette(num_classes)
+  for key in spec.label_maps:
+    lab = ex[key]
+    pal = palette(num_classes)
     over = np.zeros_like(img)
     known = (lab != IGNORE_LABEL) & (lab < num_classes)
     over[known] = pal[lab[known]]
@@ -59,19 +63,7 @@ def draw(ex: dict, task: str, num_classes: int) -> np.ndarray:
     show = (lab != 0)
     img[show] = (0.45 * img[show] + 0.55 * over[show]).astype(np.uint8)
   img[~ex["image_mask"]] = (img[~ex["image_mask"]] * 0.3 + 40).astype(np.uint8)
-  if task == "det":
-    pal = _palette(num_classes + 1)
-    for box, label in zip(ex["boxes"][ex["box_mask"]], ex["labels"][ex["box_mask"]],
-                          strict=True):
-      x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-      c = tuple(int(v) for v in pal[int(label) + 1])
-      cv2.rectangle(img, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 0, 0), 2)
-      cv2.rectangle(img, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), c, 1)
-      cv2.putText(img, str(int(label)), (x0, max(8, y0 - 1)), cv2.FONT_HERSHEY_PLAIN, 0.7, c, 1)
-  if task == "cls":
-    cv2.putText(img, str(int(ex["label"])), (2, 10), cv2.FONT_HERSHEY_PLAIN, 0.8,
-                (255, 255, 0), 1)
-  return img
+  return spec.draw(img, ex, num_classes)
 
 
 def grid(tiles: Sequence[np.ndarray], cols: int = 4, gap: int = 2) -> np.ndarray:
@@ -90,14 +82,14 @@ def write_previews(data_cfg, out_dir: str, num: int = 8, seed: int = 0) -> list[
   """Writes the PNG grids for every task in ``data_cfg``; returns the written paths."""
   os.makedirs(out_dir, exist_ok=True)
   written = []
-  for task in ("det", "seg", "cls"):
+  for task in task_names():
     if task not in data_cfg:
       continue
     cfg = data_cfg[task]
     nc = int(cfg.num_classes)
     max_boxes = int(cfg.get("max_boxes", 0) or 0)
     src = pipeline.make_source(cfg, task, "train")
-    aug = build_augment(cfg.augment, src)
+    aug = pipeline.augmentation(cfg, task, src)
     idx = list(range(min(num, len(src))))
     for b, chain in enumerate(branch_chains(aug)):
       tiles = []
@@ -108,7 +100,7 @@ def write_previews(data_cfg, out_dir: str, num: int = 8, seed: int = 0) -> list[
       cv2.imwrite(path, cv2.cvtColor(grid(tiles), cv2.COLOR_RGB2BGR))
       written.append(path)
     vsrc = pipeline.make_source(cfg, task, "val")
-    ev = build_chain(cfg.eval_augment)
+    ev = pipeline.eval_transform(cfg, task)
     tiles = [draw(pad_example(ev.random_map(vsrc[i], np.random.default_rng(0)), task,
                               tuple(cfg.eval_image_size), max_boxes), task, nc)
              for i in range(min(num, len(vsrc)))]

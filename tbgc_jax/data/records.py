@@ -2,8 +2,9 @@
 
 A *record* is what a reader returns: file paths plus annotations, cheap to hold for a whole
 dataset. A *source* turns record ``i`` into an *example*: a dict of numpy arrays with the
-decoded image, the annotations and bookkeeping fields. Examples have variable shapes; the
-pipeline makes them fixed-shape (``tbgc_jax.data.batching``).
+decoded image, the annotations (the task's ``TaskSpec.decode``) and bookkeeping fields.
+Examples have variable shapes; the pipeline makes them fixed-shape
+(``tbgc_jax.data.batching``).
 
 Example keys (all tasks): ``image`` uint8 [H,W,3] RGB, ``index`` int32 (record position),
 ``orig_hw`` int32 [2]. Detection adds ``boxes`` float32 [n,4] xyxy pixels, ``labels`` int32
@@ -22,7 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-TASKS = ("det", "seg", "cls")
+from tbgc_jax.tasks import TaskSpec, get_task
+
 IGNORE_LABEL = 255
 POLICIES = ("strict", "skip")
 
@@ -193,12 +195,13 @@ class RecordSource:
   """Random-access source (grain-compatible: ``__len__``/``__getitem__``) decoding records.
 
   Args:
-    records: the records of one task (all ``DetRecord``, ``SegRecord`` or ``ClsRecord``).
-    task: "det", "seg" or "cls".
+    records: the records of one task (e.g. all ``DetRecord``, ``SegRecord`` or ``ClsRecord``).
+    task: a registered task's name (or its spec); its ``decode`` makes the task fields.
     num_classes: number of classes (checked again at decode time for segmentation).
-    min_decode_side: detection only: when > 0, images whose long side is at least 2x (4x,
-      8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to match (``orig_hw`` stays
-      the size on disk). Set it to the largest long edge the augmentations produce.
+    min_decode_side: tasks with ``reduced_decode`` (detection): when > 0, images whose long
+      side is at least 2x (4x, 8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to
+      match (``orig_hw`` stays the size on disk). Set it to the largest long edge the
+      augmentations produce.
     category_ids: detection: the file's category id of each contiguous label
       (``category_ids[label]``), for exports; default ``range(num_classes)``.
     class_names: the name of each label; default ``str`` of the category id.
@@ -210,13 +213,13 @@ class RecordSource:
     class_names: tuple of strings, one per label.
   """
 
-  def __init__(self, records: Sequence[Any], task: str, num_classes: int,
+  def __init__(self, records: Sequence[Any], task: str | TaskSpec, num_classes: int,
                min_decode_side: int = 0, category_ids: Sequence[int] | None = None,
                class_names: Sequence[str] | None = None, annotation_file: str | None = None):
-    if task not in TASKS:
-      raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    # The spec itself is kept (and pickled to grain's workers), not only its name.
+    self.spec = get_task(task)
     self.records = list(records)
-    self.task = task
+    self.task = self.spec.name
     self.num_classes = num_classes
     self.min_decode_side = int(min_decode_side)
     ids = tuple(int(c) for c in (range(num_classes) if category_ids is None else category_ids))
@@ -234,7 +237,7 @@ class RecordSource:
     return dict(enumerate(self.category_ids))
 
   def _reduce(self, path: str) -> int:
-    if self.task != "det" or self.min_decode_side <= 0:
+    if not self.spec.reduced_decode or self.min_decode_side <= 0:
       return 1
     long_side = max(image_size(path))
     r = 8
@@ -255,26 +258,7 @@ class RecordSource:
         "index": np.int32(index),
         "orig_hw": np.asarray(orig_hw, np.int32),
     }
-    if self.task == "det":
-      sy, sx = image.shape[0] / orig_hw[0], image.shape[1] / orig_hw[1]
-      ex["boxes"] = np.asarray(rec.boxes, np.float32).reshape(-1, 4) * np.float32(
-          [sx, sy, sx, sy])
-      ex["labels"] = np.asarray(rec.labels, np.int32).reshape(-1)
-      ex["image_id"] = np.int32(rec.image_id)
-    elif self.task == "seg":
-      lab = read_label_map(rec.label_path)
-      if lab.shape != image.shape[:2]:
-        raise DataValidationError(
-            f"{rec.label_path}: field 'label': expected size {image.shape[:2]} of "
-            f"{rec.image_path}, got {lab.shape}")
-      bad = check_label_values(rec.label_path, lab, self.num_classes)
-      if bad is not None:
-        raise DataValidationError(
-            f"{rec.label_path}: field 'label': expected class ids in [0, {self.num_classes}) "
-            f"or 255, got {bad.tolist()}")
-      ex["label"] = lab
-    else:
-      ex["label"] = np.int32(rec.label)
+    ex.update(self.spec.decode(rec, image, tuple(int(v) for v in orig_hw), self.num_classes))
     return ex
 
   def __repr__(self) -> str:

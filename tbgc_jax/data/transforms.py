@@ -2,10 +2,15 @@
 
 Each transform maps an example dict (see ``tbgc_jax.data.records``) and draws randomness
 only from the injected ``np.random.Generator``. Geometric transforms keep detection boxes
-(xyxy, pixel-edge coordinates: pixel j covers [j, j+1]) and segmentation label maps
+(xyxy, pixel-edge coordinates: pixel j covers [j, j+1]) and per-pixel label maps
 (nearest-neighbour, 255 outside the image) aligned with the pixels; boxes are transformed
 by their 4 corners (enclosing box), clipped to the image, and dropped when narrower or
 shorter than 1 pixel. Photometric transforms leave annotations untouched.
+
+Which example keys are label maps is the task's (``TaskSpec.label_maps``, e.g. ``("label",)``
+for segmentation): every transform has a ``label_maps`` field, set by ``build_chain`` from the
+task, and the functions below take it as an argument. Boxes are the ``boxes`` / ``labels``
+keys when present.
 
 ``Mosaic`` and ``MixUp`` read extra examples from the random-access ``source`` they hold, at
 indices drawn from the rng, so a sample stays a function of (seed, epoch, index).
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import cv2
@@ -24,11 +30,6 @@ import numpy as np
 from tbgc_jax.data.records import IGNORE_LABEL
 
 Example = dict[str, Any]
-
-
-def _is_seg(ex: Example) -> bool:
-  lab = ex.get("label")
-  return isinstance(lab, np.ndarray) and lab.ndim == 2
 
 
 def _clip_filter(ex: Example, min_size: float = 1.0) -> Example:
@@ -45,8 +46,8 @@ def _clip_filter(ex: Example, min_size: float = 1.0) -> Example:
   return ex
 
 
-def resize(ex: Example, out_hw: tuple[int, int]) -> Example:
-  """Resizes image (bilinear), label map (nearest) and boxes to ``out_hw`` = (h, w)."""
+def resize(ex: Example, out_hw: tuple[int, int], label_maps: Sequence[str] = ()) -> Example:
+  """Resizes image (bilinear), the ``label_maps`` (nearest) and boxes to ``out_hw`` = (h, w)."""
   ex = dict(ex)
   h, w = ex["image"].shape[:2]
   oh, ow = max(1, int(out_hw[0])), max(1, int(out_hw[1]))
@@ -54,10 +55,10 @@ def resize(ex: Example, out_hw: tuple[int, int]) -> Example:
     return ex
   interp = cv2.INTER_AREA if oh * ow < h * w else cv2.INTER_LINEAR
   ex["image"] = cv2.resize(ex["image"], (ow, oh), interpolation=interp)
-  if _is_seg(ex):
+  for k in label_maps:
     # NEAREST_EXACT samples at pixel centres like the bilinear image resize (plain NEAREST
     # is offset by up to half a source pixel).
-    ex["label"] = cv2.resize(ex["label"], (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
+    ex[k] = cv2.resize(ex[k], (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
   if "boxes" in ex:
     # Clipped: float32 rounding can put a box edge on the border a hair outside the image.
     b = np.asarray(ex["boxes"], np.float32) * np.asarray([ow / w, oh / h, ow / w, oh / h],
@@ -66,7 +67,8 @@ def resize(ex: Example, out_hw: tuple[int, int]) -> Example:
   return ex
 
 
-def warp_affine(ex: Example, m: np.ndarray, out_hw: tuple[int, int]) -> Example:
+def warp_affine(ex: Example, m: np.ndarray, out_hw: tuple[int, int],
+                label_maps: Sequence[str] = ()) -> Example:
   """Applies a 3x3 affine ``m`` (pixel-edge coordinates, source -> output) to an example."""
   ex = dict(ex)
   oh, ow = int(out_hw[0]), int(out_hw[1])
@@ -75,9 +77,9 @@ def warp_affine(ex: Example, m: np.ndarray, out_hw: tuple[int, int]) -> Example:
   m_cv = (t(-0.5) @ m @ t(0.5))[:2]
   ex["image"] = cv2.warpAffine(ex["image"], m_cv, (ow, oh), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-  if _is_seg(ex):
-    ex["label"] = cv2.warpAffine(ex["label"], m_cv, (ow, oh), flags=cv2.INTER_NEAREST,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
+  for k in label_maps:
+    ex[k] = cv2.warpAffine(ex[k], m_cv, (ow, oh), flags=cv2.INTER_NEAREST,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
   if "boxes" in ex and len(ex["boxes"]):
     b = np.asarray(ex["boxes"], np.float64).reshape(-1, 4)
     corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], axis=1)
@@ -87,12 +89,13 @@ def warp_affine(ex: Example, m: np.ndarray, out_hw: tuple[int, int]) -> Example:
   return ex
 
 
-def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int, int, int]
-          ) -> None:
+def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int, int, int],
+          label_maps: Sequence[str] = ()) -> None:
   """Pastes ``ex`` with its top-left at (x0, y0) into ``canvas``, inside ``region`` only.
 
-  ``region`` = (rx0, ry0, rx1, ry1) in canvas pixels. Boxes are shifted, clipped to the
-  region and degenerate ones dropped; they are appended to the canvas lists.
+  ``region`` = (rx0, ry0, rx1, ry1) in canvas pixels. The ``label_maps`` are pasted like the
+  image. Boxes are shifted, clipped to the region and degenerate ones dropped; they are
+  appended to the canvas lists.
   """
   h, w = ex["image"].shape[:2]
   rx0, ry0, rx1, ry1 = region
@@ -101,8 +104,8 @@ def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int
   if cx1 <= cx0 or cy1 <= cy0:
     return
   canvas["image"][cy0:cy1, cx0:cx1] = ex["image"][cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-  if _is_seg(ex):
-    canvas["label"][cy0:cy1, cx0:cx1] = ex["label"][cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+  for k in label_maps:
+    canvas[k][cy0:cy1, cx0:cx1] = ex[k][cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
   if "boxes" in ex:
     b = np.asarray(ex["boxes"], np.float32).reshape(-1, 4) + np.float32([x0, y0, x0, y0])
     b[:, 0::2] = np.clip(b[:, 0::2], cx0, cx1)
@@ -112,7 +115,8 @@ def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int
     canvas["labels"].append(np.asarray(ex["labels"], np.int32).reshape(-1)[keep])
 
 
-def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator) -> Example:
+def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator,
+            label_maps: Sequence[str] = ()) -> Example:
   """Crops a ``ch`` x ``cw`` window at a uniformly drawn position (sides <= the image's).
 
   Boxes are shifted, clipped and filtered (``_clip_filter``); label maps are cropped alike.
@@ -121,8 +125,8 @@ def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator) -> Example:
   y0 = int(rng.integers(0, h - ch + 1))
   x0 = int(rng.integers(0, w - cw + 1))
   ex["image"] = np.ascontiguousarray(ex["image"][y0:y0 + ch, x0:x0 + cw])
-  if _is_seg(ex):
-    ex["label"] = np.ascontiguousarray(ex["label"][y0:y0 + ch, x0:x0 + cw])
+  for k in label_maps:
+    ex[k] = np.ascontiguousarray(ex[k][y0:y0 + ch, x0:x0 + cw])
   if "boxes" in ex:
     ex["boxes"] = np.asarray(ex["boxes"], np.float32).reshape(-1, 4) - np.float32(
         [x0, y0, x0, y0])
@@ -132,9 +136,14 @@ def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator) -> Example:
 
 @dataclasses.dataclass(frozen=True)
 class Transform(grain.transforms.RandomMap):
-  """Base: applies ``apply`` with probability ``p`` (one rng draw when ``p < 1``)."""
+  """Base: applies ``apply`` with probability ``p`` (one rng draw when ``p < 1``).
+
+  ``label_maps``: the example keys holding label maps (the task's ``TaskSpec.label_maps``,
+  set by ``build_chain``), transformed with the image.
+  """
 
   p: float = 1.0
+  label_maps: tuple[str, ...] = ()
   strong: ClassVar[bool] = False
 
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
@@ -177,7 +186,7 @@ class MultiScale(Transform):
     short = self.short_min + self.step * int(rng.integers(0, len(self.shorts)))
     h, w = ex["image"].shape[:2]
     s = min(self.long_edge / max(h, w), short / min(h, w))
-    return resize(ex, (round(h * s), round(w * s)))
+    return resize(ex, (round(h * s), round(w * s)), self.label_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +201,7 @@ class RandomResize(Transform):
     r = rng.uniform(self.ratio_min, self.ratio_max)
     h, w = ex["image"].shape[:2]
     s = self.long_edge * r / max(h, w)
-    return resize(ex, (round(h * s), round(w * s)))
+    return resize(ex, (round(h * s), round(w * s)), self.label_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +212,7 @@ class Resize(Transform):
 
   def apply(self, ex, rng):
     del rng
-    return resize(ex, tuple(self.size))
+    return resize(ex, tuple(self.size), self.label_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +225,8 @@ class ResizeFit(Transform):
     del rng
     h, w = ex["image"].shape[:2]
     s = min(self.size[0] / h, self.size[1] / w)
-    return resize(ex, (min(self.size[0], round(h * s)), min(self.size[1], round(w * s))))
+    return resize(ex, (min(self.size[0], round(h * s)), min(self.size[1], round(w * s))),
+                  self.label_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +239,8 @@ class HFlip(Transform):
     del rng
     w = ex["image"].shape[1]
     ex["image"] = np.ascontiguousarray(ex["image"][:, ::-1])
-    if _is_seg(ex):
-      ex["label"] = np.ascontiguousarray(ex["label"][:, ::-1])
+    for k in self.label_maps:
+      ex[k] = np.ascontiguousarray(ex[k][:, ::-1])
     if "boxes" in ex:
       b = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
       ex["boxes"] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1)
@@ -249,7 +259,7 @@ class Rotate(Transform):
     h, w = ex["image"].shape[:2]
     m = np.eye(3)
     m[:2] = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-    return warp_affine(ex, m, (h, w))
+    return warp_affine(ex, m, (h, w), self.label_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +270,7 @@ class RandomCrop(Transform):
 
   def apply(self, ex, rng):
     h, w = ex["image"].shape[:2]
-    return crop_at(ex, min(h, self.size[0]), min(w, self.size[1]), rng)
+    return crop_at(ex, min(h, self.size[0]), min(w, self.size[1]), rng, self.label_maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +294,7 @@ class RangeCrop(Transform):
     for _ in range(self.tries):
       ch = int(rng.integers(min(h, self.min_size), min(h, self.max_size) + 1))
       cw = int(rng.integers(min(w, self.min_size), min(w, self.max_size) + 1))
-      out = crop_at(dict(ex), ch, cw, rng)
+      out = crop_at(dict(ex), ch, cw, rng, self.label_maps)
       if not need_box or len(out["boxes"]):
         return out
     return ex
@@ -317,23 +327,23 @@ class Mosaic(Transform):
     cy = int(rng.uniform(0.25, 0.75) * H)
     others = [self.source[int(i)] for i in rng.integers(0, len(self.source), size=3)]
     canvas: dict[str, Any] = {"image": np.zeros((H, W, 3), np.uint8)}
-    if _is_seg(ex):
-      canvas["label"] = np.full((H, W), IGNORE_LABEL, np.uint8)
+    for k in self.label_maps:
+      canvas[k] = np.full((H, W), IGNORE_LABEL, np.uint8)
     if "boxes" in ex:
       canvas["boxes"], canvas["labels"] = [], []
     regions = [(0, 0, cx, cy), (cx, 0, W, cy), (0, cy, cx, H), (cx, cy, W, H)]
     for q, item in enumerate([ex, *others]):
       h, w = item["image"].shape[:2]
       s = min(H / h, W / w) * rng.uniform(self.scale_min, self.scale_max)
-      item = resize(item, (max(1, round(h * s)), max(1, round(w * s))))
+      item = resize(item, (max(1, round(h * s)), max(1, round(w * s))), self.label_maps)
       h, w = item["image"].shape[:2]
       x0 = cx - w if q in (0, 2) else cx
       y0 = cy - h if q in (0, 1) else cy
-      paste(canvas, item, x0, y0, regions[q])
+      paste(canvas, item, x0, y0, regions[q], self.label_maps)
     out = dict(ex)
     out["image"] = canvas["image"]
-    if "label" in canvas:
-      out["label"] = canvas["label"]
+    for k in self.label_maps:
+      out[k] = canvas[k]
     if "boxes" in canvas:
       out["boxes"] = np.concatenate(canvas["boxes"]).reshape(-1, 4)
       out["labels"] = np.concatenate(canvas["labels"]).reshape(-1)
@@ -344,8 +354,8 @@ class Mosaic(Transform):
 class MixUp(Transform):
   """Blends with an example read from ``source`` (resized to fit, top-left aligned).
 
-  The blend weight is ``ratio`` (YOLOX uses 0.5); boxes of both images are kept. Detection
-  only (label maps have no meaningful blend): segmentation examples pass through unchanged.
+  The blend weight is ``ratio`` (YOLOX uses 0.5); boxes of both images are kept. Label maps
+  have no meaningful blend: examples of a task with ``label_maps`` pass through unchanged.
   """
 
   source: Any = None
@@ -358,7 +368,7 @@ class MixUp(Transform):
     if self.source is None:
       raise ValueError("MixUp needs a source to read the second example from")
     j = int(rng.integers(0, len(self.source)))
-    if _is_seg(ex):
+    if self.label_maps:
       return ex
     other = self.source[j]
     h, w = ex["image"].shape[:2]
@@ -503,7 +513,8 @@ def _magnitude(op: str, bin_: int) -> float:
   return float(table[op][bin_]) if op in table else 0.0
 
 
-def _apply_op(ex: Example, op: str, mag: float, sign: float) -> Example:
+def _apply_op(ex: Example, op: str, mag: float, sign: float,
+              label_maps: Sequence[str] = ()) -> Example:
   img = ex["image"]
   if op in _GEOMETRIC:
     h, w = img.shape[:2]
@@ -514,7 +525,7 @@ def _apply_op(ex: Example, op: str, mag: float, sign: float) -> Example:
       m[0, 1] = sign * mag
     else:
       m[1, 0] = sign * mag
-    return warp_affine(ex, m, (h, w))
+    return warp_affine(ex, m, (h, w), label_maps)
   if op == "Posterize":
     keep = 0xFF & ~((1 << (8 - int(mag))) - 1)
     img = img & np.uint8(keep)
@@ -564,7 +575,7 @@ class ImageNetAutoAugment(Transform):
       go, sign = rng.random() < prob, (1.0 if rng.random() < 0.5 else -1.0)
       if not go or (self.photometric_only and op in _GEOMETRIC):
         continue
-      ex = _apply_op(ex, op, _magnitude(op, bin_ or 0), sign)
+      ex = _apply_op(ex, op, _magnitude(op, bin_ or 0), sign, self.label_maps)
     return ex
 
 
@@ -599,10 +610,12 @@ class DetAutoAugment(Transform):
   def policies(self) -> tuple[tuple[Transform, ...], ...]:
     """The two sub-policies, each a sequence of transforms applied in order."""
     final = MultiScale(long_edge=self.long_edge, short_min=self.short_min,
-                       short_max=self.short_max, step=self.step)
+                       short_max=self.short_max, step=self.step, label_maps=self.label_maps)
     pre = MultiScale(long_edge=self.crop_long_edge, short_min=self.crop_short_min,
-                     short_max=self.crop_short_max, step=self.crop_short_step)
-    return (final,), (pre, RangeCrop(min_size=self.crop_min, max_size=self.crop_max), final)
+                     short_max=self.crop_short_max, step=self.crop_short_step,
+                     label_maps=self.label_maps)
+    crop = RangeCrop(min_size=self.crop_min, max_size=self.crop_max, label_maps=self.label_maps)
+    return (final,), (pre, crop, final)
 
   def apply_policy(self, ex: Example, k: int, rng: np.random.Generator) -> Example:
     """Applies sub-policy ``k``."""

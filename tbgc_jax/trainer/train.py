@@ -30,13 +30,13 @@ from tbgc_jax.data import configs as data_configs
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.augment import AUGMENT_MODES
 from tbgc_jax.models.multitask import backbone_mask
+from tbgc_jax.tasks import get_task, task_names
 from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer import logs
 from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import make_optimizer, method_hyperparameters
 from tbgc_jax.trainer.step import STEP_MODES, make_train_step
 
-TASKS = ("det", "seg", "cls")
 NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
 NONFINITE_POLICIES = ("drop_task", "stop")
 _log = logging.getLogger(__name__)
@@ -44,9 +44,10 @@ _log = logging.getLogger(__name__)
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails at start, with a message naming the field, on an invalid value or combination."""
-  tasks = tuple(config.tasks)
-  if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(TASKS):
-    raise ValueError(f"config.tasks must be distinct names among {TASKS}, got {tasks}")
+  tasks, registered = tuple(config.tasks), task_names()
+  if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(registered):
+    raise ValueError(f"config.tasks must be distinct names among the registered tasks "
+                     f"{registered}, got {tasks}")
   method_hyperparameters(config.grad)  # the method and its hyperparameters (registry checks)
   if config.grad.step_mode not in STEP_MODES:
     raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
@@ -322,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     per_host = len(sources[t]) // jax.process_count()
     epochs = math.ceil(total_steps * setup.local_batch_size(t) / per_host) + 1
     iterators[t] = pipeline.train_iterator(
-        config.data[t], t, seed=config.seed + 1000 * (TASKS.index(t) + 1), num_epochs=epochs,
+        config.data[t], t, seed=config.seed + 1000 * (get_task(t).stream + 1), num_epochs=epochs,
         batch_size=setup.local_batch_size(t), num_workers=int(config.num_workers),
         shard_index=jax.process_index(), shard_count=jax.process_count(), source=sources[t])
 

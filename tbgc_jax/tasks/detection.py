@@ -1,0 +1,191 @@
+"""Detection ("det"): DINO head, COCO / TT100K records, padded boxes, mAP50 with pycocotools."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tbgc_jax.data import embedded, readers
+from tbgc_jax.data.batching import note_box_overflow
+from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
+
+_log = logging.getLogger(__name__)
+EMBEDDED_HW = (144, 192)  # the embedded scenes: 192x144 (w x h), 2-5 digits, 10 classes
+EMBEDDED_SIZES = {"train": 240, "val": 60}
+
+
+def head_presets() -> dict[str, Any]:
+  """``config.model.det.preset`` -> DINO config factory."""
+  from tbgc_jax.models.detection import dino_challenge_config, dino_tiny_config
+
+  return {"tiny": dino_tiny_config, "challenge": dino_challenge_config}
+
+
+def ground_truth(source: Any) -> dict:
+  """The COCO ground truth a detection source is scored against.
+
+  The annotation file itself for COCO sources (every box and crowd region, the file's ids);
+  otherwise (TT100K's own format) all boxes of the reader's records, with the category ids
+  the export writes.
+  """
+  from tbgc_jax.metrics.detection import load_coco_ground_truth, records_to_coco
+
+  if getattr(source, "annotation_file", None):
+    return load_coco_ground_truth(source.annotation_file)
+  return records_to_coco(source.records, source.category_ids)
+
+
+class DetectionEvaluator:
+  """mAP50 as the challenge computes it: pycocotools against `ground_truth` of the source,
+  with the file's category and image ids; fills the submission's ``dec`` section."""
+
+  def __init__(self, ctx: EvalContext):
+    from tbgc_jax.metrics.detection import DetectionAccumulator
+
+    self.ctx = ctx
+    self.ground_truth = ground_truth(ctx.source)
+    self.acc = DetectionAccumulator(category_ids=ctx.source.category_ids,
+                                    ground_truth=self.ground_truth)
+
+  def update(self, batch: Mapping[str, np.ndarray],
+             predictions: Mapping[str, np.ndarray]) -> None:
+    self.acc.add(batch, predictions)
+
+  def compute(self) -> dict[str, float]:
+    missing = {int(im["id"]) for im in self.ground_truth["images"]} - self.acc.image_ids
+    if missing:
+      _log.warning("det/%s: %d image(s) of the ground truth were not evaluated (skipped by "
+                   "the reader); they count as missed, e.g. ids %s", self.ctx.split,
+                   len(missing), sorted(missing)[:5])
+    if self.ctx.submission is not None:
+      self.ctx.submission[DetectionTask.submission_key] = self.acc.results()
+    return {"mAP50": float(self.acc.compute()["mAP50"])}
+
+
+class DetectionTask(TaskSpec):
+  """Boxes (xyxy pixels) and labels per image; ``max_boxes`` slots per example."""
+
+  name = "det"
+  metric = "mAP50"
+  reduced_decode = True
+  rng_stream = 0
+  submission_key = "dec"
+  embedded_format = "coco"
+  embedded_data = True
+
+  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
+    from tbgc_jax.models.detection import DINOHead
+    from tbgc_jax.trainer.model_factory import preset
+
+    m = config.model.det
+    det = preset(head_presets(), m.preset, "config.model.det.preset")(**m.overrides)
+    if det.num_queries < config.data.det.max_boxes:
+      raise ValueError(
+          f"config.model.det: num_queries={det.num_queries} must be >= "
+          f"config.data.det.max_boxes={config.data.det.max_boxes} (one query per target)")
+    return DINOHead(channels, int(config.data.det.num_classes), det, rngs=rngs)
+
+  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
+    if fmt not in ("coco", "tt100k"):
+      raise self.unsupported_format(fmt)
+    reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
+    result = reader(**kwargs, policy=policy, deep_check=deep_check,
+                    allow_outside_root=allow_outside_root)
+    if len(result.class_names) != num_classes:
+      raise ValueError(f"{kwargs}: expected {num_classes} categories (data.det.num_classes), "
+                       f"got {len(result.class_names)}")
+    return RecordSet(result.records, result.category_ids, result.class_names,
+                     kwargs["ann_file"] if fmt == "coco" else None)
+
+  def check_source(self, source, task_cfg, split):
+    max_boxes = int(task_cfg["max_boxes"])
+    over = sum(len(r.labels) > max_boxes for r in source.records)
+    if over:
+      _log.warning("%s/%s: %d of %d records have more than max_boxes=%d boxes; the extra "
+                   "boxes are dropped (counted in batching.box_overflow_count())", self.name,
+                   split, over, len(source.records), max_boxes)
+
+  def decode(self, record, image, orig_hw, num_classes):
+    del num_classes
+    sy, sx = image.shape[0] / orig_hw[0], image.shape[1] / orig_hw[1]
+    return {"boxes": np.asarray(record.boxes, np.float32).reshape(-1, 4) * np.float32(
+                [sx, sy, sx, sy]),
+            "labels": np.asarray(record.labels, np.int32).reshape(-1),
+            "image_id": np.int32(record.image_id)}
+
+  def pad_targets(self, ex, image_hw, *, max_boxes):
+    boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
+    labels = np.asarray(ex["labels"], np.int32).reshape(-1)
+    n = boxes.shape[0]
+    if n > max_boxes:
+      note_box_overflow(n - max_boxes, max_boxes, int(ex["index"]))
+      boxes, labels, n = boxes[:max_boxes], labels[:max_boxes], max_boxes
+    out = {"boxes": np.zeros((max_boxes, 4), np.float32),
+           "labels": np.zeros((max_boxes,), np.int32)}
+    out["boxes"][:n] = boxes
+    out["labels"][:n] = labels
+    out["box_mask"] = np.arange(max_boxes) < n
+    out["image_id"] = np.int32(ex.get("image_id", -1))
+    return out
+
+  def padding_targets(self):
+    return {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int32)}
+
+  def embedded_reader_args(self, root, split):
+    return {"ann_file": os.path.join(root, "det", "annotations", f"instances_{split}.json"),
+            "image_dir": os.path.join(root, "det", "images", split)}
+
+  def write_embedded(self, root: str, split: str, rng: np.random.Generator,
+                     pool: EmbeddedPool) -> None:
+    """COCO JSON ``det/annotations/instances_{split}.json`` + ``det/images/{split}/*.jpg``."""
+    os.makedirs(os.path.join(root, "det", "images", split), exist_ok=True)
+    os.makedirs(os.path.join(root, "det", "annotations"), exist_ok=True)
+    images, anns = [], []
+    for i in range(EMBEDDED_SIZES[split]):
+      img = embedded.background(rng, pool.backgrounds, EMBEDDED_HW)
+      for x, y, k, alpha in embedded.paste_digits(img, rng, pool.digits, EMBEDDED_HW, (2, 6),
+                                                  (20, 45)):
+        ys, xs = np.nonzero(alpha > 0.25)
+        x0, y0 = x + xs.min(), y + ys.min()
+        bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        anns.append({"id": len(anns) + 1, "image_id": i + 1,
+                     "category_id": int(pool.targets[k]) + 1,
+                     "bbox": [float(x0), float(y0), float(bw), float(bh)],
+                     "area": float(bw * bh), "iscrowd": 0})
+      name = f"{split}_{i:05d}.jpg"
+      cv2.imwrite(os.path.join(root, "det", "images", split, name),
+                  cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+      images.append({"id": i + 1, "file_name": name, "height": EMBEDDED_HW[0],
+                     "width": EMBEDDED_HW[1]})
+    cats = [{"id": d + 1, "name": f"digit_{d}"} for d in range(10)]
+    with open(os.path.join(root, "det", "annotations", f"instances_{split}.json"), "w") as f:
+      json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+
+  def evaluator(self, ctx):
+    return DetectionEvaluator(ctx)
+
+  def empty_submission(self):
+    return []
+
+  def draw(self, image, ex, num_classes):
+    from tbgc_jax.data.preview import palette
+
+    pal = palette(num_classes + 1)
+    for box, label in zip(ex["boxes"][ex["box_mask"]], ex["labels"][ex["box_mask"]],
+                          strict=True):
+      x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+      c = tuple(int(v) for v in pal[int(label) + 1])
+      cv2.rectangle(image, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 0, 0), 2)
+      cv2.rectangle(image, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), c, 1)
+      cv2.putText(image, str(int(label)), (x0, max(8, y0 - 1)), cv2.FONT_HERSHEY_PLAIN, 0.7, c,
+                  1)
+    return image
+
+
+register_task(DetectionTask())

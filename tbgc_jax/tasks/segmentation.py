@@ -1,0 +1,141 @@
+"""Segmentation ("seg"): Mask2Former head, BDD100K label maps, mIoU at the original size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tbgc_jax.data import embedded, readers
+from tbgc_jax.data.records import DataValidationError, check_label_values, read_label_map
+from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
+
+EMBEDDED_HW = (128, 160)  # the embedded scenes: 160x128, 11 classes (0 background, d+1 digit d)
+EMBEDDED_SIZES = {"train": 240, "val": 60}
+
+
+def head_presets() -> dict[str, Any]:
+  """``config.model.seg.preset`` -> Mask2Former config factory."""
+  from tbgc_jax.models.segmentation import challenge_config, tiny_config
+
+  return {"tiny": tiny_config, "challenge": challenge_config}
+
+
+class SegmentationEvaluator:
+  """mIoU at the original resolution, against the label PNG on disk, one image at a time
+  (`scores_to_label_map` of the head's ``seg_scores``); fills the submission's ``seg``
+  section and writes the predicted label maps as PNGs when asked."""
+
+  def __init__(self, ctx: EvalContext):
+    from tbgc_jax.metrics.segmentation import ConfusionMatrix
+
+    self.ctx = ctx
+    self.num_classes = int(ctx.task_cfg["num_classes"])
+    self.acc = ConfusionMatrix(num_classes=self.num_classes)
+
+  def update(self, batch: Mapping[str, np.ndarray],
+             predictions: Mapping[str, np.ndarray]) -> None:
+    from tbgc_jax.metrics.segmentation import save_label_png, scores_to_label_map, seg_submission
+
+    records = self.ctx.source.records
+    for i in np.flatnonzero(np.asarray(batch["valid"], bool)):
+      record = records[int(batch["index"][i])]
+      label = read_label_map(record.label_path)
+      if label.shape != tuple(batch["orig_hw"][i]):
+        raise ValueError(f"{record.label_path}: field 'label': expected the image size "
+                         f"{tuple(batch['orig_hw'][i])}, got {label.shape}")
+      pred = scores_to_label_map(predictions["seg_scores"][i], batch["image_hw"][i],
+                                 label.shape)
+      self.acc.update(pred[None], label[None])
+      name = os.path.basename(record.image_path)
+      if self.ctx.submission is not None:
+        self.ctx.submission[SegmentationTask.submission_key].update(
+            seg_submission([pred], [name], num_classes=self.num_classes))
+      if self.ctx.label_png_dir:
+        save_label_png(os.path.join(self.ctx.label_png_dir, os.path.splitext(name)[0] + ".png"),
+                       pred)
+
+  def compute(self) -> dict[str, float]:
+    return {"mIoU": float(self.acc.compute()["miou"])}
+
+
+class SegmentationTask(TaskSpec):
+  """A uint8 label map per image (``label``, 255 = ignore)."""
+
+  name = "seg"
+  metric = "mIoU"
+  label_maps = ("label",)
+  rng_stream = 1
+  submission_key = "seg"
+  embedded_format = "bdd100k"
+  embedded_data = True
+
+  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
+    from tbgc_jax.models.segmentation import Mask2FormerHead
+    from tbgc_jax.trainer.model_factory import preset
+
+    m = config.model.seg
+    seg = dict(preset(head_presets(), m.preset, "config.model.seg.preset")())
+    seg.update(m.overrides)
+    seg.pop("num_classes", None)
+    return Mask2FormerHead(channels, int(config.data.seg.num_classes), **seg, rngs=rngs)
+
+  def predict_kwargs(self):
+    return {"return_scores": True}  # per-class scores, for evaluation at the original size
+
+  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
+    if fmt != "bdd100k":
+      raise self.unsupported_format(fmt)
+    return RecordSet(readers.read_bdd100k_seg(
+        **kwargs, num_classes=num_classes, policy=policy, deep_check=deep_check,
+        allow_outside_root=allow_outside_root))
+
+  def decode(self, record, image, orig_hw, num_classes):
+    lab = read_label_map(record.label_path)
+    if lab.shape != image.shape[:2]:
+      raise DataValidationError(
+          f"{record.label_path}: field 'label': expected size {image.shape[:2]} of "
+          f"{record.image_path}, got {lab.shape}")
+    bad = check_label_values(record.label_path, lab, num_classes)
+    if bad is not None:
+      raise DataValidationError(
+          f"{record.label_path}: field 'label': expected class ids in [0, {num_classes}) "
+          f"or 255, got {bad.tolist()}")
+    return {"label": lab}
+
+  def embedded_reader_args(self, root, split):
+    return {"root": os.path.join(root, "seg"), "split": split}
+
+  def write_embedded(self, root: str, split: str, rng: np.random.Generator,
+                     pool: EmbeddedPool) -> None:
+    """BDD100K layout: ``seg/images/10k/{split}/*.jpg`` + ``seg/labels/sem_seg/masks/{split}/
+    *.png`` (255 on the anti-aliased stroke border)."""
+    idir = os.path.join(root, "seg", "images", "10k", split)
+    mdir = os.path.join(root, "seg", "labels", "sem_seg", "masks", split)
+    os.makedirs(idir, exist_ok=True)
+    os.makedirs(mdir, exist_ok=True)
+    for i in range(EMBEDDED_SIZES[split]):
+      img = embedded.background(rng, pool.backgrounds, EMBEDDED_HW)
+      lab = np.zeros(EMBEDDED_HW, np.uint8)
+      for x, y, k, alpha in embedded.paste_digits(img, rng, pool.digits, EMBEDDED_HW, (2, 5),
+                                                  (28, 57)):
+        size = alpha.shape[0]
+        region = lab[y:y + size, x:x + size]
+        region[alpha > 0.15] = 255
+        region[alpha > 0.5] = int(pool.targets[k]) + 1
+      name = f"{split}_{i:05d}"
+      cv2.imwrite(os.path.join(idir, name + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                  [cv2.IMWRITE_JPEG_QUALITY, 92])
+      cv2.imwrite(os.path.join(mdir, name + ".png"), lab)
+
+  def evaluator(self, ctx):
+    return SegmentationEvaluator(ctx)
+
+  def empty_submission(self):
+    return {}
+
+
+register_task(SegmentationTask())
