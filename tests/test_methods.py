@@ -310,7 +310,7 @@ def test_gramian_of_large_leaves_matches_float64(sharded):
   leaves = {t: [(rng.normal(size=s) * 10.0**k).astype(np.float32) for s in shapes]
             for k, t in enumerate(TASKS)}
   want = np.array([[sum(np.vdot(x.astype(np.float64), y.astype(np.float64))
-                        for x, y in zip(leaves[s], leaves[t])) for t in TASKS] for s in TASKS])
+                        for x, y in zip(leaves[s], leaves[t], strict=True)) for t in TASKS] for s in TASKS])
   arrays = jax.tree.map(jnp.asarray, leaves)
   if sharded:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
