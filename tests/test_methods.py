@@ -309,8 +309,8 @@ def test_gramian_of_large_leaves_matches_float64(sharded):
   shapes = [(1024, 72), (300, 257), (65536 + 8,), (3, 5)]  # whole rows, remainder, 1-D, small
   leaves = {t: [(rng.normal(size=s) * 10.0**k).astype(np.float32) for s in shapes]
             for k, t in enumerate(TASKS)}
-  want = np.array([[sum(np.vdot(x.astype(np.float64), y.astype(np.float64))
-                        for x, y in zip(leaves[s], leaves[t], strict=True)) for t in TASKS] for s in TASKS])
+  f64 = {t: [x.astype(np.float64) for x in xs] for t, xs in leaves.items()}
+  want = np.array([[sum(map(np.vdot, f64[s], f64[t])) for t in TASKS] for s in TASKS])
   arrays = jax.tree.map(jnp.asarray, leaves)
   if sharded:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))

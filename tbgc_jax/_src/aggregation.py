@@ -70,7 +70,8 @@ def _pair_sums(xs: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]) -> lis
   def reduce(parts, axis):
     products = [parts[a] * parts[b] for a, b in pairs]
     zeros = [jnp.zeros([], _F32)] * len(products)
-    return jax.lax.reduce(products, zeros, lambda u, v: [p + q for p, q in zip(u, v, strict=True)], (axis,))
+    add = lambda u, v: [p + q for p, q in zip(u, v, strict=True)]
+    return jax.lax.reduce(products, zeros, add, (axis,))
 
   sums = [jnp.zeros([], _F32)] * len(pairs)
   if whole:
