@@ -55,7 +55,10 @@ def time_config(num_tasks: int, millions: float, names, rounds: int) -> dict[str
   for name in names:
     tx = tbgc_jax.make_method(name, mask, tasks=tasks, **hyperparameters(name))
     state = tx.init(params)
-    fn = lambda g, tx=tx, state=state: tx.update(g, state, params)[0]
+    losses = ({t: jnp.float32(1.0 + k) for k, t in enumerate(tasks)}
+              if tbgc_jax.get_method(name).uses_losses else None)
+    fn = lambda g, tx=tx, state=state, losses=losses: tx.update(
+        g, state, params, **({"losses": losses} if losses else {}))[0]
     t0 = time.perf_counter()
     compiled[name] = jax.jit(fn).lower(grads).compile()
     jax.block_until_ready(compiled[name](grads))  # warm-up

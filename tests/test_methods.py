@@ -300,6 +300,32 @@ def test_sharded_gradients_give_the_same_results():
                                 atol=1e-6)
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_gramian_of_large_leaves_matches_float64(sharded):
+  """Large leaves take the one-pass pair reduction, with and without a remainder row."""
+  from tbgc_jax._src.aggregation import gramian
+
+  rng = np.random.default_rng(9)
+  shapes = [(1024, 72), (300, 257), (65536 + 8,), (3, 5)]  # whole rows, remainder, 1-D, small
+  leaves = {t: [(rng.normal(size=s) * 10.0**k).astype(np.float32) for s in shapes]
+            for k, t in enumerate(TASKS)}
+  f64 = {t: [x.astype(np.float64) for x in xs] for t, xs in leaves.items()}
+  want = np.array([[sum(map(np.vdot, f64[s], f64[t])) for t in TASKS] for s in TASKS])
+  arrays = jax.tree.map(jnp.asarray, leaves)
+  if sharded:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    arrays = {t: [jax.device_put(x, spec) if x.shape[0] % 8 == 0 else x for x in xs]
+              for t, xs in arrays.items()}
+  got = jax.jit(lambda a: gramian(a, [True] * len(shapes), TASKS))(arrays)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3 * np.abs(want).max())
+  # Only the selected leaves count.
+  got = jax.jit(lambda a: gramian(a, [False, True, False, False], TASKS))(arrays)
+  want = np.array([[np.vdot(leaves[s][1].astype(np.float64), leaves[t][1].astype(np.float64))
+                    for t in TASKS] for s in TASKS])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 # ---------------------------------------------------------------- composition
 def test_task_rescale_then_sum_is_tbgc_bitwise():
   rng = np.random.default_rng(7)

@@ -52,32 +52,62 @@ Combine = Callable[[Step, Any], tuple[jax.Array, Any]]
 Elementwise = Callable[[dict[str, list[jax.Array]], Any], tuple[list[jax.Array], jax.Array, Any]]
 
 
+_ROW = 1024  # the inner length of the two-level reduction in `_pair_sums`
+
+
+def _pair_sums(xs: Sequence[jax.Array], pairs: Sequence[tuple[int, int]]) -> list[jax.Array]:
+  """``[sum(xs[a] * xs[b]) for a, b in pairs]`` in one pass over the same-shaped ``xs``.
+
+  One variadic ``lax.reduce`` computes every pair's sum, so XLA reads each array once instead of
+  once per pair (about half the time of separate sums on CPU at 3 tasks). It reduces rows of
+  ``_ROW`` elements, then the row sums, which keeps float32 rounding at the level of
+  ``jnp.sum``; a remainder shorter than a row is reduced on its own.
+  """
+  flat = [x.ravel() for x in xs]
+  n = flat[0].size
+  whole = n - n % _ROW
+
+  def reduce(parts, axis):
+    products = [parts[a] * parts[b] for a, b in pairs]
+    zeros = [jnp.zeros([], _F32)] * len(products)
+    add = lambda u, v: [p + q for p, q in zip(u, v, strict=True)]
+    return jax.lax.reduce(products, zeros, add, (axis,))
+
+  sums = [jnp.zeros([], _F32)] * len(pairs)
+  if whole:
+    rows = reduce([f[:whole].reshape(-1, _ROW) if whole < n else f.reshape(-1, _ROW)
+                   for f in flat], 1)
+    sums = [jnp.sum(r) for r in rows]
+  if whole < n:
+    sums = [s + r for s, r in zip(sums, reduce([f[whole:] for f in flat], 0), strict=True)]
+  return sums
+
+
 def gramian(leaves: dict[str, Sequence[jax.Array]], select: Sequence[bool],
             tasks: Sequence[str]) -> jax.Array:
   """Float32 Gramian of the selected leaves: ``G[s, t] = sum_leaves <x_s, x_t>``.
 
-  Large leaves: one fused multiply-reduce per task pair and leaf, in place (XLA fuses the
-  pairs sharing a leaf into one pass where it can). Small leaves are concatenated per task and
-  reduced by one small matrix product (see ``clipping._sum_squares`` for why).
+  Large leaves: one pass per leaf computes every task pair's inner product (`_pair_sums`).
+  Small leaves are concatenated per task and reduced by one small matrix product (see
+  ``clipping._sum_squares`` for why).
   """
   n = len(tasks)
   chosen = {t: [x for x, s in zip(leaves[t], select, strict=True) if s] for t in tasks}
-  entries = [[jnp.zeros([], _F32) for _ in range(n)] for _ in range(n)]
+  pairs = [(a, b) for a in range(n) for b in range(a, n)]
+  entries = {pair: jnp.zeros([], _F32) for pair in pairs}
   small = [i for i, x in enumerate(chosen[tasks[0]]) if x.size < _SMALL_LEAF]
   if small:
     stacked = jnp.stack([jnp.concatenate([chosen[t][i].astype(_F32).ravel() for i in small])
                          for t in tasks])
     part = jnp.matmul(stacked, stacked.T, precision=jax.lax.Precision.HIGHEST)
-    entries = [[part[a, b] for b in range(n)] for a in range(n)]
+    entries = {(a, b): part[a, b] for a, b in pairs}
   for i, x in enumerate(chosen[tasks[0]]):
     if x.size < _SMALL_LEAF:
       continue
-    xs = [chosen[t][i].astype(_F32) for t in tasks]
-    for a in range(n):
-      for b in range(a, n):
-        entries[a][b] = entries[a][b] + jnp.sum(xs[a] * xs[b])
-  rows = [[entries[min(a, b)][max(a, b)] for b in range(n)] for a in range(n)]
-  return jnp.stack([jnp.stack(r) for r in rows])
+    sums = _pair_sums([chosen[t][i].astype(_F32) for t in tasks], pairs)
+    entries = {pair: entries[pair] + s for pair, s in zip(pairs, sums, strict=True)}
+  return jnp.stack([jnp.stack([entries[min(a, b), max(a, b)] for b in range(n)])
+                    for a in range(n)])
 
 
 def _safe_div(num, den):
