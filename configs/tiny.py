@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 8  # ~8 min for train.py + eval.py on a 2-core CPU
   c.total_steps = 0  # > 0 overrides num_epochs
   c.log_every = 10
+  c.eval_every = 0  # > 0: also evaluate (val/... in the logs) every this many steps
   c.checkpoint_every = 100
   c.keep_checkpoints = 2
   c.num_workers = 0  # grain worker processes per task

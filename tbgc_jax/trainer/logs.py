@@ -154,7 +154,9 @@ def plot_training(jsonl_path: str, out_dir: str, tasks: Sequence[str]) -> list[s
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = read_jsonl(jsonl_path)
+  # The training rows (evaluation rows hold only ``val/...`` metrics).
+  rows = [r for r in read_jsonl(jsonl_path)
+          if any(k != "step" and not k.startswith("val/") for k in r)]
   if not rows:
     return []
   steps = np.array([r["step"] for r in rows])

@@ -5,7 +5,7 @@ One step takes one batch per task. Inside one jitted, donated step: per task, fo
 (any registered name: ``tbgc_jax.method_names()``), then AdamW with the backbone learning rate
 multiplier. Data parallel over a ``jax.sharding.Mesh`` of all devices; orbax checkpoints of the
 model, optimizer and grain iterator states with automatic resume; JSONL/TensorBoard logs and
-plots; evaluation at the end.
+plots; evaluation every ``config.eval_every`` steps (0: none) and at the end.
 """
 
 import json
@@ -64,6 +64,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("set config.num_epochs or config.total_steps to a positive value")
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError("config.log_every and config.checkpoint_every must be positive")
+  if not int(config.get("eval_every", 0) or 0) >= 0:
+    raise ValueError(f"config.eval_every must be >= 0 (0: evaluate only at the end), got "
+                     f"{config.eval_every}")
   pretrained = str(config.model.pretrained)
   if config.model.get("require_pretrained", False) and not pretrained:
     raise ValueError(
@@ -308,7 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: where checkpoints, logs, plots and metrics go.
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would;
       a later call resumes. For tests and time-boxed jobs.
-    evaluate: evaluate on the val splits after the last step (False: train only).
+    evaluate: evaluate on the val splits after the last step (False: train only, besides
+      the evaluations of ``config.eval_every``).
+
+  With ``config.eval_every = N > 0`` the val splits are also evaluated after every N-th step
+  (and after the last one), before that step's checkpoint; the metrics go to the same logs as
+  the training metrics, as ``val/<task>/<metric>`` and ``val/score`` in the row of the last
+  training step (0-based, like the training rows).
 
   Returns:
     The evaluation metrics (empty if stopped early or not evaluated).
@@ -351,6 +360,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   jstep = make_train_step(setup.graphdef, tasks, tx, schedules, config, backbone_mask,
                           setup.mesh, state, setup.rest)
+  evaluation = eval_lib.Evaluation(config, setup.eval_graphdef, setup.mesh)
+  eval_every = int(config.get("eval_every", 0) or 0)
+  last_eval: tuple[int, dict[str, float]] | None = None  # (steps done, metrics)
   start = int(state["step"])
   writer = logs.MetricWriter(workdir, enabled=is_main, resume_step=start)
   max_consecutive = _max_consecutive_nonfinite(config)
@@ -422,6 +434,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       save = done % config.checkpoint_every == 0 or done == last_step or preempted
       if done % config.log_every == 0 or save:
         flush()  # raises under the non-finite policy before anything is saved
+      if eval_every and not preempted and (
+          done % eval_every == 0 or (evaluate and done == total_steps)):
+        flush()
+        if is_main:
+          print(f"\nevaluating on the val splits after step {done}...", flush=True)
+        val, _ = evaluation(state["params"], setup.rest)
+        writer.write(step, {f"val/{k}": v for k, v in val.items()})
+        last_eval = (done, val)
       if save:
         counters = {"data_skipped": summary["skipped_by_process"]}
         mngr.save(done, args=_state_args(state, iterators, config, counters), force=preempted)
@@ -447,10 +467,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logs.plot_training(writer.path, workdir, tasks)
   if not evaluate:
     return {}
-  if is_main:
-    print("evaluating on the val splits (the first evaluation compiles)...", flush=True)
-  metrics, _ = eval_lib.evaluate(config, setup.eval_graphdef, state["params"], setup.rest,
-                                 setup.mesh)
+  if last_eval is not None and last_eval[0] == int(state["step"]):
+    metrics = last_eval[1]  # evaluated in the loop, after the last step
+  else:
+    if is_main:
+      print("evaluating on the val splits (the first evaluation compiles)...", flush=True)
+    metrics, _ = evaluation(state["params"], setup.rest)
   if is_main:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump({"step": int(state["step"]), **metrics}, f, indent=2)
