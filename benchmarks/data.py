@@ -106,7 +106,7 @@ def main() -> None:
   cv2.setNumThreads(1)  # per-worker figures: one core per worker process
 
   from tbgc_jax.data import batching, configs, pipeline
-  from tbgc_jax.data.augment import branch_chains, build_augment
+  from tbgc_jax.data.augment import branch_chains
 
   tmp = tempfile.mkdtemp(prefix="tbgc-bench-")
   roots = _write_fixtures(tmp, args.num_images)
@@ -125,7 +125,7 @@ def main() -> None:
     idx = list(range(len(src)))
     decode = _median_time(lambda i, s=src: s[i], idx, 1)
     decoded = [src[i] for i in idx]
-    aug = build_augment(cfg.augment, src)
+    aug = pipeline.augmentation(cfg, task, src)
     branch_ms = []
     for b, chain in enumerate(branch_chains(aug)):
       t = _median_time(lambda e, c=chain, b=b: c.random_map(

@@ -1,4 +1,4 @@
-"""Data for the three tasks: records, readers, embedded data, augmentations, grain pipelines."""
+"""Data for the tasks: records, readers, embedded data, augmentations, grain pipelines."""
 
 from tbgc_jax.data.augment import RandomChoice as RandomChoice
 from tbgc_jax.data.augment import build_augment as build_augment

@@ -42,7 +42,7 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 
 class MultiTaskModel(nnx.Module):
-  """Shared backbone + a dict of task heads (keys among "det", "seg", "cls").
+  """Shared backbone + a dict of task heads (keys: task names, e.g. "det", "seg", "cls").
 
   Attributes:
     backbone: ``__call__(x [B,H,W,3] normalised) -> 4 NHWC maps``, with ``out_channels``.
@@ -81,7 +81,7 @@ class MultiTaskModel(nnx.Module):
     """Loss of one task: backbone on that task's images, then only that task's head.
 
     Args:
-      task: "det", "seg" or "cls" (a key of ``heads``).
+      task: a task name (a key of ``heads``).
       batch: that task's batch (see the shared batch interface).
       rng: key for loss-side randomness of the head.
 
