@@ -30,10 +30,10 @@ import tempfile
 import cv2
 import numpy as np
 
-VERSION = "embedded-v1"
+VERSION = "embedded-v2"
 NUM_CLASSES = {"det": 10, "seg": 11, "cls": 20}
-SIZES = {"det": {"train": 240, "val": 60}, "seg": {"train": 240, "val": 60},
-         "cls": {"train": 400, "val": 100}}
+SIZES = {"det": {"train": 800, "val": 100}, "seg": {"train": 800, "val": 100},
+         "cls": {"train": 2000, "val": 400}}
 DET_HW = (144, 192)
 SEG_HW = (128, 160)
 CLS_HW = (64, 64)
