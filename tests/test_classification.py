@@ -90,6 +90,15 @@ def test_padded_examples_contribute_nothing_and_eval_has_no_margin():
   np.testing.assert_array_equal(pred["label"], cos.argmax(-1))
   top1 = np.mean(cos[:2].argmax(-1) == [1, 4])
   assert float(aux["cls_top1"]) == pytest.approx(top1)
+  # Collapse diagnostics: cosine of the two valid embeddings, mean cosine between centres.
+  emb = np.asarray(head.embed(feats, batch), np.float64)
+  np.testing.assert_allclose(aux["embedding_cos"], emb[0] @ emb[1], rtol=1e-5, atol=1e-6)
+  centers = np.asarray(head.centers[...], np.float64)
+  centers /= np.linalg.norm(centers, axis=0)
+  gram = centers.T @ centers
+  k = gram.shape[0]
+  np.testing.assert_allclose(aux["center_cos"], (gram.sum() - np.trace(gram)) / (k * k - k),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_embedding_is_mlp_plus_shortcut_over_valid_cells():

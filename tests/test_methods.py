@@ -206,6 +206,29 @@ def test_zero_and_nonfinite_tasks(name):
     assert not np.all(np.isfinite(_backbone(out)))
 
 
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "graddrop"])
+def test_a_zero_task_gets_weight_zero(name):
+  rng = np.random.default_rng(12)
+  J = rng.normal(size=(3, 5)).astype(np.float32)
+  J[1] = 0.0
+  hp = {"reg_eps": 1e-4} if name in ("upgrad", "dualproj") else {}
+  _, state = _run(name, J, **hp)
+  assert float(tbgc_jax.gradient_diagnostics(state)["weight/t1"]) == 0.0
+
+
+@pytest.mark.parametrize("reg_eps", [0.0, 1e-4])
+@pytest.mark.parametrize("name", ["mean", "upgrad", "dualproj"])
+def test_a_zero_task_is_absent_up_to_the_one_over_t_normalisation(name, reg_eps):
+  """As in TorchJD, whose Jacobian would hold the zero row: (T - 1) / T of the T - 1 update."""
+  rng = np.random.default_rng(13)
+  J = rng.normal(size=(3, 5)).astype(np.float32)
+  J[1] = 0.0
+  hp = {"reg_eps": reg_eps} if name != "mean" else {}
+  three = _backbone(_run(name, J, **hp)[0])
+  two = _backbone(_run(name, J[[0, 2]], tasks=("t0", "t2"), **hp)[0])
+  np.testing.assert_allclose(three, 2.0 / 3.0 * two, rtol=2e-3, atol=1e-6)
+
+
 def test_randomised_methods_are_reproducible_and_advance_their_key():
   rng = np.random.default_rng(3)
   tasks = ("t0", "t1", "t2", "t3")

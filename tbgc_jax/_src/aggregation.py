@@ -185,7 +185,9 @@ def gramian_method(
       weights = None
     else:
       comb, inner = combine(Step(gram, active, losses), state.inner)
-      comb = jnp.where(keep[None, :], comb, 0.0)
+      # Inactive tasks (dropped, or a zero backbone gradient) get weight 0; a zero gradient's
+      # weight would change nothing but the reported weights.
+      comb = jnp.where(active[None, :], comb, 0.0)
       w = comb.sum(axis=0)
       out = [sum(kept[t][i] * w[k] for k, t in enumerate(tasks)) if s else heads[i]
              for i, s in enumerate(select)]

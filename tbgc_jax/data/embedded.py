@@ -33,7 +33,7 @@ import numpy as np
 
 from tbgc_jax.tasks import EmbeddedPool, get_task
 
-VERSION = "embedded-v1"
+VERSION = "embedded-v2"
 BUNDLED = ("det", "seg", "cls")  # the tasks of the versioned data set (one DONE marker)
 _BACKGROUNDS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
                 "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "page")

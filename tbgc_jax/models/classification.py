@@ -78,6 +78,12 @@ def _pool(feature: jax.Array, image_mask: jax.Array | None) -> jax.Array:
   return (feature * cells).sum(axis=(1, 2)) / jnp.maximum(cells.sum(axis=(1, 2)), 1.0)
 
 
+def _mean_off_diagonal(gram: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean of ``gram[i, j]`` over valid ``i != j`` (0 with fewer than two valid rows)."""
+  pair = valid[:, None] & valid[None, :] & ~jnp.eye(gram.shape[0], dtype=bool)
+  return jnp.where(pair, gram, 0.0).sum() / jnp.maximum(pair.sum(), 1)
+
+
 class ClassificationHead(nnx.Module):
   """GAP -> MLP + shortcut -> L2-normalised embedding -> ArcFace / cosine logits.
 
@@ -134,10 +140,16 @@ class ClassificationHead(nnx.Module):
     """ArcFace cross-entropy averaged over valid examples.
 
     Returns:
-      The scalar loss and ``{"cls_loss", "cls_top1"}`` (top-1 of the margin-free cosines).
+      The scalar loss and ``{"cls_loss", "cls_top1"}`` (top-1 of the margin-free cosines),
+      plus two collapse diagnostics: ``embedding_cos``, the mean cosine between the valid
+      embeddings of the batch, and ``center_cos``, the mean cosine between class centres
+      (both near 1 when the features collapse onto one direction, ArcFace's failure mode on
+      undiscriminating features).
     """
     del rng  # no loss-side randomness
-    cos = self.cosine(features, batch)
+    emb = self.embed(features, batch).astype(jnp.float32)
+    centers = l2_normalize(self.centers[...].astype(jnp.float32), axis=0)
+    cos = emb @ centers
     valid = batch.get("valid", jnp.ones(cos.shape[0], bool))
     labels = jnp.where(valid, batch["label"], 0).astype(jnp.int32)
     logits = arcface_logits(
@@ -146,7 +158,11 @@ class ClassificationHead(nnx.Module):
     count = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
     loss = jnp.where(valid, ce, 0.0).sum() / count
     top1 = jnp.where(valid, jnp.argmax(cos, axis=-1) == labels, False).sum() / count
-    return loss, {"cls_loss": loss, "cls_top1": top1}
+    diagnostics = jax.lax.stop_gradient({
+        "embedding_cos": _mean_off_diagonal(emb @ emb.T, valid),
+        "center_cos": _mean_off_diagonal(centers.T @ centers,
+                                         jnp.ones(centers.shape[1], bool))})
+    return loss, {"cls_loss": loss, "cls_top1": top1, **diagnostics}
 
   def predict(self, features: Sequence[jax.Array], batch: dict) -> dict[str, jax.Array]:
     """``{"label": int32 [B] class ids, "logits": float32 [B, K] scale * cosine}``."""

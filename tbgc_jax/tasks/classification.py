@@ -13,7 +13,7 @@ from tbgc_jax.data import embedded, readers
 from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
 
 EMBEDDED_HW = (64, 64)  # 20 fine-grained classes: digit x ink colour variant
-EMBEDDED_SIZES = {"train": 400, "val": 100}
+EMBEDDED_SIZES = {"train": 2000, "val": 400}
 EMBEDDED_NUM_CLASSES = 20
 # Two close ink hues per digit for the fine-grained classes (OpenCV hue units, 0..180).
 _HUES = (100.0, 118.0)

@@ -17,7 +17,7 @@ from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, 
 
 _log = logging.getLogger(__name__)
 EMBEDDED_HW = (144, 192)  # the embedded scenes: 192x144 (w x h), 2-5 digits, 10 classes
-EMBEDDED_SIZES = {"train": 240, "val": 60}
+EMBEDDED_SIZES = {"train": 800, "val": 100}
 
 
 def head_presets() -> dict[str, Any]:

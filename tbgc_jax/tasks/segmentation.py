@@ -14,7 +14,7 @@ from tbgc_jax.data.records import DataValidationError, check_label_values, read_
 from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
 
 EMBEDDED_HW = (128, 160)  # the embedded scenes: 160x128, 11 classes (0 background, d+1 digit d)
-EMBEDDED_SIZES = {"train": 240, "val": 60}
+EMBEDDED_SIZES = {"train": 800, "val": 100}
 
 
 def head_presets() -> dict[str, Any]:
