@@ -43,8 +43,8 @@ class Evaluator(Protocol):
   """Accumulates one task's metric over evaluation batches (host side, numpy).
 
   ``update`` is called once per evaluation batch (padding rows have ``valid=False``) with the
-  head's predictions for it; ``compute`` returns the metrics, fractions keyed by name (the
-  task's headline `TaskSpec.metric` among them).
+  head's predictions for it; ``compute`` returns the metrics keyed by name, the task's
+  headline `TaskSpec.metric` (a fraction, higher is better) among them.
   """
 
   def update(self, batch: Mapping[str, np.ndarray],
@@ -283,7 +283,7 @@ def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
     raise ValueError(f"register_task: the task name must be an identifier, got {spec.name!r}")
   if not spec.metric:
     raise ValueError(f"register_task: task {spec.name!r} has no headline metric")
-  _load_builtins()  # the built-in tasks come first, whatever is imported first
+  _load_builtins()  # a built-in name is taken before anyone else registers it
   if spec.name in _TASKS and not replace:
     raise ValueError(f"task {spec.name!r} is already registered (replace=True to replace it)")
   _TASKS[spec.name] = spec
@@ -310,9 +310,13 @@ def get_task(task: str | TaskSpec) -> TaskSpec:
 
 
 def task_names() -> tuple[str, ...]:
-  """The registered tasks' names, in registration order (the built-in ones first)."""
+  """The registered tasks' names: the built-in ones (det, seg, cls), then the others in
+  registration order."""
   _load_builtins()
-  return tuple(_TASKS)
+  rank = {module: i for i, module in enumerate(_BUILTIN_MODULES)}
+  names = list(_TASKS)
+  return tuple(sorted(names, key=lambda n: (rank.get(type(_TASKS[n]).__module__, len(rank)),
+                                            names.index(n))))
 
 
 def metric_key(task: str | TaskSpec) -> str:
