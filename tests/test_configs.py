@@ -17,7 +17,7 @@ from flax import nnx
 
 from tbgc_jax.trainer.model_factory import _DET_PRESETS, build_model
 from tbgc_jax.trainer.optim import lr_schedules
-from tbgc_jax.trainer.train import Setup, validate_config
+from tbgc_jax.trainer.setup import Setup, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
