@@ -11,6 +11,7 @@ import importlib
 import logging
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +19,7 @@ from flax import nnx
 from tbgc_jax.trainer.model_factory import _DET_PRESETS, build_model
 from tbgc_jax.trainer.optim import lr_schedules
 from tbgc_jax.trainer.setup import Setup, validate_config
+from tests import micro_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
@@ -111,3 +113,18 @@ def test_pretrained_none_builds_a_random_model_with_a_warning(caplog):
     setup = Setup(c)
   assert any("random weights" in r.getMessage() for r in caplog.records)
   assert "cls" in setup.params["heads"]
+
+
+def test_setup_leaves_the_callers_config_as_it_is():
+  c = micro_config.get_config("cls")
+  assert c.augment_mode == "multi_branch" and c.data.cls.augment.mode == "plain"
+  c.lock()
+  before = c.to_dict()
+  setup = Setup(c)
+  assert c.to_dict() == before and c.is_locked
+  # The run reads the resolved copy: the augment mode applied to every task.
+  assert setup.config.data.cls.augment.mode == "multi_branch"
+  assert c.data.cls.augment.mode == "plain"
+  frozen = ml_collections.FrozenConfigDict(c)
+  assert Setup(frozen).config.data.cls.augment.mode == "multi_branch"
+  assert frozen.data.cls.augment.mode == "plain"

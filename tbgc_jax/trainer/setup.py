@@ -73,12 +73,30 @@ def use_compilation_cache(workdir: str) -> None:
                       os.path.join(os.path.abspath(workdir), "jax_cache"))
 
 
+def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the choices the trainer derives applied (the augment mode).
+
+  The caller's config is left as it is; a locked config gives a locked copy, a
+  ``FrozenConfigDict`` a (locked) ``ConfigDict``.
+  """
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    config = ml_collections.ConfigDict(config)
+  else:
+    config = config.copy_and_resolve_references()
+  data_configs.set_augment_mode(config.data, config.augment_mode)
+  return config
+
+
 class Setup:
-  """Everything ``train_and_evaluate`` and ``eval.py`` build from a config, in one place."""
+  """Everything ``train_and_evaluate`` and ``eval.py`` build from a config, in one place.
+
+  ``config`` is checked (`validate_config`) and not modified: ``self.config`` is its
+  `resolved_config`, the one the run reads from then on.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict):
     validate_config(config)
-    data_configs.set_augment_mode(config.data, config.augment_mode)
+    config = resolved_config(config)
     self.config = config
     self.tasks = tuple(config.tasks)
     self.mesh = sharding.make_mesh(config)

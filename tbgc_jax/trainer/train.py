@@ -84,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains on ``config`` in ``workdir`` (resuming from its latest checkpoint), then evaluates.
 
   Args:
-    config: a trainer config (see ``configs/tiny.py``).
+    config: a trainer config (see ``configs/tiny.py``); not modified.
     workdir: where checkpoints, logs, plots and metrics go.
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would;
       a later call resumes. For tests and time-boxed jobs.
@@ -94,6 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The evaluation metrics (empty if stopped early or not evaluated).
   """
   setup = Setup(config)
+  config = setup.config
   tasks, is_main = setup.tasks, jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   sources = {t: pipeline.make_source(config.data[t], t, "train") for t in tasks}
