@@ -9,12 +9,12 @@ from flax import nnx
 
 from tbgc_jax.data import configs as data_configs
 from tbgc_jax.data.augment import AUGMENT_MODES
+from tbgc_jax.schema import TASKS
 from tbgc_jax.trainer import sharding
 from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import method_hyperparameters
 from tbgc_jax.trainer.step import STEP_MODES
 
-TASKS = ("det", "seg", "cls")
 NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
 NONFINITE_POLICIES = ("drop_task", "stop")
 _log = logging.getLogger(__name__)

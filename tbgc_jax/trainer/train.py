@@ -28,15 +28,11 @@ import orbax.checkpoint as ocp
 
 from tbgc_jax.data import pipeline
 from tbgc_jax.models.multitask import backbone_mask
+from tbgc_jax.schema import TASKS
 from tbgc_jax.trainer import checkpointing, logs, sharding
 from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer.optim import make_optimizer
-from tbgc_jax.trainer.setup import (
-    TASKS,
-    Setup,
-    max_consecutive_nonfinite,
-    schedule_lengths,
-)
+from tbgc_jax.trainer.setup import Setup, max_consecutive_nonfinite, schedule_lengths
 from tbgc_jax.trainer.step import make_train_step
 
 _log = logging.getLogger(__name__)
