@@ -22,7 +22,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 from tbgc_jax.metrics.segmentation import ConfusionMatrix
-from tbgc_jax.models.segmentation import Mask2FormerHead, tiny_config
+from tbgc_jax.models.segmentation import PRESETS, Mask2FormerHead
 from tbgc_jax.schema import IGNORE_LABEL
 
 
@@ -86,7 +86,7 @@ def main():
 
   images, labels = make_scenes(args.scenes)
   backbone = ConvPyramid(rngs=nnx.Rngs(0))
-  head = Mask2FormerHead(backbone.out_channels, **tiny_config(), rngs=nnx.Rngs(1))
+  head = Mask2FormerHead(backbone.out_channels, 19, PRESETS["tiny"], rngs=nnx.Rngs(1))
   graphdef, params = nnx.split((backbone, head))
   tx = optax.adamw(args.lr, weight_decay=1e-4)
   opt_state = tx.init(params)
