@@ -537,26 +537,3 @@ class DINOHead(nnx.Module):
     hw, _ = self._valid_hw(batch)
     wh = jnp.concatenate([hw[:, ::-1], hw[:, ::-1]], -1)[:, None, :]
     return {"scores": scores, "labels": labels, "boxes": box_cxcywh_to_xyxy(boxes) * wh}
-
-
-def rescale_boxes(boxes, image_hw, orig_hw):
-  """Maps xyxy boxes from network-input pixels to original-image pixels (clipped).
-
-  Undoes the pipeline's resize (padding is bottom/right, so it needs no shift). Works on
-  numpy arrays (host) or JAX arrays (device).
-
-  Args:
-    boxes: ``[B, K, 4]`` xyxy in pixels of the network input.
-    image_hw: ``[B, 2]`` valid (h, w) after resizing.
-    orig_hw: ``[B, 2]`` original (h, w).
-
-  Returns:
-    ``[B, K, 4]`` xyxy in original pixels, float32.
-  """
-  xp = np if isinstance(boxes, np.ndarray) else jnp
-  image_hw = xp.maximum(xp.asarray(image_hw, xp.float32), 1.0)
-  orig_hw = xp.asarray(orig_hw, xp.float32)
-  scale = (orig_hw / image_hw)[:, None, ::-1]  # (sx, sy)
-  xy = xp.asarray(boxes, xp.float32).reshape(*boxes.shape[:-1], 2, 2) * scale[:, :, None, :]
-  xy = xp.clip(xy, 0.0, orig_hw[:, None, None, ::-1])
-  return xy.reshape(boxes.shape).astype(xp.float32)
