@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tbgc_jax.data.records import IGNORE_LABEL
 from tbgc_jax.data.transforms import resize
+from tbgc_jax.schema import IGNORE_LABEL, TASKS
 
 _log = logging.getLogger(__name__)
 _OVERFLOW = {"examples": 0, "boxes": 0}
@@ -95,7 +95,7 @@ def pad_example(ex: dict, task: str, image_hw: Sequence[int], max_boxes: int = 1
   elif task == "cls":
     out["label"] = np.int32(ex["label"])
   else:
-    raise ValueError(f"task must be 'det', 'seg' or 'cls', got {task!r}")
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   return out
 
 

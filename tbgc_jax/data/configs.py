@@ -30,6 +30,7 @@ from __future__ import annotations
 import ml_collections
 
 from tbgc_jax.data.augment import AUGMENT_MODES
+from tbgc_jax.schema import TASKS
 
 # Curriculum when enabled (our choice, the paper gives none): branch 2 (Mosaic) likelier early.
 PROBS_START = (0.3, 0.7)
@@ -177,7 +178,7 @@ def set_augment_mode(data: ml_collections.ConfigDict, mode: str) -> ml_collectio
   """Selects augmentation ``mode`` (one of ``AUGMENT_MODES``) for every task of ``data``."""
   if mode not in AUGMENT_MODES:
     raise ValueError(f"augmentation mode must be one of {AUGMENT_MODES}, got {mode!r}")
-  for task in ("det", "seg", "cls"):
+  for task in TASKS:
     if task in data:
       data[task].augment.mode = mode
   return data

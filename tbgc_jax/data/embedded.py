@@ -30,6 +30,8 @@ import tempfile
 import cv2
 import numpy as np
 
+from tbgc_jax.schema import IGNORE_LABEL, TASKS
+
 VERSION = "embedded-v2"
 NUM_CLASSES = {"det": 10, "seg": 11, "cls": 20}
 SIZES = {"det": {"train": 800, "val": 100}, "seg": {"train": 800, "val": 100},
@@ -170,7 +172,7 @@ def _write_seg(root: str, split: str, n: int, rng, bgs, digits, targets) -> None
     for x, y, k, alpha in _paste_digits(img, rng, digits, SEG_HW, (2, 5), (28, 57)):
       size = alpha.shape[0]
       region = lab[y:y + size, x:x + size]
-      region[alpha > 0.15] = 255
+      region[alpha > 0.15] = IGNORE_LABEL
       region[alpha > 0.5] = int(targets[k]) + 1
     name = f"{split}_{i:05d}"
     cv2.imwrite(os.path.join(idir, name + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
@@ -199,14 +201,14 @@ def _write_cls(root: str, split: str, n: int, rng, bgs, digits, targets) -> None
     f.writelines(lines)
 
 
-def generate(root: str, tasks: tuple[str, ...] = ("det", "seg", "cls")) -> None:
+def generate(root: str, tasks: tuple[str, ...] = TASKS) -> None:
   """Writes the embedded datasets of ``tasks`` under ``root`` (deterministic per task)."""
   from sklearn.datasets import load_digits
 
   d = load_digits()
   bgs = _load_backgrounds()
   writers = {"det": _write_det, "seg": _write_seg, "cls": _write_cls}
-  for ti, task in enumerate(("det", "seg", "cls")):
+  for ti, task in enumerate(TASKS):
     if task not in tasks:
       continue
     for si, split in enumerate(("train", "val")):
@@ -261,4 +263,4 @@ def reader_args(task: str, split: str, root: str | None = None) -> dict[str, str
   if task == "cls":
     return {"list_file": os.path.join(root, "cls", f"{split}.txt"),
             "image_dir": os.path.join(root, "cls", "images")}
-  raise ValueError(f"task must be 'det', 'seg' or 'cls', got {task!r}")
+  raise ValueError(f"task must be one of {TASKS}, got {task!r}")

@@ -27,7 +27,8 @@ import numpy as np
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.data.augment import build_augment, build_chain
 from tbgc_jax.data.batching import pad_example, padding_example
-from tbgc_jax.data.records import TASKS, DataValidationError, RecordSource
+from tbgc_jax.data.records import DataValidationError, RecordSource
+from tbgc_jax.schema import TASKS
 
 _log = logging.getLogger(__name__)
 

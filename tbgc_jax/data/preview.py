@@ -24,7 +24,7 @@ import numpy as np
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.augment import branch_chains, build_augment, build_chain
 from tbgc_jax.data.batching import pad_example
-from tbgc_jax.data.records import IGNORE_LABEL
+from tbgc_jax.schema import IGNORE_LABEL, TASKS
 
 
 def load_config(path: str):
@@ -90,7 +90,7 @@ def write_previews(data_cfg, out_dir: str, num: int = 8, seed: int = 0) -> list[
   """Writes the PNG grids for every task in ``data_cfg``; returns the written paths."""
   os.makedirs(out_dir, exist_ok=True)
   written = []
-  for task in ("det", "seg", "cls"):
+  for task in TASKS:
     if task not in data_cfg:
       continue
     cfg = data_cfg[task]

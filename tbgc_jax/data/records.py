@@ -22,8 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-TASKS = ("det", "seg", "cls")
-IGNORE_LABEL = 255
+from tbgc_jax.schema import IGNORE_LABEL, TASKS
+
 POLICIES = ("strict", "skip")
 
 _log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class RecordSource:
       if bad is not None:
         raise DataValidationError(
             f"{rec.label_path}: field 'label': expected class ids in [0, {self.num_classes}) "
-            f"or 255, got {bad.tolist()}")
+            f"or {IGNORE_LABEL}, got {bad.tolist()}")
       ex["label"] = lab
     else:
       ex["label"] = np.int32(rec.label)

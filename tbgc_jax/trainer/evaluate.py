@@ -23,27 +23,10 @@ from tbgc_jax.metrics.segmentation import (
     scores_to_label_map,
     seg_submission,
 )
+from tbgc_jax.trainer import sharding
 
 _log = logging.getLogger(__name__)
 METRIC_NAMES = {"det": "det/mAP50", "seg": "seg/mIoU", "cls": "cls/top1"}
-
-
-def global_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
-  """Host numpy batch (this process's rows) -> arrays sharded over the mesh's data axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
-def shared_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
-  """Host numpy batch that every process holds whole -> the same rows, sharded over the mesh.
-
-  Each process places only the rows of its own devices, so the global array is ``batch``
-  (not one copy per host) and the work is split over all devices.
-  """
-  def put(v):
-    v = np.asarray(v)
-    return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
-  return {k: put(v) for k, v in batch.items()}
 
 
 def make_predict_fn(graphdef: nnx.GraphDef, task: str, mesh: jax.sharding.Mesh):
@@ -52,13 +35,12 @@ def make_predict_fn(graphdef: nnx.GraphDef, task: str, mesh: jax.sharding.Mesh):
   Segmentation also returns ``seg_scores`` (per-class scores), for evaluation at the
   original resolution.
   """
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   kwargs = {"return_scores": True} if task == "seg" else {}
 
   def predict(params, rest, batch):
     return nnx.merge(graphdef, params, rest, copy=True).task_predict(task, batch, **kwargs)
 
-  return jax.jit(predict, out_shardings=replicated)
+  return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
 def _names(source) -> list[str]:
@@ -169,7 +151,7 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
     ``(metrics, submission_or_None)``; metrics has ``det/mAP50``, ``seg/mIoU``, ``cls/top1``
     (fractions) for the tasks present and ``score``, their mean (the challenge score).
   """
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  data_sharding = sharding.data_sharding(mesh)
   metrics, sub = {}, {"cls": {}, "dec": [], "seg": {}} if submission else None
   for task in config.tasks:
     # Every host reads the same (global) batches and keeps the same accumulators; the
@@ -177,7 +159,7 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
     on_device = make_predict_fn(graphdef, task, mesh)
 
     def predict(batch, on_device=on_device):
-      return jax.device_get(on_device(params, rest, shared_batch(batch, data_sharding)))
+      return jax.device_get(on_device(params, rest, sharding.shared_batch(batch, data_sharding)))
 
     metrics[METRIC_NAMES[task]] = evaluate_task(
         config, task, predict, split=split,

@@ -1,24 +1,60 @@
 """Builds the multi-task model (InternImage + DINO + Mask2Former + ArcFace heads) from a config."""
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
 
+from tbgc_jax.models import detection, internimage, segmentation
 from tbgc_jax.models.classification import ClassificationHead
-from tbgc_jax.models.detection import DINOHead, dino_challenge_config, dino_tiny_config
-from tbgc_jax.models.internimage import PRESETS, InternImage
 from tbgc_jax.models.multitask import MultiTaskModel
-from tbgc_jax.models.segmentation import Mask2FormerHead, challenge_config, tiny_config
-
-_DET_PRESETS = {"tiny": dino_tiny_config, "challenge": dino_challenge_config}
-_SEG_PRESETS = {"tiny": tiny_config, "challenge": challenge_config}
 
 
 def _preset(table: dict, name: str, where: str):
   if name not in table:
     raise ValueError(f"{where}: unknown preset {name!r}, expected one of {sorted(table)}")
   return table[name]
+
+
+def with_overrides(preset: Any, overrides: Mapping[str, Any] | None, where: str) -> Any:
+  """``preset`` (a frozen dataclass) with the fields in ``overrides`` replaced.
+
+  Sequences become tuples (the dataclasses' type). An unknown field fails, naming ``where``
+  (the config path of ``overrides``), the unknown names and the known ones.
+  """
+  overrides = dict(overrides or {})
+  known = {f.name for f in dataclasses.fields(preset)}
+  unknown = set(overrides) - known
+  if unknown:
+    raise ValueError(f"{where}: unknown fields {sorted(unknown)}, expected among "
+                     f"{sorted(known)}")
+  overrides = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in overrides.items()}
+  return dataclasses.replace(preset, **overrides)
+
+
+def backbone_config(config: Any) -> internimage.InternImageConfig:
+  """``config.model.backbone``'s preset, its ``backbone_overrides`` and ``drop_path_rate``."""
+  m = config.model
+  cfg = with_overrides(_preset(internimage.PRESETS, m.backbone, "config.model.backbone"),
+                       m.get("backbone_overrides", None), "config.model.backbone_overrides")
+  if m.drop_path_rate >= 0:
+    cfg = dataclasses.replace(cfg, drop_path_rate=float(m.drop_path_rate))
+  return cfg
+
+
+def det_config(config: Any) -> detection.DINOConfig:
+  """``config.model.det.preset`` with ``config.model.det.overrides``."""
+  det = config.model.det
+  return with_overrides(_preset(detection.PRESETS, det.preset, "config.model.det.preset"),
+                        det.overrides, "config.model.det.overrides")
+
+
+def seg_config(config: Any) -> segmentation.Mask2FormerConfig:
+  """``config.model.seg.preset`` with ``config.model.seg.overrides``."""
+  seg = config.model.seg
+  return with_overrides(_preset(segmentation.PRESETS, seg.preset, "config.model.seg.preset"),
+                        seg.overrides, "config.model.seg.overrides")
 
 
 def build_model(config: Any, *, rngs: nnx.Rngs) -> MultiTaskModel:
@@ -29,33 +65,20 @@ def build_model(config: Any, *, rngs: nnx.Rngs) -> MultiTaskModel:
   ``config.data.<task>.num_classes``.
   """
   m = config.model
-  backbone_cfg = _preset(PRESETS, m.backbone, "config.model.backbone")
-  overrides = dict(m.get("backbone_overrides", None) or {})
-  if overrides:
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(backbone_cfg)}
-    if unknown:
-      raise ValueError(f"config.model.backbone_overrides: unknown fields {sorted(unknown)}")
-    overrides = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in overrides.items()}
-    backbone_cfg = dataclasses.replace(backbone_cfg, **overrides)
-  if m.drop_path_rate >= 0:
-    backbone_cfg = dataclasses.replace(backbone_cfg, drop_path_rate=float(m.drop_path_rate))
-  backbone = InternImage(backbone_cfg, rngs=rngs)
+  backbone = internimage.InternImage(backbone_config(config), rngs=rngs)
   channels = backbone.out_channels
   heads = {}
   for task in config.tasks:
     n = int(config.data[task].num_classes)
     if task == "det":
-      det = _preset(_DET_PRESETS, m.det.preset, "config.model.det.preset")(**m.det.overrides)
+      det = det_config(config)
       if det.num_queries < config.data.det.max_boxes:
         raise ValueError(
             f"config.model.det: num_queries={det.num_queries} must be >= "
             f"config.data.det.max_boxes={config.data.det.max_boxes} (one query per target)")
-      heads[task] = DINOHead(channels, n, det, rngs=rngs)
+      heads[task] = detection.DINOHead(channels, n, det, rngs=rngs)
     elif task == "seg":
-      seg = dict(_preset(_SEG_PRESETS, m.seg.preset, "config.model.seg.preset")())
-      seg.update(m.seg.overrides)
-      seg.pop("num_classes", None)
-      heads[task] = Mask2FormerHead(channels, n, **seg, rngs=rngs)
+      heads[task] = segmentation.Mask2FormerHead(channels, n, seg_config(config), rngs=rngs)
     elif task == "cls":
       heads[task] = ClassificationHead(
           channels, n, hidden_dim=m.cls.hidden_dim or None, margin=m.cls.margin,
