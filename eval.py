@@ -30,8 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   from tbgc_jax.trainer import evaluate as eval_lib
+  from tbgc_jax.trainer.checkpointing import restore_params
   from tbgc_jax.trainer.logs import route_library_logs
-  from tbgc_jax.trainer.train import Setup, restore_params, use_compilation_cache
+  from tbgc_jax.trainer.setup import Setup, use_compilation_cache
 
   route_library_logs(_WORKDIR.value, "eval", verbose=_VERBOSE.value)
   use_compilation_cache(_WORKDIR.value)

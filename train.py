@@ -36,7 +36,8 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                                initialization_timeout=_INIT_TIMEOUT.value)
-  from tbgc_jax.trainer.train import train_and_evaluate, use_compilation_cache
+  from tbgc_jax.trainer.setup import use_compilation_cache
+  from tbgc_jax.trainer.train import train_and_evaluate
 
   use_compilation_cache(_WORKDIR.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)

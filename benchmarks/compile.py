@@ -66,8 +66,8 @@ def abstract_step(config):
   from tbgc_jax.models.multitask import backbone_mask
   from tbgc_jax.trainer.model_factory import build_model
   from tbgc_jax.trainer.optim import make_optimizer
+  from tbgc_jax.trainer.sharding import make_mesh
   from tbgc_jax.trainer.step import make_train_step
-  from tbgc_jax.trainer.train import make_mesh
 
   tasks = tuple(config.tasks)
   model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
@@ -156,7 +156,7 @@ def step_time(config) -> None:
   import jax
 
   from benchmarks.step import _batches, _build
-  from tbgc_jax.trainer.train import Setup
+  from tbgc_jax.trainer.setup import Setup
 
   setup = Setup(config)
   batches = _batches(setup)

@@ -107,6 +107,7 @@ def main() -> None:
 
   from tbgc_jax.data import batching, configs, pipeline
   from tbgc_jax.data.augment import branch_chains
+  from tbgc_jax.schema import TASKS
 
   tmp = tempfile.mkdtemp(prefix="tbgc-bench-")
   roots = _write_fixtures(tmp, args.num_images)
@@ -119,7 +120,7 @@ def main() -> None:
             f"{'need img/s':>10} {'ratio':>6} {'e2e img/s':>9}  branches (aug ms)")
   print(header)
   total_cost, total_need = 0.0, 0.0
-  for task in ("det", "seg", "cls"):
+  for task in TASKS:
     cfg = data[task]
     src = pipeline.make_source(cfg, task, "train")
     idx = list(range(len(src)))

@@ -21,7 +21,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 from tbgc_jax.metrics.detection import DetectionAccumulator
-from tbgc_jax.models.detection import DINOHead, dino_tiny_config
+from tbgc_jax.models.detection import PRESETS, DINOHead
 
 
 class StandInPyramid(nnx.Module):
@@ -90,7 +90,7 @@ def make_scenes(num_images, size, max_boxes, seed):
 class Detector(nnx.Module):
   def __init__(self, num_classes, *, rngs):
     self.backbone = StandInPyramid(rngs=rngs)
-    self.head = DINOHead(self.backbone.out_channels, num_classes, dino_tiny_config(),
+    self.head = DINOHead(self.backbone.out_channels, num_classes, PRESETS["tiny"],
                          rngs=rngs)
 
   def features(self, image):

@@ -22,7 +22,8 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 from tbgc_jax.metrics.segmentation import ConfusionMatrix
-from tbgc_jax.models.segmentation import Mask2FormerHead, tiny_config
+from tbgc_jax.models.segmentation import PRESETS, Mask2FormerHead
+from tbgc_jax.schema import IGNORE_LABEL
 
 
 def make_scenes(n: int, size: int = 64, seed: int = 0):
@@ -45,7 +46,7 @@ def make_scenes(n: int, size: int = 64, seed: int = 0):
       labels[i, y:y + 24, x:x + 24][on] = 2 + digits.target[j]
       images[i, y:y + 24, x:x + 24][on] = rng.uniform(0, 255, 3)
     images[i] += rng.normal(0, 12, images[i].shape)
-    labels[i, -4:] = 255
+    labels[i, -4:] = IGNORE_LABEL
   return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
@@ -85,7 +86,7 @@ def main():
 
   images, labels = make_scenes(args.scenes)
   backbone = ConvPyramid(rngs=nnx.Rngs(0))
-  head = Mask2FormerHead(backbone.out_channels, **tiny_config(), rngs=nnx.Rngs(1))
+  head = Mask2FormerHead(backbone.out_channels, 19, PRESETS["tiny"], rngs=nnx.Rngs(1))
   graphdef, params = nnx.split((backbone, head))
   tx = optax.adamw(args.lr, weight_decay=1e-4)
   opt_state = tx.init(params)

@@ -68,7 +68,7 @@ def _with(config, **fields):
 def _batches(setup, n: int = 2):
   """``n`` fixed training batches per task, on device, sharded as the trainer shards them."""
   from tbgc_jax.data import pipeline
-  from tbgc_jax.trainer.evaluate import global_batch
+  from tbgc_jax.trainer.sharding import global_batch
 
   out = []
   its = {t: pipeline.train_iterator(setup.config.data[t], t, seed=0, num_epochs=1,
@@ -106,7 +106,7 @@ def _build(setup, config, tasks=None):
 def time_methods(config) -> None:
   import jax
 
-  from tbgc_jax.trainer.train import Setup
+  from tbgc_jax.trainer.setup import Setup
 
   setup = Setup(config)
   batches = _batches(setup)
@@ -165,8 +165,8 @@ def memory(config) -> None:
 
   from tbgc_jax.models.multitask import backbone_mask
   from tbgc_jax.trainer.optim import make_optimizer
+  from tbgc_jax.trainer.setup import Setup
   from tbgc_jax.trainer.step import make_loss_fns
-  from tbgc_jax.trainer.train import Setup
 
   options = {}
   if jax.default_backend() == "cpu":

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import optax
 
 import tbgc_jax
-
-TASKS = ("det", "seg", "cls")
+from tbgc_jax.schema import TASKS
 
 
 def make_grads(backbone_leaves: int, leaf: int, seed: int = 0):

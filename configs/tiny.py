@@ -12,12 +12,13 @@ Override any field on the command line, e.g. ``--config.grad.method=vanilla``.
 import ml_collections
 
 from tbgc_jax.data import configs as data_configs
+from tbgc_jax.schema import TASKS
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.tasks = ("det", "seg", "cls")
+  c.tasks = TASKS
   c.data = data_configs.tiny()
   # "multi_branch" (Table 1), "plain" (the Table 2 setting) or "parallel" (Table 3 baseline)
   c.augment_mode = "multi_branch"

@@ -366,7 +366,8 @@ def main(argv: Sequence[str]) -> None:
   overrides = [f"--config.{k}={v}"
                for k, v in config_flags.get_override_values(config_flag).items()]
   if cfg.train_only.value:
-    from tbgc_jax.trainer.train import train_and_evaluate, use_compilation_cache
+    from tbgc_jax.trainer.setup import use_compilation_cache
+    from tbgc_jax.trainer.train import train_and_evaluate
 
     use_compilation_cache(cfg.workdir.value)
     train_and_evaluate(cfg.config.value, cfg.workdir.value)

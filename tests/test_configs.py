@@ -11,14 +11,15 @@ import importlib
 import logging
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from tbgc_jax.tasks.detection import head_presets as det_head_presets
-from tbgc_jax.trainer.model_factory import build_model
+from tbgc_jax.trainer.model_factory import build_model, det_config, seg_config
 from tbgc_jax.trainer.optim import lr_schedules
-from tbgc_jax.trainer.train import Setup, validate_config
+from tbgc_jax.trainer.setup import Setup, validate_config
+from tests import micro_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
@@ -66,7 +67,7 @@ def test_challenge_config_is_the_papers_recipe():
   assert c.model.cls.margin == 0.4
   assert c.model.backbone == "t"
   assert not c.model.det.overrides and not c.model.seg.overrides
-  det = det_head_presets()[c.model.det.preset](**c.model.det.overrides)
+  det = det_config(c)
   assert det.num_queries == 900 and det.num_denoising == 100
 
   # The schedule it produces: linear warm-up over 5 epochs from lr * 0.001, cosine to 0
@@ -112,3 +113,36 @@ def test_pretrained_none_builds_a_random_model_with_a_warning(caplog):
     setup = Setup(c)
   assert any("random weights" in r.getMessage() for r in caplog.records)
   assert "cls" in setup.params["heads"]
+
+
+def test_setup_leaves_the_callers_config_as_it_is():
+  c = micro_config.get_config("cls")
+  assert c.augment_mode == "multi_branch" and c.data.cls.augment.mode == "plain"
+  c.lock()
+  before = c.to_dict()
+  setup = Setup(c)
+  assert c.to_dict() == before and c.is_locked
+  # The run reads the resolved copy: the augment mode applied to every task.
+  assert setup.config.data.cls.augment.mode == "multi_branch"
+  assert c.data.cls.augment.mode == "plain"
+  frozen = ml_collections.FrozenConfigDict(c)
+  assert Setup(frozen).config.data.cls.augment.mode == "multi_branch"
+  assert frozen.data.cls.augment.mode == "plain"
+
+
+def test_head_overrides_replace_preset_fields_and_an_unknown_one_is_named():
+  c = micro_config.get_config("det,seg,cls")
+  seg, det = seg_config(c), det_config(c)
+  assert (seg.hidden_dim, seg.num_queries, seg.num_points) == (8, 12, 16)
+  assert (seg.oversample_ratio, seg.class_weight) == (3.0, 2.0)  # kept from the preset
+  assert (det.hidden_dim, det.num_queries, det.num_select) == (16, 24, 12)
+  assert det.feature_levels == (1, 2, 3)
+  c.model.det.overrides.feature_levels = [2, 3]
+  assert det_config(c).feature_levels == (2, 3)
+  c.model.seg.overrides.num_quries = 4
+  with pytest.raises(ValueError, match=r"config\.model\.seg\.overrides: unknown fields "
+                                       r"\['num_quries'\].*'num_queries'"):
+    seg_config(c)
+  c.model.det.preset = "huge"
+  with pytest.raises(ValueError, match=r"config\.model\.det\.preset: unknown preset 'huge'"):
+    det_config(c)

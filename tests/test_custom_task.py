@@ -16,7 +16,8 @@ from flax import nnx
 from tbgc_jax.data import embedded, pipeline
 from tbgc_jax.tasks import RecordSet, TaskSpec, get_task, register_task, task_names, unregister_task
 from tbgc_jax.trainer.evaluate import task_metrics
-from tbgc_jax.trainer.train import train_and_evaluate, validate_config
+from tbgc_jax.trainer.setup import validate_config
+from tbgc_jax.trainer.train import train_and_evaluate
 from tests import micro_config
 
 TRAIN_SCENES = 8  # one batch: every step sees the same scenes, so the loss can only go down

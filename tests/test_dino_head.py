@@ -1,5 +1,7 @@
 """DINO head: loss/grad on padded batches (one compile), predict, denoising queries, presets."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tbgc_jax.models.detection import (
+  PRESETS,
   DINOHead,
   denoising_layout,
-  dino_challenge_config,
-  dino_tiny_config,
   rescale_boxes,
 )
 
@@ -22,8 +23,8 @@ _K = 5
 
 def _cfg(**kw):
   # Two levels (stride 32 + one extra) keep the CPU compile short.
-  return dino_tiny_config(feature_levels=(3,), num_extra_levels=1, num_queries=10,
-                          num_denoising=12, num_select=15, **kw)
+  return dataclasses.replace(PRESETS["tiny"], feature_levels=(3,), num_extra_levels=1,
+                             num_queries=10, num_denoising=12, num_select=15, **kw)
 
 
 def _features(rng, b=3, size=192):
@@ -111,7 +112,7 @@ def test_predict_top_k_in_input_pixels_and_rescale():
 
 def test_denoising_queries_noise_bounds_and_attention_mask():
   # 2 real boxes of 3 padded, dn_number 24: 24 // 2 = 12 groups of 2 + 2 queries in 48 slots.
-  cfg = dino_tiny_config(num_queries=4, num_denoising=24)
+  cfg = dataclasses.replace(PRESETS["tiny"], num_queries=4, num_denoising=24)
   boxes = jnp.asarray([[[0.5, 0.5, 0.2, 0.4], [0.3, 0.3, 0.1, 0.1], [0.5, 0.5, 1.0, 1.0]]])
   labels = jnp.asarray([[1, 2, 0]])
   valid = jnp.asarray([[True, True, False]])
@@ -237,10 +238,11 @@ def test_box_refinement_reads_the_decoder_output_before_the_final_norm():
 
 def test_presets():
   from configs import challenge
+  from tbgc_jax.trainer.model_factory import det_config
 
   det = challenge.get_config().model.det
   assert det.preset == "challenge"
-  cfg = dino_challenge_config(**det.overrides)  # what build_model makes of the challenge config
+  cfg = det_config(challenge.get_config())  # what build_model makes of the challenge config
   assert (cfg.num_queries, cfg.num_denoising, cfg.num_encoder_layers, cfg.num_decoder_layers,
           cfg.hidden_dim, cfg.num_heads, cfg.num_points) == (900, 100, 6, 6, 256, 8, 4)
   assert (cfg.cost_class, cfg.cost_bbox, cfg.cost_giou) == (2.0, 5.0, 2.0)
@@ -248,4 +250,4 @@ def test_presets():
   assert head.num_levels == 4 and len(head.decoder) == 6 and len(head.encoder) == 6
   assert head.tgt_embed.embedding.shape == (900, 256) and head.class_embed.kernel.shape[1] == 45
   with pytest.raises(ValueError, match="feature_levels"):
-    DINOHead((8, 8), 3, dino_tiny_config(), rngs=nnx.Rngs(0))
+    DINOHead((8, 8), 3, PRESETS["tiny"], rngs=nnx.Rngs(0))

@@ -14,8 +14,9 @@ import pytest
 
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.records import RecordSource
-from tbgc_jax.trainer import logs
+from tbgc_jax.trainer import checkpointing, logs
 from tbgc_jax.trainer import train as train_lib
+from tbgc_jax.trainer.setup import Setup
 from tbgc_jax.trainer.step import make_train_step
 from tests import micro_config
 
@@ -86,7 +87,7 @@ def test_a_diverging_task_is_dropped_logged_and_stops_the_run_after_k_in_a_row(
   skipped = [r["cls/data_skipped"] for r in rows]
   assert skipped == sorted(skipped) and skipped[-1] > 0
   assert summary["data_skipped"] == {"seg": 0, "cls": skipped[-1]}
-  params, _ = train_lib.restore_params(train_lib.Setup(_config()), workdir)
+  params, _ = checkpointing.restore_params(Setup(_config()), workdir)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
   # Two in a row with max_consecutive=2: a clear stop, before that state is checkpointed.

@@ -16,9 +16,9 @@ import tbgc_jax
 from configs import tiny
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.records import RecordSource
-from tbgc_jax.trainer import logs
-from tbgc_jax.trainer import train as train_lib
+from tbgc_jax.trainer import checkpointing, logs
 from tbgc_jax.trainer.optim import make_optimizer, nonfinite_counters
+from tbgc_jax.trainer.setup import validate_config
 from tbgc_jax.trainer.step import _update
 
 TASKS = ("a", "b")
@@ -110,7 +110,7 @@ def test_invalid_nonfinite_config_fails_at_start(policy, k, message):
   config = tiny.get_config()
   config.nonfinite.policy, config.nonfinite.max_consecutive = policy, k
   with pytest.raises(ValueError, match=message):
-    train_lib.validate_config(config)
+    validate_config(config)
 
 
 def test_resumed_logs_hold_each_step_once(tmp_path):
@@ -139,7 +139,7 @@ def test_resumed_logs_hold_each_step_once(tmp_path):
 def _ckpt_setup(workdir):
   config = tiny.get_config()
   config.keep_checkpoints = 3
-  mngr = train_lib._checkpoint_manager(str(workdir), config)
+  mngr = checkpointing.checkpoint_manager(str(workdir), config)
 
   def iterators():
     return {"cls": iter(grain.MapDataset.range(100).batch(2).to_iter_dataset())}
@@ -154,7 +154,7 @@ def _save_steps(workdir, steps=(1, 2, 3)):
     next(its["cls"])
     state = {"w": jnp.arange(1000.0) + step, "step": jnp.int32(step)}
     counters = {"data_skipped": {"cls": [step]}}
-    mngr.save(step, args=train_lib._state_args(state, its, config, counters))
+    mngr.save(step, args=checkpointing.save_args(state, its, config, counters))
   mngr.wait_until_finished()
   mngr.close()
 
@@ -192,8 +192,8 @@ def _restore(workdir):
   abstract = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   try:
-    restored, step = train_lib.restore_latest_intact(
-        mngr, train_lib._restore_args(abstract, its), str(workdir))
+    restored, step = checkpointing.restore_latest_intact(
+        mngr, checkpointing.restore_args(abstract, its), str(workdir))
   finally:
     mngr.close()
   return restored, step, its

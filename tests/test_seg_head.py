@@ -1,5 +1,7 @@
 """Mask2Former head: presets, masked-attention mask, semantic inference, trainable loss."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +9,10 @@ import pytest
 from flax import nnx
 
 from tbgc_jax.models.segmentation import (
+    CHALLENGE_NUM_CLASSES,
+    PRESETS,
     Mask2FormerHead,
     attention_mask,
-    challenge_config,
-    tiny_config,
 )
 
 _IN = (8, 12, 16, 20)
@@ -28,14 +30,14 @@ def _inputs(b=2, hw=32, seed=0):
 
 
 def test_presets():
-  cfg = challenge_config()
+  cfg = PRESETS["challenge"]
   assert (cfg.num_queries, cfg.num_decoder_layers, cfg.hidden_dim, cfg.num_encoder_layers,
-          cfg.num_classes, cfg.num_points) == (100, 9, 256, 6, 19, 12544)
+          CHALLENGE_NUM_CLASSES, cfg.num_points) == (100, 9, 256, 6, 19, 12544)
   assert (cfg.no_object_weight, cfg.class_weight, cfg.mask_weight, cfg.dice_weight) == (
       0.1, 2.0, 5.0, 5.0)
-  assert tiny_config().num_points == 256
+  assert PRESETS["tiny"].num_points == 256
   with pytest.raises(ValueError, match="num_queries"):
-    Mask2FormerHead(_IN, num_classes=19, num_queries=10, rngs=nnx.Rngs(0))
+    Mask2FormerHead(_IN, 19, dataclasses.replace(cfg, num_queries=10), rngs=nnx.Rngs(0))
 
 
 def test_attention_mask_matches_loop():
@@ -55,13 +57,13 @@ def test_attention_mask_matches_loop():
 
 
 def test_outputs_and_semantic_inference():
-  cfg = tiny_config()
-  head = Mask2FormerHead(_IN, **cfg, rngs=nnx.Rngs(0))
+  cfg = PRESETS["tiny"]
+  head = Mask2FormerHead(_IN, 19, cfg, rngs=nnx.Rngs(0))
   feats, batch = _inputs()
   # One compile for both (CPU compiles of the head take seconds).
   out, pred = nnx.jit(lambda h, f, b: (h(f, b["image_mask"]), h.predict(f, b, True)))(
       head, feats, batch)
-  layers, q, c = cfg.num_decoder_layers + 1, cfg.num_queries, cfg.num_classes
+  layers, q, c = cfg.num_decoder_layers + 1, cfg.num_queries, 19
   assert out["class_logits"].shape == (layers, 2, q, c + 1)
   assert out["mask_logits"].shape == (layers, 2, q, 8, 8)
   assert pred["seg"].shape == (2, 32, 32) and pred["seg"].dtype == jnp.int32
@@ -79,8 +81,9 @@ def test_outputs_and_semantic_inference():
 def test_loss_is_trainable_and_compiles_once():
   # Smallest structure that still has every part on the gradient path (CPU compiles of the
   # backward pass take tens of seconds); MSDeformAttn's gradients have their own tests.
-  cfg = dict(tiny_config(), num_points=32, num_decoder_layers=1, num_encoder_layers=0)
-  head = Mask2FormerHead(_IN, **cfg, rngs=nnx.Rngs(0))
+  cfg = dataclasses.replace(PRESETS["tiny"], num_points=32, num_decoder_layers=1,
+                            num_encoder_layers=0)
+  head = Mask2FormerHead(_IN, 19, cfg, rngs=nnx.Rngs(0))
   # 64x64 input: the stride-32 level is 2x2 (at 1x1 a single key makes cross-attention
   # independent of the query and per-channel GroupNorm outputs its bias: zero gradients).
   feats, batch = _inputs(hw=64)

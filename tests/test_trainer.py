@@ -2,6 +2,7 @@
 checkpoints, resumes bitwise, evaluates; eval.py CLI; the same step on 1 and 8 devices; config
 validation."""
 
+import ast
 import json
 import os
 import re
@@ -13,8 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from tbgc_jax.trainer.evaluate import evaluate, shared_batch
-from tbgc_jax.trainer.train import Setup, restore_params, train_and_evaluate, validate_config
+from tbgc_jax.trainer.checkpointing import restore_params
+from tbgc_jax.trainer.evaluate import evaluate
+from tbgc_jax.trainer.setup import Setup, validate_config
+from tbgc_jax.trainer.sharding import shared_batch
+from tbgc_jax.trainer.train import train_and_evaluate
 from tests import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +95,20 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   assert len(sub["cls"]) == 100 and all(isinstance(v, int) for v in sub["cls"].values())
   assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in sub["dec"])
   assert len(sub["seg"]) == 60
+
+
+def test_eval_does_not_load_the_training_loop():
+  """Every import statement of eval.py, run in a fresh process: the loop module stays out."""
+  tree = ast.parse((ROOT / "eval.py").read_text())
+  imports = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+  code = "\n".join(imports + ["import sys", "print(sorted(m for m in sys.modules "
+                               "if m.startswith('tbgc_jax.trainer.')))"])
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+                       timeout=300, check=True)
+  loaded = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+  assert {"tbgc_jax.trainer.setup", "tbgc_jax.trainer.checkpointing"} <= set(loaded), loaded
+  assert "tbgc_jax.trainer.train" not in loaded, loaded
 
 
 def test_one_and_eight_devices_agree(tmp_path, cache_dir):

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from tbgc_jax.data import embedded, readers
+from tbgc_jax.schema import IGNORE_LABEL
 
 TASKS = ("cls", "det", "seg")
 NUM_CLASSES = {"cls": 20, "det": 10, "seg": 11}
@@ -131,7 +132,7 @@ def problem(batch_size: int = 32, root: str | None = None):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
       if task == "det":
         return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
-      keep = targets != 255
+      keep = targets != IGNORE_LABEL
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(keep, targets, 0))
       return jnp.sum(jnp.where(keep, ce, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
     return fn

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tbgc_jax.data.records import IGNORE_LABEL
 from tbgc_jax.data.transforms import resize
+from tbgc_jax.schema import IGNORE_LABEL
 from tbgc_jax.tasks import TaskSpec, get_task
 
 _log = logging.getLogger(__name__)

@@ -31,10 +31,11 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
+from tbgc_jax.schema import TASKS
 from tbgc_jax.tasks import EmbeddedPool, get_task
 
 VERSION = "embedded-v2"
-BUNDLED = ("det", "seg", "cls")  # the tasks of the versioned data set (one DONE marker)
+BUNDLED = TASKS  # the built-in tasks: the versioned data set (one DONE marker)
 _BACKGROUNDS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
                 "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "page")
 _TRAIN_DIGITS = 1400

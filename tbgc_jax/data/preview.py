@@ -25,7 +25,7 @@ import numpy as np
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.augment import branch_chains
 from tbgc_jax.data.batching import pad_example
-from tbgc_jax.data.records import IGNORE_LABEL
+from tbgc_jax.schema import IGNORE_LABEL
 from tbgc_jax.tasks import get_task, task_names
 
 

@@ -37,6 +37,7 @@ from tbgc_jax.data.records import (
     check_label_values,
     read_label_map,
 )
+from tbgc_jax.schema import IGNORE_LABEL
 
 _log = logging.getLogger(__name__)
 _EPS = 1e-3  # float slack when comparing box coordinates with the image border
@@ -486,7 +487,7 @@ def read_bdd100k_seg(root: str, split: str, *, num_classes: int = 19, policy: st
           raise BadField("mask", "a decodable single-channel uint8 PNG", str(e)) from e
         bad = check_label_values(mpath, lab, num_classes)
         if bad is not None:
-          raise BadField("mask", f"class ids in [0, {num_classes}) or 255", bad.tolist())
+          raise BadField("mask", f"class ids in [0, {num_classes}) or {IGNORE_LABEL}", bad.tolist())
     except BadField as e:
       v.fail(file, e.field, e.expected, e.got, f"sample {stem!r}")
       continue

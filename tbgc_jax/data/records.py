@@ -23,9 +23,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tbgc_jax.schema import IGNORE_LABEL
 from tbgc_jax.tasks import TaskSpec, get_task
 
-IGNORE_LABEL = 255
 POLICIES = ("strict", "skip")
 
 _log = logging.getLogger(__name__)

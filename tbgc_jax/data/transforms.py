@@ -27,7 +27,7 @@ import cv2
 import grain
 import numpy as np
 
-from tbgc_jax.data.records import IGNORE_LABEL
+from tbgc_jax.schema import IGNORE_LABEL
 
 Example = dict[str, Any]
 

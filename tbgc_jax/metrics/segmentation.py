@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
+from tbgc_jax.schema import IGNORE_LABEL
 
 
 def confusion_matrix(
@@ -30,7 +30,7 @@ def confusion_matrix(
     label: jax.Array,
     valid: jax.Array | None = None,
     num_classes: int = 19,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> jax.Array:
   """Counts (ground truth, prediction) pixel pairs of one batch; jittable, fixed shapes.
 
@@ -90,7 +90,7 @@ class ConfusionMatrix:
     ignore_index: label id never counted.
   """
 
-  def __init__(self, num_classes: int = 19, ignore_index: int = IGNORE_INDEX):
+  def __init__(self, num_classes: int = 19, ignore_index: int = IGNORE_LABEL):
     self.num_classes = num_classes
     self.ignore_index = ignore_index
     self.matrix = np.zeros((num_classes, num_classes), np.int64)

@@ -20,13 +20,6 @@ EMBEDDED_HW = (144, 192)  # the embedded scenes: 192x144 (w x h), 2-5 digits, 10
 EMBEDDED_SIZES = {"train": 800, "val": 100}
 
 
-def head_presets() -> dict[str, Any]:
-  """``config.model.det.preset`` -> DINO config factory."""
-  from tbgc_jax.models.detection import dino_challenge_config, dino_tiny_config
-
-  return {"tiny": dino_tiny_config, "challenge": dino_challenge_config}
-
-
 def ground_truth(source: Any) -> dict:
   """The COCO ground truth a detection source is scored against.
 
@@ -81,10 +74,9 @@ class DetectionTask(TaskSpec):
 
   def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
     from tbgc_jax.models.detection import DINOHead
-    from tbgc_jax.trainer.model_factory import preset
+    from tbgc_jax.trainer.model_factory import det_config
 
-    m = config.model.det
-    det = preset(head_presets(), m.preset, "config.model.det.preset")(**m.overrides)
+    det = det_config(config)
     if det.num_queries < config.data.det.max_boxes:
       raise ValueError(
           f"config.model.det: num_queries={det.num_queries} must be >= "

@@ -11,17 +11,11 @@ import numpy as np
 
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.data.records import DataValidationError, check_label_values, read_label_map
+from tbgc_jax.schema import IGNORE_LABEL
 from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
 
 EMBEDDED_HW = (128, 160)  # the embedded scenes: 160x128, 11 classes (0 background, d+1 digit d)
 EMBEDDED_SIZES = {"train": 800, "val": 100}
-
-
-def head_presets() -> dict[str, Any]:
-  """``config.model.seg.preset`` -> Mask2Former config factory."""
-  from tbgc_jax.models.segmentation import challenge_config, tiny_config
-
-  return {"tiny": tiny_config, "challenge": challenge_config}
 
 
 class SegmentationEvaluator:
@@ -75,13 +69,10 @@ class SegmentationTask(TaskSpec):
 
   def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
     from tbgc_jax.models.segmentation import Mask2FormerHead
-    from tbgc_jax.trainer.model_factory import preset
+    from tbgc_jax.trainer.model_factory import seg_config
 
-    m = config.model.seg
-    seg = dict(preset(head_presets(), m.preset, "config.model.seg.preset")())
-    seg.update(m.overrides)
-    seg.pop("num_classes", None)
-    return Mask2FormerHead(channels, int(config.data.seg.num_classes), **seg, rngs=rngs)
+    return Mask2FormerHead(channels, int(config.data.seg.num_classes), seg_config(config),
+                           rngs=rngs)
 
   def predict_kwargs(self):
     return {"return_scores": True}  # per-class scores, for evaluation at the original size
@@ -103,7 +94,7 @@ class SegmentationTask(TaskSpec):
     if bad is not None:
       raise DataValidationError(
           f"{record.label_path}: field 'label': expected class ids in [0, {num_classes}) "
-          f"or 255, got {bad.tolist()}")
+          f"or {IGNORE_LABEL}, got {bad.tolist()}")
     return {"label": lab}
 
   def embedded_reader_args(self, root, split):
@@ -124,7 +115,7 @@ class SegmentationTask(TaskSpec):
                                                   (28, 57)):
         size = alpha.shape[0]
         region = lab[y:y + size, x:x + size]
-        region[alpha > 0.15] = 255
+        region[alpha > 0.15] = IGNORE_LABEL
         region[alpha > 0.5] = int(pool.targets[k]) + 1
       name = f"{split}_{i:05d}"
       cv2.imwrite(os.path.join(idir, name + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),

@@ -17,29 +17,12 @@ from flax import nnx
 
 from tbgc_jax.data import pipeline
 from tbgc_jax.tasks import EvalContext, Evaluator, get_task, metric_key, task_names
+from tbgc_jax.trainer import sharding
 
 
 def metric_names() -> dict[str, str]:
   """``{task: key of its headline metric}`` of every registered task (``det/mAP50``, ...)."""
   return {t: metric_key(t) for t in task_names()}
-
-
-def global_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
-  """Host numpy batch (this process's rows) -> arrays sharded over the mesh's data axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
-def shared_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
-  """Host numpy batch that every process holds whole -> the same rows, sharded over the mesh.
-
-  Each process places only the rows of its own devices, so the global array is ``batch``
-  (not one copy per host) and the work is split over all devices.
-  """
-  def put(v):
-    v = np.asarray(v)
-    return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
-  return {k: put(v) for k, v in batch.items()}
 
 
 def make_predict_fn(graphdef: nnx.GraphDef, task: str, mesh: jax.sharding.Mesh):
@@ -48,13 +31,12 @@ def make_predict_fn(graphdef: nnx.GraphDef, task: str, mesh: jax.sharding.Mesh):
   The head's ``predict`` gets the spec's ``predict_kwargs()`` (segmentation: ``seg_scores``,
   per-class scores, for evaluation at the original resolution).
   """
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   kwargs = get_task(task).predict_kwargs()
 
   def predict(params, rest, batch):
     return nnx.merge(graphdef, params, rest, copy=True).task_predict(task, batch, **kwargs)
 
-  return jax.jit(predict, out_shardings=replicated)
+  return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
 def make_evaluator(task_cfg: Any, task: str, ctx: EvalContext) -> Evaluator:
@@ -135,7 +117,7 @@ class Evaluation:
     self.config = config
     self.mesh = mesh
     self.tasks = tuple(config.tasks)
-    self._data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    self._data_sharding = sharding.data_sharding(mesh)
     self._predict = {t: make_predict_fn(graphdef, t, mesh) for t in self.tasks}
     self._sources: dict[tuple[str, str], Any] = {}
 
@@ -159,7 +141,8 @@ class Evaluation:
       # Every host reads the same (global) batches and keeps the same accumulators; the
       # predictions are computed once, sharded over all devices of all hosts.
       def predict(batch, on_device=self._predict[task]):
-        return jax.device_get(on_device(params, rest, shared_batch(batch, self._data_sharding)))
+        return jax.device_get(on_device(params, rest,
+                                        sharding.shared_batch(batch, self._data_sharding)))
 
       cfg = self.config.data[task]
       if (task, split) not in self._sources:

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 import tbgc_jax
+from tbgc_jax.trainer import sharding
 from tbgc_jax.trainer.optim import nonfinite_counters
 
 STEP_MODES = ("per_task_jit", "fused")
@@ -154,7 +155,7 @@ def make_train_step(
   """Builds the jitted ``step(state, rest, batches) -> (state, metrics)``.
 
   A `PerTaskStep` for ``config.grad.step_mode == "per_task_jit"``, one ``jax.jit`` for "fused"
-  (``config`` checked by ``train.validate_config``: the step mode is one of `STEP_MODES`).
+  (``config`` checked by ``setup.validate_config``: the step mode is one of `STEP_MODES`).
   On the CPU backend the `PerTaskStep` compiles with ``config.xla_cpu_options`` (optional; see
   docs/performance.md).
 
@@ -167,8 +168,8 @@ def make_train_step(
   loss_fns = make_loss_fns(graphdef, tasks, {t: float(config.loss_weights[t]) for t in tasks})
   del backbone_mask  # The gradient method in ``tx`` holds it.
   update = jax.tree_util.Partial(_update, tasks=tasks, tx=tx, schedules=schedules)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = sharding.replicated(mesh)
+  data = sharding.data_sharding(mesh)
   rep = lambda tree: jax.tree.map(lambda _: replicated, tree)
 
   if config.grad.step_mode == "fused":

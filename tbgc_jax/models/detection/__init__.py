@@ -8,14 +8,13 @@ from tbgc_jax.models.detection.box_ops import pairwise_box_iou as pairwise_box_i
 from tbgc_jax.models.detection.box_ops import (
     pairwise_generalized_box_iou as pairwise_generalized_box_iou,
 )
+from tbgc_jax.models.detection.box_ops import rescale_boxes as rescale_boxes
 from tbgc_jax.models.detection.dino import CHALLENGE_NUM_CLASSES as CHALLENGE_NUM_CLASSES
+from tbgc_jax.models.detection.dino import PRESETS as PRESETS
 from tbgc_jax.models.detection.dino import DenoisingLayout as DenoisingLayout
 from tbgc_jax.models.detection.dino import DINOConfig as DINOConfig
 from tbgc_jax.models.detection.dino import DINOHead as DINOHead
 from tbgc_jax.models.detection.dino import denoising_layout as denoising_layout
-from tbgc_jax.models.detection.dino import dino_challenge_config as dino_challenge_config
-from tbgc_jax.models.detection.dino import dino_tiny_config as dino_tiny_config
-from tbgc_jax.models.detection.dino import rescale_boxes as rescale_boxes
 from tbgc_jax.models.detection.losses import match_cost as match_cost
 from tbgc_jax.models.detection.losses import match_predictions as match_predictions
 from tbgc_jax.models.detection.losses import set_prediction_losses as set_prediction_losses

@@ -1,10 +1,12 @@
-"""Box conversions, IoU and generalised IoU (pairwise and elementwise), in pure JAX.
+"""Box conversions, IoU and generalised IoU (pairwise and elementwise), in pure JAX; the
+rescaling of predicted boxes to the original image (numpy or JAX).
 
 Boxes are ``(cx, cy, w, h)`` ("cxcywh") or ``(x0, y0, x1, y1)`` ("xyxy") in the last axis.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _EPS = 1e-7
 
@@ -70,3 +72,26 @@ def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
   """``logit(x)`` with ``x`` clipped to [0, 1] and both terms floored at ``eps``."""
   x = jnp.clip(x, 0.0, 1.0)
   return jnp.log(jnp.maximum(x, eps)) - jnp.log(jnp.maximum(1.0 - x, eps))
+
+
+def rescale_boxes(boxes, image_hw, orig_hw):
+  """Maps xyxy boxes from network-input pixels to original-image pixels (clipped).
+
+  Undoes the pipeline's resize (padding is bottom/right, so it needs no shift). Works on
+  numpy arrays (host) or JAX arrays (device).
+
+  Args:
+    boxes: ``[B, K, 4]`` xyxy in pixels of the network input.
+    image_hw: ``[B, 2]`` valid (h, w) after resizing.
+    orig_hw: ``[B, 2]`` original (h, w).
+
+  Returns:
+    ``[B, K, 4]`` xyxy in original pixels, float32.
+  """
+  xp = np if isinstance(boxes, np.ndarray) else jnp
+  image_hw = xp.maximum(xp.asarray(image_hw, xp.float32), 1.0)
+  orig_hw = xp.asarray(orig_hw, xp.float32)
+  scale = (orig_hw / image_hw)[:, None, ::-1]  # (sx, sy)
+  xy = xp.asarray(boxes, xp.float32).reshape(*boxes.shape[:-1], 2, 2) * scale[:, :, None, :]
+  xy = xp.clip(xy, 0.0, orig_hw[:, None, None, ::-1])
+  return xy.reshape(boxes.shape).astype(xp.float32)

@@ -85,18 +85,16 @@ class DINOConfig:
   pos_temperature: float = 20.0
 
 
-def dino_challenge_config(**overrides) -> DINOConfig:
-  """The challenge baseline: 900 queries, 100 denoising queries, 6/6 layers, width 256,
-  8 heads, 4 points, 4 levels (strides 8-64). Use with ``num_classes=CHALLENGE_NUM_CLASSES``."""
-  return dataclasses.replace(DINOConfig(), **overrides)
-
-
-def dino_tiny_config(**overrides) -> DINOConfig:
-  """A CPU-sized setting for tests and the overfit benchmark."""
-  tiny = DINOConfig(hidden_dim=32, num_queries=20, num_denoising=16, num_encoder_layers=1,
-                    num_decoder_layers=2, num_heads=2, num_points=2, ffn_dim=64,
-                    norm_groups=8, num_select=20)
-  return dataclasses.replace(tiny, **overrides)
+# "challenge": the challenge baseline (900 queries, 100 denoising queries, 6/6 layers, width
+# 256, 8 heads, 4 points, 4 levels at strides 8-64; use with
+# ``num_classes=CHALLENGE_NUM_CLASSES``). "tiny": a CPU-sized setting for tests and the overfit
+# benchmark.
+PRESETS: dict[str, DINOConfig] = {
+    "challenge": DINOConfig(),
+    "tiny": DINOConfig(hidden_dim=32, num_queries=20, num_denoising=16, num_encoder_layers=1,
+                       num_decoder_layers=2, num_heads=2, num_points=2, ffn_dim=64,
+                       norm_groups=8, num_select=20),
+}
 
 
 def _sine_embed(coords: jax.Array, num_feats: int, temperature: float) -> jax.Array:
@@ -224,13 +222,13 @@ class DINOHead(nnx.Module):
   Args:
     in_channels: channels of the 4 backbone outputs (strides 4, 8, 16, 32).
     num_classes: detection classes (labels in ``[0, num_classes)``).
-    config: sizes and loss settings; `dino_challenge_config()` by default.
+    config: sizes and loss settings; ``PRESETS["challenge"]`` by default.
     rngs: NNX rngs ("params", and "dropout" when ``config.dropout > 0``).
   """
 
   def __init__(self, in_channels: Sequence[int], num_classes: int,
                config: DINOConfig | None = None, *, rngs: nnx.Rngs):
-    cfg = config if config is not None else dino_challenge_config()
+    cfg = config if config is not None else PRESETS["challenge"]
     for lv in cfg.feature_levels:
       if not 0 <= lv < len(in_channels):
         raise ValueError(f"DINOConfig.feature_levels={cfg.feature_levels} indexes outside the "
@@ -539,26 +537,3 @@ class DINOHead(nnx.Module):
     hw, _ = self._valid_hw(batch)
     wh = jnp.concatenate([hw[:, ::-1], hw[:, ::-1]], -1)[:, None, :]
     return {"scores": scores, "labels": labels, "boxes": box_cxcywh_to_xyxy(boxes) * wh}
-
-
-def rescale_boxes(boxes, image_hw, orig_hw):
-  """Maps xyxy boxes from network-input pixels to original-image pixels (clipped).
-
-  Undoes the pipeline's resize (padding is bottom/right, so it needs no shift). Works on
-  numpy arrays (host) or JAX arrays (device).
-
-  Args:
-    boxes: ``[B, K, 4]`` xyxy in pixels of the network input.
-    image_hw: ``[B, 2]`` valid (h, w) after resizing.
-    orig_hw: ``[B, 2]`` original (h, w).
-
-  Returns:
-    ``[B, K, 4]`` xyxy in original pixels, float32.
-  """
-  xp = np if isinstance(boxes, np.ndarray) else jnp
-  image_hw = xp.maximum(xp.asarray(image_hw, xp.float32), 1.0)
-  orig_hw = xp.asarray(orig_hw, xp.float32)
-  scale = (orig_hw / image_hw)[:, None, ::-1]  # (sx, sy)
-  xy = xp.asarray(boxes, xp.float32).reshape(*boxes.shape[:-1], 2, 2) * scale[:, :, None, :]
-  xy = xp.clip(xy, 0.0, orig_hw[:, None, None, ::-1])
-  return xy.reshape(boxes.shape).astype(xp.float32)

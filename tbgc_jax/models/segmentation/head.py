@@ -16,18 +16,19 @@ Shapes, traced abstractly (no weights are drawn):
 
 >>> import jax, jax.numpy as jnp
 >>> from flax import nnx
->>> head = nnx.eval_shape(lambda: Mask2FormerHead((8, 8, 8, 8), **tiny_config(), rngs=nnx.Rngs(0)))
+>>> cfg = PRESETS["tiny"]
+>>> head = nnx.eval_shape(lambda: Mask2FormerHead((8, 8, 8, 8), 19, cfg, rngs=nnx.Rngs(0)))
 >>> feats = [jax.ShapeDtypeStruct((1, 64 // s, 64 // s, 8), jnp.float32) for s in (4, 8, 16, 32)]
 >>> image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
 >>> nnx.eval_shape(lambda h, f, x: h.predict(f, {"image": x}), head, feats, image)["seg"].shape
 (1, 64, 64)
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -35,25 +36,56 @@ from tbgc_jax.models.deform_attn import MSDeformAttn
 from tbgc_jax.models.layers import MLP
 from tbgc_jax.models.segmentation.losses import mask2former_loss
 
-
-def challenge_config() -> ml_collections.ConfigDict:
-  """Official Mask2Former semantic setting used by the challenge (BDD100K, 19 classes)."""
-  return ml_collections.ConfigDict(dict(
-      num_classes=19, hidden_dim=256, mask_dim=256, num_queries=100, num_decoder_layers=9,
-      num_heads=8, decoder_ffn_dim=2048, num_encoder_layers=6, encoder_ffn_dim=1024,
-      encoder_heads=8, encoder_points=4, num_points=12544, oversample_ratio=3.0,
-      importance_ratio=0.75, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
-      dice_weight=5.0))
+CHALLENGE_NUM_CLASSES = 19  # BDD100K semantic classes of the CVPR 2023 foundation-model challenge
 
 
-def tiny_config() -> ml_collections.ConfigDict:
-  """A few-hundred-kB head for CPU tests and the overfit benchmark (same structure)."""
-  cfg = challenge_config()
-  cfg.update(dict(
-      hidden_dim=32, mask_dim=32, num_queries=20, num_decoder_layers=3, num_heads=4,
-      decoder_ffn_dim=64, num_encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4,
-      encoder_points=2, num_points=256))
-  return cfg
+@dataclasses.dataclass(frozen=True)
+class Mask2FormerConfig:
+  """Sizes and loss settings of `Mask2FormerHead` (defaults: the official semantic setting).
+
+  Attributes:
+    hidden_dim: width of pixel decoder and transformer decoder.
+    mask_dim: width of mask features / mask embeddings.
+    num_queries: queries (must be >= the head's ``num_classes``).
+    num_decoder_layers: masked-attention layers (cycling over the three scales).
+    num_heads: decoder attention heads.
+    decoder_ffn_dim: decoder FFN width.
+    num_encoder_layers, encoder_ffn_dim, encoder_heads, encoder_points: pixel decoder.
+    num_points: ``K`` sampled points for matching and mask losses.
+    oversample_ratio, importance_ratio: importance sampling of loss points.
+    no_object_weight: cross-entropy weight of the no-object class.
+    class_weight, mask_weight, dice_weight: loss weights, also the matcher's costs.
+  """
+
+  hidden_dim: int = 256
+  mask_dim: int = 256
+  num_queries: int = 100
+  num_decoder_layers: int = 9
+  num_heads: int = 8
+  decoder_ffn_dim: int = 2048
+  num_encoder_layers: int = 6
+  encoder_ffn_dim: int = 1024
+  encoder_heads: int = 8
+  encoder_points: int = 4
+  num_points: int = 12544
+  oversample_ratio: float = 3.0
+  importance_ratio: float = 0.75
+  no_object_weight: float = 0.1
+  class_weight: float = 2.0
+  mask_weight: float = 5.0
+  dice_weight: float = 5.0
+
+
+# "challenge": the official Mask2Former semantic setting the challenge uses (BDD100K, use with
+# ``num_classes=CHALLENGE_NUM_CLASSES``). "tiny": a few-hundred-kB head for CPU tests and the
+# overfit benchmark (same structure).
+PRESETS: dict[str, Mask2FormerConfig] = {
+    "challenge": Mask2FormerConfig(),
+    "tiny": Mask2FormerConfig(
+        hidden_dim=32, mask_dim=32, num_queries=20, num_decoder_layers=3, num_heads=4,
+        decoder_ffn_dim=64, num_encoder_layers=1, encoder_ffn_dim=64, encoder_heads=4,
+        encoder_points=2, num_points=256),
+}
 
 
 def _sine_position(h: int, w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
@@ -234,49 +266,38 @@ class Mask2FormerHead(nnx.Module):
   Args:
     in_channels: channels of the backbone maps at strides 4, 8, 16, 32.
     num_classes: semantic classes ``C`` (19 for BDD100K); predictions have ``C + 1`` logits.
-    hidden_dim: width of pixel decoder and transformer decoder.
-    mask_dim: width of mask features / mask embeddings.
-    num_queries: queries (must be >= ``num_classes``).
-    num_decoder_layers: masked-attention layers (cycling over the three scales).
-    num_heads: decoder attention heads.
-    decoder_ffn_dim: decoder FFN width.
-    num_encoder_layers, encoder_ffn_dim, encoder_heads, encoder_points: pixel decoder.
-    num_points: ``K`` sampled points for matching and mask losses.
-    oversample_ratio, importance_ratio: importance sampling of loss points.
-    no_object_weight: cross-entropy weight of the no-object class.
-    class_weight, mask_weight, dice_weight: loss weights, also the matcher's costs.
+    config: sizes and loss settings; ``PRESETS["challenge"]`` by default.
     rngs: NNX rngs.
   """
 
-  def __init__(self, in_channels: Sequence[int], num_classes: int = 19, *,
-               hidden_dim: int = 256, mask_dim: int = 256, num_queries: int = 100,
-               num_decoder_layers: int = 9, num_heads: int = 8, decoder_ffn_dim: int = 2048,
-               num_encoder_layers: int = 6, encoder_ffn_dim: int = 1024, encoder_heads: int = 8,
-               encoder_points: int = 4, num_points: int = 12544, oversample_ratio: float = 3.0,
-               importance_ratio: float = 0.75, no_object_weight: float = 0.1,
-               class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-               rngs: nnx.Rngs):
-    if num_queries < num_classes:
-      raise ValueError(f"Mask2FormerHead: num_queries={num_queries} < num_classes="
+  def __init__(self, in_channels: Sequence[int], num_classes: int = CHALLENGE_NUM_CLASSES,
+               config: Mask2FormerConfig | None = None, *, rngs: nnx.Rngs):
+    cfg = config if config is not None else PRESETS["challenge"]
+    if cfg.num_queries < num_classes:
+      raise ValueError(f"Mask2FormerHead: num_queries={cfg.num_queries} < num_classes="
                        f"{num_classes}; every present class needs a query to match")
-    self.pixel_decoder = PixelDecoder(in_channels, hidden_dim, mask_dim, num_encoder_layers,
-                                      encoder_ffn_dim, encoder_heads, encoder_points, rngs=rngs)
+    self.config = cfg
+    self.pixel_decoder = PixelDecoder(
+        in_channels, cfg.hidden_dim, cfg.mask_dim, cfg.num_encoder_layers, cfg.encoder_ffn_dim,
+        cfg.encoder_heads, cfg.encoder_points, rngs=rngs)
     init = nnx.initializers.normal(1.0)
-    self.query_feat = nnx.Param(init(rngs.params(), (num_queries, hidden_dim)))
-    self.query_pos = nnx.Param(init(rngs.params(), (num_queries, hidden_dim)))
-    self.level_embed = nnx.Param(init(rngs.params(), (3, hidden_dim)))
-    self.layers = nnx.List([_DecoderLayer(hidden_dim, num_heads, decoder_ffn_dim, rngs=rngs)
-                            for _ in range(num_decoder_layers)])
-    self.decoder_norm = nnx.LayerNorm(hidden_dim, rngs=rngs)
-    self.class_embed = nnx.Linear(hidden_dim, num_classes + 1, rngs=rngs)
-    self.mask_embed = MLP((hidden_dim, hidden_dim, hidden_dim, mask_dim), rngs=rngs)
+    self.query_feat = nnx.Param(init(rngs.params(), (cfg.num_queries, cfg.hidden_dim)))
+    self.query_pos = nnx.Param(init(rngs.params(), (cfg.num_queries, cfg.hidden_dim)))
+    self.level_embed = nnx.Param(init(rngs.params(), (3, cfg.hidden_dim)))
+    self.layers = nnx.List([
+        _DecoderLayer(cfg.hidden_dim, cfg.num_heads, cfg.decoder_ffn_dim, rngs=rngs)
+        for _ in range(cfg.num_decoder_layers)])
+    self.decoder_norm = nnx.LayerNorm(cfg.hidden_dim, rngs=rngs)
+    self.class_embed = nnx.Linear(cfg.hidden_dim, num_classes + 1, rngs=rngs)
+    self.mask_embed = MLP((cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, cfg.mask_dim),
+                          rngs=rngs)
     self.num_classes = num_classes
-    self.hidden_dim = hidden_dim
+    self.hidden_dim = cfg.hidden_dim
     self.loss_kwargs = dict(
-        num_points=num_points, oversample_ratio=oversample_ratio,
-        importance_ratio=importance_ratio, no_object_weight=no_object_weight,
-        cost_class=class_weight, cost_mask=mask_weight, cost_dice=dice_weight,
-        weight_ce=class_weight, weight_mask=mask_weight, weight_dice=dice_weight)
+        num_points=cfg.num_points, oversample_ratio=cfg.oversample_ratio,
+        importance_ratio=cfg.importance_ratio, no_object_weight=cfg.no_object_weight,
+        cost_class=cfg.class_weight, cost_mask=cfg.mask_weight, cost_dice=cfg.dice_weight,
+        weight_ce=cfg.class_weight, weight_mask=cfg.mask_weight, weight_dice=cfg.dice_weight)
 
   def _heads(self, x, mask_features, target_hw, level_valid):
     """Class logits, mask logits and the next layer's attend mask ``[B, Q, h*w]``."""

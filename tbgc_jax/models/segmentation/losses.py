@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from tbgc_jax.ops import bilinear_sample, hungarian_match
-
-IGNORE_INDEX = 255
+from tbgc_jax.schema import IGNORE_LABEL
 
 
 def semantic_targets(label: jax.Array, num_classes: int, valid: jax.Array | None = None,
-                     ignore_index: int = IGNORE_INDEX):
+                     ignore_index: int = IGNORE_LABEL):
   """Per-class binary targets of a semantic label map, padded to ``num_classes`` slots.
 
   Args:
@@ -148,7 +147,7 @@ def importance_points(uniform: jax.Array, mask_logits: jax.Array, label: jax.Arr
   cand = uniform[:, :, :num_over]
   logits = jax.lax.stop_gradient(mask_logits).reshape(b * t, *mask_logits.shape[2:])
   at = sample_logits(logits, cand.reshape(b * t, num_over, 2)).reshape(b, t, num_over)
-  ok = sample_labels(label, cand) != IGNORE_INDEX
+  ok = sample_labels(label, cand) != IGNORE_LABEL
   uncertainty = jnp.where(ok, -jnp.abs(at), -jnp.inf)
   _, idx = jax.lax.top_k(uncertainty, num_imp)
   chosen = jnp.take_along_axis(cand, idx[..., None], axis=2)
@@ -195,7 +194,7 @@ def losses_at_points(class_logits, mask_logits, label, valid, target_of_query,
   lab = sample_labels(label, points)
   ids = jnp.arange(t, dtype=jnp.int32)[None, :, None]
   y = (lab == ids).astype(jnp.float32)
-  w = (lab != IGNORE_INDEX).astype(jnp.float32)
+  w = (lab != IGNORE_LABEL).astype(jnp.float32)
   pair = target_valid.astype(jnp.float32)
   num_masks = jnp.maximum(pair.sum(), 1.0)
   bce = ((jax.nn.softplus(x) - x * y) * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
@@ -243,7 +242,7 @@ def layer_loss(rng: jax.Array, class_logits: jax.Array, mask_logits: jax.Array,
   mpts = draws[:, :num_points]
   lab = sample_labels(label, mpts)
   y = (lab[:, None, :] == classes[None, :, None]).astype(jnp.float32)
-  w = (lab != IGNORE_INDEX).astype(jnp.float32)
+  w = (lab != IGNORE_LABEL).astype(jnp.float32)
   h, w_ = mask_logits.shape[2:]
   # One bilinear read of all Q masks (as channels) at the image's shared matching points.
   x = bilinear_sample(jax.lax.stop_gradient(mask_logits).transpose(0, 2, 3, 1),

@@ -1,0 +1,155 @@
+"""What the trainer and ``eval.py`` build from a config: checks, mesh, model, schedule lengths."""
+
+import logging
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from tbgc_jax.data import configs as data_configs
+from tbgc_jax.data.augment import AUGMENT_MODES
+from tbgc_jax.tasks import task_names
+from tbgc_jax.trainer import sharding
+from tbgc_jax.trainer.model_factory import build_model
+from tbgc_jax.trainer.optim import method_hyperparameters
+from tbgc_jax.trainer.step import STEP_MODES
+
+NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
+NONFINITE_POLICIES = ("drop_task", "stop")
+_log = logging.getLogger(__name__)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, with a message naming the field, on an invalid value or combination."""
+  tasks, registered = tuple(config.tasks), task_names()
+  if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(registered):
+    raise ValueError(f"config.tasks must be distinct names among the registered tasks "
+                     f"{registered}, got {tasks}")
+  method_hyperparameters(config.grad)  # the method and its hyperparameters (registry checks)
+  if config.grad.step_mode not in STEP_MODES:
+    raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
+                     f"{config.grad.step_mode!r}")
+  if config.augment_mode not in AUGMENT_MODES:
+    raise ValueError(f"config.augment_mode must be one of {AUGMENT_MODES}, got "
+                     f"{config.augment_mode!r}")
+  for task in tasks:
+    if task not in config.data:
+      raise ValueError(f"config.data has no section for task {task!r}")
+    if task not in config.loss_weights or not config.loss_weights[task] > 0:
+      raise ValueError(f"config.loss_weights.{task} must be > 0")
+  if not config.total_steps > 0 and not config.num_epochs > 0:
+    raise ValueError("set config.num_epochs or config.total_steps to a positive value")
+  if config.log_every <= 0 or config.checkpoint_every <= 0:
+    raise ValueError("config.log_every and config.checkpoint_every must be positive")
+  if not int(config.get("eval_every", 0) or 0) >= 0:
+    raise ValueError(f"config.eval_every must be >= 0 (0: evaluate only at the end), got "
+                     f"{config.eval_every}")
+  pretrained = str(config.model.pretrained)
+  if config.model.get("require_pretrained", False) and not pretrained:
+    raise ValueError(
+        "config.model.pretrained: this config trains from an ImageNet-pretrained backbone; "
+        "expected a converted InternImage .npz (python -m tbgc_jax.models.convert), got ''. "
+        "Set it to 'none' to start from random weights")
+  if pretrained == NO_PRETRAINED:
+    _log.warning("config.model.pretrained='none': the backbone starts from random weights")
+  nonfinite = config.get("nonfinite", None)
+  if nonfinite is not None:
+    if nonfinite.policy not in NONFINITE_POLICIES:
+      raise ValueError(f"config.nonfinite.policy must be one of {NONFINITE_POLICIES}, got "
+                       f"{nonfinite.policy!r}")
+    if not int(nonfinite.max_consecutive) >= 1:
+      raise ValueError(f"config.nonfinite.max_consecutive must be >= 1, got "
+                       f"{nonfinite.max_consecutive}")
+  if config.mesh_devices < 0 or config.mesh_devices > jax.device_count():
+    raise ValueError(f"config.mesh_devices must be in [0, {jax.device_count()}] (0 = all), "
+                     f"got {config.mesh_devices}")
+
+
+def use_compilation_cache(workdir: str) -> None:
+  """Persistent XLA compilation cache in ``<workdir>/jax_cache``, unless one is set already.
+
+  ``eval.py`` and resumed runs then reuse the training run's compiles.
+  ``$JAX_COMPILATION_CACHE_DIR`` (or an earlier ``jax.config`` setting) wins.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(workdir), "jax_cache"))
+
+
+def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the choices the trainer derives applied (the augment mode).
+
+  The caller's config is left as it is; a locked config gives a locked copy, a
+  ``FrozenConfigDict`` a (locked) ``ConfigDict``.
+  """
+  if isinstance(config, ml_collections.FrozenConfigDict):
+    config = ml_collections.ConfigDict(config)
+  else:
+    config = config.copy_and_resolve_references()
+  data_configs.set_augment_mode(config.data, config.augment_mode)
+  return config
+
+
+class Setup:
+  """Everything ``train_and_evaluate`` and ``eval.py`` build from a config, in one place.
+
+  ``config`` is checked (`validate_config`) and not modified: ``self.config`` is its
+  `resolved_config`, the one the run reads from then on.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    validate_config(config)
+    config = resolved_config(config)
+    self.config = config
+    self.tasks = tuple(config.tasks)
+    self.mesh = sharding.make_mesh(config)
+    self.replicated = sharding.replicated(self.mesh)
+    self.data_sharding = sharding.data_sharding(self.mesh)
+
+    def create():
+      return build_model(config, rngs=nnx.Rngs(config.seed))
+
+    abstract = nnx.eval_shape(create)
+    abstract.train()
+    self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    self.eval_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    self.params, self.rest = jax.jit(
+        lambda: tuple(nnx.split(create(), nnx.Param, ...)[1:]),
+        out_shardings=(jax.tree.map(lambda _: self.replicated, abs_params),
+                       jax.tree.map(lambda _: self.replicated, abs_rest)))()
+    if config.model.pretrained and config.model.pretrained != NO_PRETRAINED:
+      from tbgc_jax.models.convert import load_backbone_weights
+
+      model = nnx.merge(self.graphdef, self.params, self.rest)
+      load_backbone_weights(model, config.model.pretrained)
+      _, params, _ = nnx.split(model, nnx.Param, ...)
+      self.params = jax.device_put(params, self.replicated)
+
+  def local_batch_size(self, task: str) -> int:
+    """Examples of ``task`` per step on this host: per-device batch x this host's devices."""
+    local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+    return int(self.config.data[task].batch_size) * local
+
+
+def schedule_lengths(setup: Setup, sources: dict) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): an epoch is one pass over the largest task's data."""
+  per_task = {t: len(sources[t]) // jax.process_count() // setup.local_batch_size(t)
+              for t in setup.tasks}
+  for t, n in per_task.items():
+    if n < 1:
+      raise ValueError(f"task {t!r}: {len(sources[t])} training examples do not fill one "
+                       f"batch of {setup.local_batch_size(t)} per host")
+  steps_per_epoch = max(per_task.values())
+  cfg = setup.config
+  total = int(cfg.total_steps) if cfg.total_steps > 0 else int(cfg.num_epochs) * steps_per_epoch
+  return steps_per_epoch, total
+
+
+def max_consecutive_nonfinite(config) -> int:
+  """Dropped steps in a row after which a task stops the run (1 under policy "stop")."""
+  nonfinite = config.get("nonfinite", None)
+  if nonfinite is None or nonfinite.policy == "stop":
+    return 1
+  return int(nonfinite.max_consecutive)
