@@ -3,8 +3,9 @@
   python eval.py --config configs/tiny.py --workdir /tmp/tbgc_tiny [--step N] \\
       [--submission /tmp/submission.json] [--seg_png_dir /tmp/seg_pred]
 
-Prints a table, writes ``<workdir>/eval_metrics_<step>.json``, and with --submission the
-challenge submission (``cls``, ``dec``, ``seg`` sections).
+Prints a table, writes ``<workdir>/eval_metrics_<step>.json`` and a PNG of predictions beside
+the ground truth (``<workdir>/predictions_<split>_<step>.png``; ``--nogallery`` skips it), and
+with --submission the challenge submission (``cls``, ``dec``, ``seg`` sections).
 """
 
 import json
@@ -24,6 +25,8 @@ _SEG_PNG_DIR = flags.DEFINE_string(
     "BDD100K-style label PNGs in this folder.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show library INFO logs in the terminal too "
                              "(they always go to WORKDIR/eval.log).")
+_GALLERY = flags.DEFINE_bool("gallery", True, "Write WORKDIR/predictions_<split>_<step>.png: "
+                             "examples of each task, the ground truth beside the prediction.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,14 +43,19 @@ def main(argv):
     os.makedirs(_SEG_PNG_DIR.value, exist_ok=True)
   setup = Setup(_CONFIG.value)
   params, step = restore_params(setup, _WORKDIR.value, _STEP.value)
-  metrics, submission = eval_lib.evaluate(
-      setup.config, setup.eval_graphdef, params, setup.rest, setup.mesh, split=_SPLIT.value,
-      submission=_SUBMISSION.value is not None, seg_png_dir=_SEG_PNG_DIR.value)
+  evaluation = eval_lib.Evaluation(setup.config, setup.eval_graphdef, setup.mesh)
+  metrics, submission = evaluation(
+      params, setup.rest, split=_SPLIT.value, submission=_SUBMISSION.value is not None,
+      seg_png_dir=_SEG_PNG_DIR.value)
   print(f"step {step}, split {_SPLIT.value}")
   print(eval_lib.format_table(metrics))
   out = os.path.join(_WORKDIR.value, f"eval_metrics_{step}.json")
   with open(out, "w") as f:
     json.dump({"step": step, "split": _SPLIT.value, **metrics}, f, indent=2)
+  if _GALLERY.value:
+    path = os.path.join(_WORKDIR.value, f"predictions_{_SPLIT.value}_{step}.png")
+    evaluation.gallery(params, setup.rest, path, split=_SPLIT.value)
+    print(f"predictions beside the ground truth: {path}")
   if _SUBMISSION.value:
     with open(_SUBMISSION.value, "w") as f:
       json.dump(submission, f)

@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import jax
 import numpy as np
 import pytest
 
+from tbgc_jax.tasks import classification, segmentation
 from tbgc_jax.trainer.checkpointing import restore_params
 from tbgc_jax.trainer.evaluate import evaluate
 from tbgc_jax.trainer.setup import Setup, validate_config
@@ -92,9 +94,17 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
     np.testing.assert_allclose(cli[k], v, atol=1e-6, err_msg=k)
   sub = json.load(open(submission))
   assert set(sub) == {"cls", "dec", "seg"}
-  assert len(sub["cls"]) == 100 and all(isinstance(v, int) for v in sub["cls"].values())
+  val_size = {"cls": classification.EMBEDDED_SIZES["val"],
+              "seg": segmentation.EMBEDDED_SIZES["val"]}
+  assert len(sub["cls"]) == val_size["cls"]
+  assert all(isinstance(v, int) for v in sub["cls"].values())
   assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in sub["dec"])
-  assert len(sub["seg"]) == 60
+  assert len(sub["seg"]) == val_size["seg"]
+  # The gallery: every task's first examples, truth beside prediction, one PNG.
+  gallery = os.path.join(stopped, "predictions_val_4.png")
+  assert f"predictions beside the ground truth: {gallery}" in result.stdout
+  image = cv2.imread(gallery)
+  assert image is not None and image.shape[0] > 3 * 64 and image.shape[1] >= 4 * 2 * 64
 
 
 def test_eval_does_not_load_the_training_loop():

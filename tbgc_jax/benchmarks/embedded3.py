@@ -22,7 +22,7 @@ from tbgc_jax.data import embedded, readers
 from tbgc_jax.schema import IGNORE_LABEL
 
 TASKS = ("cls", "det", "seg")
-NUM_CLASSES = {"cls": 20, "det": 10, "seg": 11}
+NUM_CLASSES = {"cls": 20, "det": 10, "seg": 5}
 _SCALE = 4
 
 

@@ -114,7 +114,7 @@ def tiny() -> ml_collections.ConfigDict:
       },
       "seg": {
           "source": {"format": "embedded", "root": "", "train": {}, "val": {}},
-          "policy": "strict", "deep_check": False, "allow_outside_root": False, "num_classes": 11,
+          "policy": "strict", "deep_check": False, "allow_outside_root": False, "num_classes": 5,
           "batch_size": 2, "image_size": (128, 128), "eval_image_size": (128, 160),
           "augment": augment["seg"],
           "eval_augment": "resize_fit(size=(128, 160))",

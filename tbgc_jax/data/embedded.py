@@ -4,7 +4,7 @@ scikit-learn's handwritten digits (8x8, 1,797 samples; ``sklearn.datasets.load_d
 upscaled, coloured and composed onto crops of scikit-image's sample photos
 (``skimage.data``). Nothing is downloaded. Generation is deterministic and takes a few
 seconds on first use; the result is cached in ``embedded_dir()``:
-``$TBGC_DATA_DIR`` if set, else ``~/.cache/tbgc_jax/embedded-v1``.
+``$TBGC_DATA_DIR`` if set, else ``~/.cache/tbgc_jax/embedded-v3``.
 
 Each task writes its own (``TaskSpec.write_embedded``, in ``tbgc_jax.tasks``) with the
 drawing helpers below, in the challenge's real on-disk formats, read back with the real
@@ -13,8 +13,8 @@ readers (``tbgc_jax.data.readers``). The bundled tasks' data:
 - ``det/``: COCO JSON ``annotations/instances_{train,val}.json`` + ``images/{split}/*.jpg``;
   192x144 (w x h) scenes with 2-5 digits, 10 classes (the digit).
 - ``seg/``: BDD100K layout ``images/10k/{split}/*.jpg`` + ``labels/sem_seg/masks/{split}/
-  *.png``; 160x128 scenes, 11 classes (0 background, d+1 for digit d pixels, 255 on the
-  anti-aliased stroke border).
+  *.png``; 160x128 scenes, 5 classes (0 background, c+1 for the strokes of a digit inked in
+  hue family c of four, 255 on the anti-aliased stroke border).
 - ``cls/``: list files ``{train,val}.txt`` (``<image_name> <class_id>``) + ``images/*.jpg``;
   64x64, 20 fine-grained classes: digit x ink colour variant (two close hues).
 
@@ -34,7 +34,7 @@ import numpy as np
 from tbgc_jax.schema import TASKS
 from tbgc_jax.tasks import EmbeddedPool, get_task
 
-VERSION = "embedded-v2"
+VERSION = "embedded-v3"
 BUNDLED = TASKS  # the built-in tasks: the versioned data set (one DONE marker)
 _BACKGROUNDS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
                 "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "page")
@@ -122,8 +122,12 @@ def _digit_pool(split: str, images: np.ndarray, targets: np.ndarray):
   return images[idx], targets[idx]
 
 
-def paste_digits(img, rng, digits, hw, count, size_range):
-  """Pastes a random number of digits onto ``img``; yields ``(x, y, digit_index, alpha)``."""
+def paste_digits(img, rng, digits, hw, count, size_range, hues: Sequence[float] = ()):
+  """Pastes a random number of digits onto ``img``.
+
+  Yields ``(x, y, digit_index, alpha, hue_index)``: each digit's ink has a random hue, or
+  ``hues[hue_index]`` (+- 4) with ``hue_index`` uniform when ``hues`` is given (else -1).
+  """
   placed = []
   for _ in range(int(rng.integers(*count))):
     size = int(rng.integers(*size_range))
@@ -133,8 +137,9 @@ def paste_digits(img, rng, digits, hw, count, size_range):
     placed.append((*pos, size))
     k = int(rng.integers(len(digits)))
     alpha = digit_alpha(digits[k], size)
-    compose(img, alpha, pos[0], pos[1], ink(rng))
-    yield pos[0], pos[1], k, alpha
+    hue_index = int(rng.integers(len(hues))) if hues else -1
+    compose(img, alpha, pos[0], pos[1], ink(rng, hues[hue_index] if hues else None))
+    yield pos[0], pos[1], k, alpha, hue_index
 
 
 def generate(root: str, tasks: Sequence[str] = BUNDLED) -> None:

@@ -18,7 +18,8 @@ A spec bundles:
 - embedded data: `TaskSpec.embedded_reader_args`, `TaskSpec.write_embedded`;
 - evaluation: `TaskSpec.evaluator` (an `Evaluator`), the headline `TaskSpec.metric` and the
   challenge submission section;
-- the preview: `TaskSpec.draw`.
+- the preview: `TaskSpec.draw`, and for the evaluation gallery
+  `TaskSpec.prediction_example` (a prediction in the example's fields).
 
 This module imports only numpy; the built-in specs (and the heads, OpenCV and pycocotools
 they use) load on the first `get_task` / `task_names` call.
@@ -246,6 +247,14 @@ class TaskSpec:
     return None
 
   # ------------------------------------------------------------------------ preview
+
+  def prediction_example(self, ex: Mapping[str, np.ndarray],
+                         prediction: Mapping[str, np.ndarray]) -> dict | None:
+    """One fixed-shape example with its annotations replaced by the head's prediction for it
+    (one row of ``predict``'s output), so `draw` shows the prediction (the evaluation gallery,
+    `tbgc_jax.trainer.gallery`); None: the task is left out of the gallery."""
+    del ex, prediction
+    return None
 
   def draw(self, image: np.ndarray, ex: Mapping[str, np.ndarray],
            num_classes: int) -> np.ndarray:

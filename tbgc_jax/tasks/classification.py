@@ -115,6 +115,9 @@ class ClassificationTask(TaskSpec):
   def empty_submission(self):
     return {}
 
+  def prediction_example(self, ex, prediction):
+    return {**ex, "label": np.int32(prediction["label"])}
+
   def draw(self, image, ex, num_classes):
     del num_classes
     cv2.putText(image, str(int(ex["label"])), (2, 10), cv2.FONT_HERSHEY_PLAIN, 0.8,

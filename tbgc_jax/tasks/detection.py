@@ -34,6 +34,9 @@ def ground_truth(source: Any) -> dict:
   return records_to_coco(source.records, source.category_ids)
 
 
+# Boxes drawn in the evaluation gallery: predictions scoring at least this.
+GALLERY_SCORE = 0.3
+
 class DetectionEvaluator:
   """mAP50 as the challenge computes it: pycocotools against `ground_truth` of the source,
   with the file's category and image ids; fills the submission's ``dec`` section."""
@@ -141,7 +144,7 @@ class DetectionTask(TaskSpec):
     images, anns = [], []
     for i in range(EMBEDDED_SIZES[split]):
       img = embedded.background(rng, pool.backgrounds, EMBEDDED_HW)
-      for x, y, k, alpha in embedded.paste_digits(img, rng, pool.digits, EMBEDDED_HW, (2, 6),
+      for x, y, k, alpha, _ in embedded.paste_digits(img, rng, pool.digits, EMBEDDED_HW, (2, 6),
                                                   (20, 45)):
         ys, xs = np.nonzero(alpha > 0.25)
         x0, y0 = x + xs.min(), y + ys.min()
@@ -164,6 +167,15 @@ class DetectionTask(TaskSpec):
 
   def empty_submission(self):
     return []
+
+  def prediction_example(self, ex, prediction):
+    keep = prediction["scores"] >= GALLERY_SCORE
+    n, slots = int(keep.sum()), ex["boxes"].shape[0]
+    boxes = np.zeros_like(ex["boxes"])
+    labels = np.zeros_like(ex["labels"])
+    boxes[:min(n, slots)] = prediction["boxes"][keep][:slots]
+    labels[:min(n, slots)] = prediction["labels"][keep][:slots]
+    return {**ex, "boxes": boxes, "labels": labels, "box_mask": np.arange(slots) < n}
 
   def draw(self, image, ex, num_classes):
     from tbgc_jax.data.preview import palette

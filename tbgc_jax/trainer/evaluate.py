@@ -8,6 +8,7 @@ callable taking the `EvalContext` and returning an evaluator.
 """
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -153,6 +154,57 @@ class Evaluation:
       metrics.update({f"{task}/{k}": v for k, v in result.items()})
     metrics["score"] = float(np.mean([metrics[metric_key(t)] for t in self.tasks]))
     return metrics, sub
+
+
+  def gallery(self, params: Any, rest: Any, path: str, *, split: str = "val",
+              num: int = 8) -> str:
+    """Writes a PNG of the first ``num`` examples of ``split`` per task, each as the ground
+    truth beside the prediction (`TaskSpec.prediction_example`, drawn as the preview draws
+    examples: boxes with their class, label maps overlaid, class labels); returns ``path``.
+
+    Uses the evaluation's compiled prediction functions and batch sizes (no new compile).
+    """
+    import cv2
+
+    from tbgc_jax.data.preview import draw, grid
+
+    sections = []
+    for task in self.tasks:
+      spec, cfg = get_task(task), self.config.data[task]
+      if (task, split) not in self._sources:
+        self._sources[task, split] = pipeline.make_source(cfg, task, split)
+      pairs = []
+      for batch in pipeline.eval_iterator(cfg, task, split=split,
+                                          batch_size=int(cfg.batch_size) * self.mesh.size,
+                                          source=self._sources[task, split]):
+        preds = jax.device_get(self._predict[task](
+            params, rest, sharding.shared_batch(batch, self._data_sharding)))
+        for i in np.flatnonzero(batch["valid"])[:num - len(pairs)]:
+          ex = {k: v[i] for k, v in batch.items()}
+          shown = spec.prediction_example(ex, {k: v[i] for k, v in preds.items()})
+          if shown is None:
+            break
+          truth, pred = (draw(e, task, int(cfg.num_classes)) for e in (ex, shown))
+          gap = np.full((truth.shape[0], 4, 3), 255, np.uint8)
+          pairs.append(np.concatenate([truth, gap, pred], axis=1))
+        if len(pairs) >= num or not pairs:
+          break
+      if pairs:
+        body = grid(pairs, cols=min(4, len(pairs)), gap=6)
+        title = np.full((18, body.shape[1], 3), 255, np.uint8)
+        cv2.putText(title, f"{task}: truth | prediction", (4, 13), cv2.FONT_HERSHEY_PLAIN,
+                    1.0, (0, 0, 0), 1)
+        sections.append(np.concatenate([title, body], axis=0))
+    if not sections:
+      raise ValueError(f"no task of {list(self.tasks)} draws its predictions "
+                       "(TaskSpec.prediction_example)")
+    width = max(x.shape[1] for x in sections)
+    image = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0)),
+                                   constant_values=255) for x in sections], axis=0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+      raise OSError(f"{path}: could not write the gallery PNG")
+    return path
 
 
 def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
