@@ -3,7 +3,7 @@
 Each task keeps its own images, read with the project's readers and downscaled 4x:
 
 - ``cls``: the 64x64 images at 16x16, 20 classes; metric top-1 accuracy.
-- ``seg``: 32x40 scenes, label maps downscaled by nearest neighbour (11 classes, 255 =
+- ``seg``: 32x40 scenes, label maps downscaled by nearest neighbour (5 classes, 255 =
   ignore); metric mIoU over the classes present (`tbgc_jax.metrics.segmentation`).
 - ``det``: 36x48 scenes. The box head of the real model is too slow for this benchmark,
   so detection is replaced by a box-free stand-in on the same scenes: which of the 10 digit
@@ -165,4 +165,4 @@ def problem(batch_size: int = 32, root: str | None = None):
       name="embedded3", tasks=TASKS, higher_better={t: True for t in TASKS}, init=init,
       loss_fns={t: loss_fn(t) for t in TASKS}, sample=sample, evaluate=evaluate,
       steps_per_epoch=max(1, min(len(v[0]) for v in train.values()) // batch_size),
-      config={"batch_size": batch_size, "scale": _SCALE})
+      config={"batch_size": batch_size, "scale": _SCALE, "data": embedded.VERSION})
