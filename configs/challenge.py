@@ -32,6 +32,7 @@ def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collecti
   # Random init is refused unless asked for: pretrained="none" (logged warning).
   c.model.require_pretrained = True
   c.model.cls.hidden_dim = 0  # MLP width = backbone width
+  c.model.cls.margin = 0.4  # ArcFace, the paper's margin (the tiny config trains without one)
   c.optim.lr = 1e-4
   c.optim.backbone_lr_mult = 0.1
   c.optim.warmup_epochs = 5
