@@ -35,7 +35,7 @@ def ground_truth(source: Any) -> dict:
 
 
 # Boxes drawn in the evaluation gallery: predictions scoring at least this.
-GALLERY_SCORE = 0.3
+GALLERY_SCORE = 0.2
 
 class DetectionEvaluator:
   """mAP50 as the challenge computes it: pycocotools against `ground_truth` of the source,
