@@ -126,6 +126,7 @@ def _config():
   return c
 
 
+@pytest.mark.slow
 def test_a_fourth_task_trains_and_evaluates_with_the_others(tmp_path, count_task):
   config = _config()
   assert "count" in task_names()

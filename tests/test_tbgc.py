@@ -101,7 +101,8 @@ def test_matches_float64_reference(method, jit, grads):
   _, flags = _leaves_flags(grads[tasks[0]])
   want = reference(method, leaves, flags, S)
   for got, w in zip(jax.tree.leaves(out), want, strict=True):
-    np.testing.assert_allclose(np.asarray(got, np.float64), w, rtol=5e-5, atol=1e-8)
+    # Terms of size S cancel to ~0 in some entries: float32 rounding of S, not 1e-8, bounds them.
+    np.testing.assert_allclose(np.asarray(got, np.float64), w, rtol=5e-5, atol=S * 1e-6)
 
 
 @settings(max_examples=12, deadline=None)

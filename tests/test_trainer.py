@@ -46,6 +46,7 @@ def _params(workdir, config):
   return jax.device_get(params), step
 
 
+@pytest.mark.slow
 def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   config = _config()
   stopped = str(tmp_path / "stopped")
@@ -121,6 +122,7 @@ def test_eval_does_not_load_the_training_loop():
   assert "tbgc_jax.trainer.train" not in loaded, loaded
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree(tmp_path, cache_dir):
   """Same global batch (8 cls images) on a 1-device and an 8-device mesh."""
   results = {}
