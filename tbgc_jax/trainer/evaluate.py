@@ -155,7 +155,6 @@ class Evaluation:
     metrics["score"] = float(np.mean([metrics[metric_key(t)] for t in self.tasks]))
     return metrics, sub
 
-
   def gallery(self, params: Any, rest: Any, path: str, *, split: str = "val",
               num: int = 8) -> str:
     """Writes a PNG of the first ``num`` examples of ``split`` per task, each as the ground
@@ -163,6 +162,7 @@ class Evaluation:
     examples: boxes with their class, label maps overlaid, class labels); returns ``path``.
 
     Uses the evaluation's compiled prediction functions and batch sizes (no new compile).
+    Every host must call it (the predictions are sharded); process 0 writes the file.
     """
     import cv2
 
@@ -201,9 +201,10 @@ class Evaluation:
     width = max(x.shape[1] for x in sections)
     image = np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0)),
                                    constant_values=255) for x in sections], axis=0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-      raise OSError(f"{path}: could not write the gallery PNG")
+    if jax.process_index() == 0:  # every host predicts (sharded); one writes
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"{path}: could not write the gallery PNG")
     return path
 
 
