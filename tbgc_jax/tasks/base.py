@@ -252,7 +252,7 @@ class TaskSpec:
                          prediction: Mapping[str, np.ndarray]) -> dict | None:
     """One fixed-shape example with its annotations replaced by the head's prediction for it
     (one row of ``predict``'s output), so `draw` shows the prediction (the evaluation gallery,
-    `tbgc_jax.trainer.gallery`); None: the task is left out of the gallery."""
+    ``tbgc_jax.trainer.evaluate.Evaluation.gallery``); None: the task is left out of it."""
     del ex, prediction
     return None
 

@@ -37,6 +37,7 @@ def ground_truth(source: Any) -> dict:
 # Boxes drawn in the evaluation gallery: predictions scoring at least this.
 GALLERY_SCORE = 0.2
 
+
 class DetectionEvaluator:
   """mAP50 as the challenge computes it: pycocotools against `ground_truth` of the source,
   with the file's category and image ids; fills the submission's ``dec`` section."""
@@ -144,8 +145,8 @@ class DetectionTask(TaskSpec):
     images, anns = [], []
     for i in range(EMBEDDED_SIZES[split]):
       img = embedded.background(rng, pool.backgrounds, EMBEDDED_HW)
-      for x, y, k, alpha, _ in embedded.paste_digits(img, rng, pool.digits, EMBEDDED_HW, (2, 6),
-                                                  (20, 45)):
+      for x, y, k, alpha, _ in embedded.paste_digits(img, rng, pool.digits, EMBEDDED_HW,
+                                                     (2, 6), (20, 45)):
         ys, xs = np.nonzero(alpha > 0.25)
         x0, y0 = x + xs.min(), y + ys.min()
         bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
