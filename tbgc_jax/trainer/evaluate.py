@@ -139,21 +139,28 @@ class Evaluation:
     """
     metrics, sub = {}, empty_submission() if submission else None
     for task in self.tasks:
-      # Every host reads the same (global) batches and keeps the same accumulators; the
-      # predictions are computed once, sharded over all devices of all hosts.
-      def predict(batch, on_device=self._predict[task]):
-        return jax.device_get(on_device(params, rest,
-                                        sharding.shared_batch(batch, self._data_sharding)))
-
-      cfg = self.config.data[task]
-      if (task, split) not in self._sources:
-        self._sources[task, split] = pipeline.make_source(cfg, task, split)
-      result = task_metrics(self.config, task, predict, split=split,
-                            batch_size=int(cfg.batch_size) * self.mesh.size, submission=sub,
-                            seg_png_dir=seg_png_dir, source=self._sources[task, split])
+      result = task_metrics(
+          self.config, task, lambda batch, task=task: self._predict_host(task, params, rest, batch),
+          split=split, batch_size=self._batch_size(task), submission=sub,
+          seg_png_dir=seg_png_dir, source=self._source(task, split))
       metrics.update({f"{task}/{k}": v for k, v in result.items()})
     metrics["score"] = float(np.mean([metrics[metric_key(t)] for t in self.tasks]))
     return metrics, sub
+
+  def _source(self, task: str, split: str) -> Any:
+    """The split's source, read once per `Evaluation`."""
+    if (task, split) not in self._sources:
+      self._sources[task, split] = pipeline.make_source(self.config.data[task], task, split)
+    return self._sources[task, split]
+
+  def _batch_size(self, task: str) -> int:
+    return int(self.config.data[task].batch_size) * self.mesh.size
+
+  def _predict_host(self, task: str, params: Any, rest: Any, batch: dict) -> dict:
+    """Host predictions of one global batch. Every host reads the same batches and keeps the
+    same accumulators; the predictions are computed once, sharded over all devices."""
+    return jax.device_get(self._predict[task](
+        params, rest, sharding.shared_batch(batch, self._data_sharding)))
 
   def gallery(self, params: Any, rest: Any, path: str, *, split: str = "val",
               num: int = 8) -> str:
@@ -171,14 +178,11 @@ class Evaluation:
     sections = []
     for task in self.tasks:
       spec, cfg = get_task(task), self.config.data[task]
-      if (task, split) not in self._sources:
-        self._sources[task, split] = pipeline.make_source(cfg, task, split)
       pairs = []
       for batch in pipeline.eval_iterator(cfg, task, split=split,
-                                          batch_size=int(cfg.batch_size) * self.mesh.size,
-                                          source=self._sources[task, split]):
-        preds = jax.device_get(self._predict[task](
-            params, rest, sharding.shared_batch(batch, self._data_sharding)))
+                                          batch_size=self._batch_size(task),
+                                          source=self._source(task, split)):
+        preds = self._predict_host(task, params, rest, batch)
         for i in np.flatnonzero(batch["valid"])[:num - len(pairs)]:
           ex = {k: v[i] for k, v in batch.items()}
           shown = spec.prediction_example(ex, {k: v[i] for k, v in preds.items()})
