@@ -12,7 +12,9 @@ which pytest loads before collecting anything:
   processes tests start (train.py, eval.py, restarts after a kill): the end-to-end tests
   compile the same functions again and again. The controlling process makes the folder and
   the workers inherit it through the environment; a folder set by the caller
-  (``JAX_COMPILATION_CACHE_DIR``) wins.
+  (``JAX_COMPILATION_CACHE_DIR``) wins;
+- the slow tests first: with ``-n 2`` each worker starts on a long end-to-end test and the
+  short ones fill in after, instead of one worker finishing a two-minute test alone at the end.
 """
 
 import os
@@ -36,3 +38,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first, otherwise collection order (stable; the same in every xdist worker)."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

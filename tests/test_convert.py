@@ -159,6 +159,7 @@ _DOWNSTREAM_COUNTS = {"t_downstream": 8 + 30 * 22 + 4 * 2 + 3 * 3,
                       "s_downstream": 8 + 33 * 22 + 3 * 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["t_downstream", "s_downstream"])
 def test_official_downstream_checkpoint_converts(preset, tmp_path):
   config = PRESETS[preset]

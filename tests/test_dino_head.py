@@ -45,6 +45,7 @@ def _batch(b=3, size=192):
   }
 
 
+@pytest.mark.slow
 def test_loss_is_finite_ignores_padding_and_compiles_once():
   # No encoder layer here (its MSDeformAttn is the decoder's, and the backward pass is the
   # costly compile on CPU); `test_predict...` runs one.
@@ -176,6 +177,7 @@ def test_denoising_groups_follow_real_box_count(counts, num_dn, groups):
   assert not act[:, np.asarray(lay.group) >= groups].any()
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.integers(0, 6), min_size=2, max_size=2), st.integers(1, 60))
 def test_denoising_layout_properties(counts, num_dn):

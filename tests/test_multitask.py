@@ -48,6 +48,7 @@ def _max_abs(tree):
   return max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(tree))
 
 
+@pytest.mark.slow
 def test_task_loss_touches_only_backbone_and_that_head():
   model = _random_model(lambda rngs: InternImage(_SMALLEST, rngs=rngs))
   batch = {"image": jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3)),

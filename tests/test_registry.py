@@ -188,6 +188,7 @@ def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
           "grad/backbone_norm_after/b"} <= keys["upgrad"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tbgc", "upgrad", "pcgrad", "famo"])
 def test_the_flat_update_equals_the_update_on_trees(method):
   """`flat_groups` packs leaves per group; the updates and method state match the tree form."""

@@ -71,6 +71,7 @@ def _steps(poison):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", tbgc_jax.method_names())
 def test_a_nonfinite_task_is_dropped_and_counted_for_every_method(method):
   poisoned = _run_updates(method, _steps({1: "nan_loss", 2: "inf_grad"}))

@@ -56,6 +56,7 @@ def test_attention_mask_matches_loop():
   assert got[0, 1].all()
 
 
+@pytest.mark.slow
 def test_outputs_and_semantic_inference():
   cfg = PRESETS["tiny"]
   head = Mask2FormerHead(_IN, 19, cfg, rngs=nnx.Rngs(0))
@@ -78,6 +79,7 @@ def test_outputs_and_semantic_inference():
   assert agree > 0.999
 
 
+@pytest.mark.slow
 def test_loss_is_trainable_and_compiles_once():
   # Smallest structure that still has every part on the gradient path (CPU compiles of the
   # backward pass take tens of seconds); MSDeformAttn's gradients have their own tests.

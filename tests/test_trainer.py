@@ -136,6 +136,7 @@ def test_one_and_eight_devices_agree(tmp_path, cache_dir):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_evaluation_is_the_same_on_one_and_eight_devices():
   """Every host reads the whole val batch; the rows are split over the mesh, not repeated."""
   metrics = {}
