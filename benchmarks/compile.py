@@ -64,13 +64,14 @@ def abstract_step(config):
 
   from tbgc_jax.data.batching import collate, padding_example
   from tbgc_jax.models.multitask import backbone_mask
+  from tbgc_jax.models.rngs import construction_rngs
   from tbgc_jax.trainer.model_factory import build_model
   from tbgc_jax.trainer.optim import make_optimizer
   from tbgc_jax.trainer.sharding import make_mesh
   from tbgc_jax.trainer.step import make_train_step
 
   tasks = tuple(config.tasks)
-  model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
+  model = nnx.eval_shape(lambda: build_model(config, rngs=construction_rngs(config.seed)))
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedules = make_optimizer(config, tasks, backbone_mask, 1000, 100)

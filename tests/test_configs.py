@@ -1,9 +1,8 @@
 """Every trainer config in configs/ builds its model; the challenge config is the paper's recipe.
 
-Building the challenge-size model abstractly takes about a minute on a 2-core CPU (tracing
-time: flax's ``Variable.set_value`` probes ``tracer.sharding`` on every rng draw, and JAX builds
-an error message that walks the whole trace each time), hence the ``slow`` marks and the one
-shared build per test module.
+Models are built abstractly with `construction_rngs` (about 2 s for the challenge size on a
+2-core CPU; with ``nnx.Rngs`` it took about a minute, see `tbgc_jax.models.rngs`), once per
+test module.
 """
 
 import functools
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.trainer.model_factory import build_model, det_config, seg_config
 from tbgc_jax.trainer.optim import lr_schedules
 from tbgc_jax.trainer.setup import Setup, validate_config
@@ -32,15 +32,14 @@ def _config(name):
 @functools.cache
 def _abstract_model(name):
   config = _config(name)
-  return nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: build_model(config, rngs=construction_rngs(0)))
 
 
 def test_configs_are_found():
   assert {"tiny", "challenge"} <= set(CONFIG_NAMES)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n == "challenge" else n for n in CONFIG_NAMES])
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_builds_its_model(name):
   config = _config(name)
   model = _abstract_model(name)
@@ -82,7 +81,6 @@ def test_challenge_config_is_the_papers_recipe():
   np.testing.assert_allclose(float(head(1000)), 0.0, atol=1e-12)
 
 
-@pytest.mark.slow
 def test_challenge_model_has_the_papers_sizes():
   model = _abstract_model("challenge")
   det, seg, cls = (model.heads[t] for t in ("det", "seg", "cls"))

@@ -10,3 +10,4 @@ from tbgc_jax.models.internimage import InternImageConfig as InternImageConfig
 from tbgc_jax.models.multitask import MultiTaskModel as MultiTaskModel
 from tbgc_jax.models.multitask import backbone_mask as backbone_mask
 from tbgc_jax.models.multitask import normalize_images as normalize_images
+from tbgc_jax.models.rngs import construction_rngs as construction_rngs

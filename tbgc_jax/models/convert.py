@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tbgc_jax.models.internimage import PRESETS, InternImage, InternImageConfig
+from tbgc_jax.models.rngs import construction_rngs
 
 # Layout conversions, official (torch) -> ours (Flax).
 _IDENTITY = "identity"  # biases, LayerNorm weight -> scale, LayerNorm bias, layer scales
@@ -315,7 +316,7 @@ def check_against_model(params: Mapping[str, np.ndarray], config: InternImageCon
   Raises:
     CheckpointMismatchError: listing every difference in names or shapes.
   """
-  model = nnx.eval_shape(lambda: InternImage(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: InternImage(config, rngs=construction_rngs(0)))
   ours = {path_key(p): tuple(v.shape)
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   missing = sorted(k for k in ours if k not in params)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from tbgc_jax.data import configs as data_configs
 from tbgc_jax.data.augment import AUGMENT_MODES
+from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.tasks import task_names
 from tbgc_jax.trainer import sharding
 from tbgc_jax.trainer.model_factory import build_model
@@ -108,7 +109,7 @@ class Setup:
     self.data_sharding = sharding.data_sharding(self.mesh)
 
     def create():
-      return build_model(config, rngs=nnx.Rngs(config.seed))
+      return build_model(config, rngs=construction_rngs(config.seed))
 
     abstract = nnx.eval_shape(create)
     abstract.train()
