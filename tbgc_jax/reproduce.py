@@ -317,7 +317,7 @@ def figure1(workdir: str, rows: Sequence[dict], path: str,
     ax.set(title=title, xlabel="step", yscale="log")
   axes[0][0].set_ylabel("backbone gradient norm")
   axes[0][0].legend()
-  fig.suptitle("Per-task backbone gradient norm (Figure 1)")
+  fig.suptitle("Per-task backbone gradient norm (Figure 1)", y=1.03)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
