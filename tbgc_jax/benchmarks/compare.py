@@ -208,7 +208,9 @@ def run_grid(out: str, benchmarks: Sequence[str | Problem], methods: Sequence[st
     problem = bench if isinstance(bench, Problem) else make_problem(bench)
     bench = problem.name
     n_steps = steps or DEFAULT_STEPS[bench]
-    names = [*tbgc_jax.method_names(), "single"] if methods is None else list(methods)
+    # The single-task baselines first: every finished method then has its Δm%, so an
+    # interrupted grid already reports what it ran.
+    names = ["single", *tbgc_jax.method_names()] if methods is None else list(methods)
     unknown = set(names) - set(tbgc_jax.method_names()) - {"single"}
     if unknown:
       raise ValueError(f"unknown methods {sorted(unknown)}")
