@@ -20,7 +20,7 @@ from tbgc_jax.trainer.checkpointing import restore_params
 from tbgc_jax.trainer.evaluate import evaluate
 from tbgc_jax.trainer.setup import Setup, validate_config
 from tbgc_jax.trainer.sharding import shared_batch
-from tbgc_jax.trainer.train import train_and_evaluate
+from tbgc_jax.trainer.train import run_summary, train_and_evaluate
 from tests import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +184,18 @@ def test_drop_path_masks_follow_the_step_key():
             for k in (0, 0, 1)]
   assert values[0] == values[1]
   assert values[0] != values[2]
+
+
+def test_run_summary_says_what_the_run_trains():
+  setup = Setup(_config(**{"tasks": ("seg", "cls"), "grad.method": "tbgc_star"}))
+  text = run_summary(setup, {"seg": [0] * 30, "cls": [0] * 1200}, total_steps=8,
+                     steps_per_epoch=300, workdir="/w")
+  params = sum(x.size for x in jax.tree.leaves(setup.params))
+  lines = text.splitlines()
+  assert lines[0] == "2 tasks on 1 cpu device(s); workdir /w"
+  assert lines[1].split() == ["seg", "30", "train", "examples,", "2", "per", "device", "per",
+                              "step"]
+  assert "1,200 train examples, 4 per device" in lines[2]
+  assert f"{params / 1e6:.1f} M parameters" in lines[3]
+  assert "gradient method: tbgc_star (max_norm 0.1)" in lines[3]
+  assert lines[4].strip() == "8 steps (0.0266667 epochs of 300), seed 0"

@@ -74,6 +74,26 @@ def _write_summary(workdir: str, step: int, summary: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def run_summary(setup: Setup, sources: dict, total_steps: int, steps_per_epoch: int,
+                workdir: str) -> str:
+  """What a run trains, on what, for how long: the lines ``train.py`` prints first."""
+  config = setup.config
+  devices = setup.mesh.devices.size
+  params = sum(x.size for x in jax.tree.leaves(setup.params))
+  grad = config.grad.method + (f" (max_norm {config.grad.max_norm:g})"
+                               if "max_norm" in config.grad else "")
+  n = len(setup.tasks)
+  lines = [f"{n} task{'s' * (n != 1)} on {devices} {jax.devices()[0].platform} device(s); "
+           f"workdir {workdir}"]
+  lines += [f"  {t:5s} {len(sources[t]):,} train examples, {config.data[t].batch_size} per device "
+            f"per step" for t in setup.tasks]
+  lines += [f"  model: InternImage {config.model.backbone!r} + heads, {params / 1e6:.1f} M "
+            f"parameters; gradient method: {grad}; augmentation: {config.augment_mode}",
+            f"  {total_steps:,} steps ({total_steps / steps_per_epoch:g} epochs of "
+            f"{steps_per_epoch:,}), seed {config.seed}"]
+  return "\n".join(lines)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None, evaluate: bool = True
                        ) -> dict[str, float]:
@@ -150,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   flush_t = time.perf_counter()
   last_step = min(total_steps, stop_after) if stop_after else total_steps
   if is_main and start < last_step:
+    print(run_summary(setup, sources, total_steps, steps_per_epoch, workdir), flush=True)
     print("compiling the train step (a later run in this workdir loads it from jax_cache/)...",
           flush=True)
   preemption = Preemption(mngr)
