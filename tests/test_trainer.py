@@ -199,3 +199,8 @@ def test_run_summary_says_what_the_run_trains():
   assert f"{params / 1e6:.1f} M parameters" in lines[3]
   assert "gradient method: tbgc_star (max_norm 0.1)" in lines[3]
   assert lines[4].strip() == "8 steps (0.0266667 epochs of 300), seed 0"
+  # A method without a clipping norm shows none.
+  setup = Setup(_config(**{"tasks": ("cls",), "grad.method": "upgrad"}))
+  text = run_summary(setup, {"cls": [0] * 8}, total_steps=2, steps_per_epoch=2, workdir="/w")
+  assert text.splitlines()[0] == "1 task on 1 cpu device(s); workdir /w"
+  assert "gradient method: upgrad;" in text and "max_norm" not in text

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+import tbgc_jax
 from tbgc_jax.data import pipeline
 from tbgc_jax.models.multitask import backbone_mask
 from tbgc_jax.tasks import get_task
@@ -80,8 +81,8 @@ def run_summary(setup: Setup, sources: dict, total_steps: int, steps_per_epoch: 
   config = setup.config
   devices = setup.mesh.devices.size
   params = sum(x.size for x in jax.tree.leaves(setup.params))
-  grad = config.grad.method + (f" (max_norm {config.grad.max_norm:g})"
-                               if "max_norm" in config.grad else "")
+  takes_max_norm = "max_norm" in tbgc_jax.get_method(config.grad.method).hyperparameters
+  grad = config.grad.method + (f" (max_norm {config.grad.max_norm:g})" if takes_max_norm else "")
   n = len(setup.tasks)
   lines = [f"{n} task{'s' * (n != 1)} on {devices} {jax.devices()[0].platform} device(s); "
            f"workdir {workdir}"]
