@@ -126,7 +126,10 @@ def _config():
   return c
 
 
+# Same micro det/seg/cls model as the other e2e test of this group: one worker runs both, the
+# second finds the per-task gradient executables in the compilation cache.
 @pytest.mark.slow
+@pytest.mark.xdist_group("micro_det_seg_cls")
 def test_a_fourth_task_trains_and_evaluates_with_the_others(tmp_path, count_task):
   config = _config()
   assert "count" in task_names()

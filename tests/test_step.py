@@ -17,10 +17,12 @@ _TASKS = ("det", "cls")
 class _Toy(nnx.Module):
   """A shared layer and one head per task, with the multi-task model's ``task_loss``."""
 
-  def __init__(self, rngs):
+  def __init__(self, rngs, extra_head=False):
     self.backbone = nnx.Linear(3, 4, rngs=rngs)
-    self.heads = nnx.Dict({"det": nnx.Linear(4, 2, rngs=rngs),
-                           "cls": nnx.Linear(4, 1, rngs=rngs)})
+    heads = {"det": nnx.Linear(4, 2, rngs=rngs), "cls": nnx.Linear(4, 1, rngs=rngs)}
+    if extra_head:  # a head no task of the step uses
+      heads["pose"] = nnx.Linear(4, 7, rngs=rngs)
+    self.heads = nnx.Dict(heads)
 
   def task_loss(self, task, batch, rng):
     y = self.heads[task](jnp.tanh(self.backbone(batch["x"])))
@@ -28,11 +30,11 @@ class _Toy(nnx.Module):
     return jnp.mean((y + noise) ** 2), {"mean": jnp.mean(y)}
 
 
-def _setup(**fields):
+def _setup(extra_head=False, **fields):
   config = tiny.get_config()
   config.tasks = _TASKS
   config.update(fields)
-  model = _Toy(nnx.Rngs(0))
+  model = _Toy(nnx.Rngs(0), extra_head)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedules = make_optimizer(config, _TASKS, backbone_mask, 100, 10)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -74,3 +76,26 @@ def test_xla_cpu_options_reach_the_compile():
   step = _setup(xla_cpu_options=fast)[0]
   assert step.compiler_options == (fast if jax.default_backend() == "cpu" else None)
   assert _setup()[0].compiler_options is None
+
+
+def test_a_task_executable_reads_and_differentiates_only_its_own_leaves():
+  step, state, rest, batches = _setup()
+  (loss, _), grads = step.task_grads["det"](state["params"], rest, batches["det"], state["rng"],
+                                            state["step"])
+  # Its gradient: the backbone and the det head, nothing of the cls head.
+  assert set(grads.keys()) == {"backbone", "heads"} and set(grads["heads"].keys()) == {"det"}
+  assert np.isfinite(loss)
+  # The update sees params-shaped gradients: zeros on the cls head for the det task.
+  outs = {t: step.task_grads[t](state["params"], rest, batches[t], state["rng"], state["step"])
+          for t in _TASKS}
+  new_state, _ = step.update(jax.tree.map(jnp.copy, state), outs)
+  assert jax.tree.structure(new_state["params"]) == jax.tree.structure(state["params"])
+  # The cls head moves: its gradient came through.
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["params"], new_state["params"])
+  assert all(jax.tree.leaves(moved["heads"]["cls"]))
+  # Heads no task of the step reads are unused inputs that jit drops: the det executable is
+  # the same program with or without them, so one compilation cache entry serves both.
+  other, other_state, other_rest, _ = _setup(extra_head=True)
+  text = lambda s, st, r: s.task_grads["det"].lower(
+      st["params"], r, batches["det"], st["rng"], st["step"]).as_text()
+  assert text(step, state, rest) == text(other, other_state, other_rest)

@@ -46,7 +46,10 @@ def _params(workdir, config):
   return jax.device_get(params), step
 
 
+# Same micro det/seg/cls model as the other e2e test of this group: one worker runs both, the
+# second finds the per-task gradient executables in the compilation cache.
 @pytest.mark.slow
+@pytest.mark.xdist_group("micro_det_seg_cls")
 def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   config = _config()
   stopped = str(tmp_path / "stopped")

@@ -23,7 +23,8 @@ Example:
   (True, False)
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,18 @@ def _first_key(path) -> str | int | None:
     if hasattr(entry, attr):
       return getattr(entry, attr)
   return None
+
+
+def task_filter(task: str) -> Callable[[tuple, Any], bool]:
+  """An nnx filter of the leaves one task's forward reads: the backbone and that task's head.
+
+  ``nnx.filter_state(params, task_filter("seg"))`` is the part of the parameters the "seg"
+  loss depends on; its gradient is zero everywhere else.
+  """
+  def keep(path: tuple, _) -> bool:  # nnx paths: the raw keys ("heads", "seg", ...)
+    return bool(path) and (path[0] == "backbone"
+                           or (path[0] == "heads" and len(path) > 1 and path[1] == task))
+  return keep
 
 
 def backbone_mask(params_state):

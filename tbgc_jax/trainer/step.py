@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 import tbgc_jax
+from tbgc_jax.models.multitask import task_filter
 from tbgc_jax.trainer import sharding
 from tbgc_jax.trainer.optim import nonfinite_counters
 
@@ -100,7 +101,8 @@ class PerTaskStep:
 
   Attributes:
     tasks: task order of a step.
-    task_grads: ``{task: jit((params, rest, batch, rng, step) -> ((loss, aux), grads))}``.
+    task_grads: ``{task: jit((params, rest, batch, rng, step) -> ((loss, aux), grads))}``;
+      ``grads`` holds the leaves of ``task_filter(task)`` only (the backbone and that head).
     update: ``jit((state, {task: task_grads output}) -> (state, metrics))``, donating state.
     compiler_options: XLA options of that first compile (None: XLA's defaults).
   """
@@ -185,16 +187,24 @@ def make_train_step(
                    out_shardings=(rep(state), replicated), donate_argnums=0)
 
   def task_grad(task):
+    # The gradient of the leaves this task reads (backbone + its head) only: the other heads'
+    # parameters are unused inputs, which jit drops, so the executable is the same whatever
+    # the other tasks are (the compilation cache shares it) and returns no zeros for them.
+    keep = task_filter(task)
+
     def fn(params, rest, batch, rng, step):
       rng = jax.random.fold_in(rng, step)
-      return jax.value_and_grad(loss_fns[task], has_aux=True)(params, batch, rest, rng)
+      own, other = nnx.split_state(params, keep, ...)
+      loss = lambda own: loss_fns[task](nnx.merge_state(own, other), batch, rest, rng)
+      return jax.value_and_grad(loss, has_aux=True)(own)
     return jax.jit(fn, in_shardings=(rep(state["params"]), rep(rest), data, replicated,
                                      replicated), out_shardings=replicated)
 
   def apply(state, outs):
     losses = {t: outs[t][0][0] for t in tasks}
     aux = {t: outs[t][0][1] for t in tasks}
-    grads = {t: outs[t][1] for t in tasks}
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    grads = {t: nnx.merge_state(zeros, outs[t][1]) for t in tasks}
     return update(state, losses, aux, grads)
 
   options = config.get("xla_cpu_options") if jax.default_backend() == "cpu" else None
