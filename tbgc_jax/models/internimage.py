@@ -21,10 +21,12 @@ Example (shapes only, traced abstractly: no weights are drawn):
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tbgc_jax.models.dcnv3 import DCNv3
@@ -44,6 +46,9 @@ class InternImageConfig:
     post_norm: normalise the residual branch outputs (and drop the level norms).
     drop_path_rate: stochastic depth, linearly increasing from 0 to this over all blocks.
     dw_kernel_size: kernel of the depthwise conv predicting offsets (None: 3).
+    scan_blocks: run each level's blocks as one stacked module under ``jax.lax.scan``
+      (parameters ``levels/i/blocks/...`` with a leading block axis; see `stack_blocks`):
+      the traced and compiled program holds one block per level whatever the depth.
   """
 
   channels: int
@@ -55,6 +60,7 @@ class InternImageConfig:
   post_norm: bool = False
   drop_path_rate: float = 0.1
   dw_kernel_size: int | None = None
+  scan_blocks: bool = False
 
 
 # Official settings, from OpenGVLab/InternImage classification/configs/
@@ -93,6 +99,16 @@ PRESETS: dict[str, InternImageConfig] = {
 }
 
 _LINEAR_INIT = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def _drop_path(y: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+  """Drops ``y`` per example (leading axis) with probability ``rate``, else scales by ``1 / (1 -
+  rate)``: ``nnx.Dropout(rate, broadcast_dims=(1, 2, 3))`` with a traced rate and an explicit
+  key. Rate 0 returns ``y`` exactly (every draw is kept, and ``y / 1.0 == y``)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+  return jax.lax.select(jnp.broadcast_to(mask, y.shape), y / jnp.asarray(keep, y.dtype),
+                        jnp.zeros_like(y))
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -184,38 +200,98 @@ class InternImageLayer(nnx.Module):
     self.drop_path = (
         nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None)
 
-  def _residual(self, x, f, norm, gamma):
+  def _residual(self, x, f, norm, gamma, drop):
     y = norm(f(x)) if self.post_norm else f(norm(x))
     if gamma is not None:
       y = gamma[...] * y
-    if self.drop_path is not None:
+    if drop is not None:
+      y = _drop_path(y, *drop)
+    elif self.drop_path is not None:
       y = self.drop_path(y)
     return x + y
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = self._residual(x, self.dcn, self.norm1, self.gamma1)
-    return self._residual(x, self.mlp, self.norm2, self.gamma2)
+  def __call__(
+      self, x: jax.Array, drop_path: tuple[jax.Array, jax.Array] | None = None
+  ) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: NHWC input.
+      drop_path: ``(rate, key)`` of a scanned block (a traced rate; the key is split between
+        the two residual branches), used instead of the block's own drop path.
+
+    Returns:
+      The NHWC output, shaped like ``x``.
+    """
+    drops = (None, None)
+    if drop_path is not None:
+      rate, key = drop_path
+      drops = tuple((rate, k) for k in jax.random.split(key))
+    x = self._residual(x, self.dcn, self.norm1, self.gamma1, drops[0])
+    return self._residual(x, self.mlp, self.norm2, self.gamma2, drops[1])
 
 
 class _Level(nnx.Module):
+  """One level: its blocks, then the level norm and the downsample.
+
+  With ``cfg.scan_blocks`` the blocks are one `InternImageLayer` whose parameters carry a
+  leading block axis, run under ``jax.lax.scan``. The blocks are built one by one exactly as
+  in the unrolled form, drawing the same keys in the same order, and then stacked, so a
+  scanned model holds ``stack_blocks`` of the unrolled model of the same seed. Drop path then
+  draws one key per call from the level's ``drop_path_rngs`` stream (the last block's forked
+  ``dropout`` stream; None when every rate of the level is 0), split into one key per block;
+  the per-block rates are a constant scanned with the parameters, and ``deterministic``
+  (set by ``train()``/``eval()``) turns drop path off.
+  """
+
   def __init__(
       self, cfg: InternImageConfig, index: int, drop_paths: Sequence[float], *, rngs: nnx.Rngs
   ):
     channels = cfg.channels * 2**index
-    self.blocks = nnx.List([
-        InternImageLayer(
-            channels, cfg.groups[index], mlp_ratio=cfg.mlp_ratio,
-            offset_scale=cfg.offset_scale, layer_scale=cfg.layer_scale,
-            post_norm=cfg.post_norm, drop_path=rate, dw_kernel_size=cfg.dw_kernel_size,
-            rngs=rngs)
-        for rate in drop_paths
-    ])
+    scan = cfg.scan_blocks
+    blocks = []
+    stream = None
+    for rate in drop_paths:
+      blocks.append(InternImageLayer(
+          channels, cfg.groups[index], mlp_ratio=cfg.mlp_ratio,
+          offset_scale=cfg.offset_scale, layer_scale=cfg.layer_scale,
+          post_norm=cfg.post_norm, drop_path=0.0 if scan else rate,
+          dw_kernel_size=cfg.dw_kernel_size, rngs=rngs))
+      if scan and rate > 0:
+        # What nnx.Dropout's constructor draws, so that later parameters get the same keys.
+        stream = rngs["dropout"].fork()
+    if scan:
+      graphdef = nnx.graphdef(blocks[0])
+      states = [nnx.state(block) for block in blocks]
+      self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *v: jnp.stack(v), *states))
+      self.drop_path_rates = tuple(float(r) for r in drop_paths)
+      self.drop_path_rngs = stream
+      self.deterministic = False
+    else:
+      self.blocks = nnx.List(blocks)
     self.norm = None if cfg.post_norm else nnx.LayerNorm(channels, epsilon=1e-6, rngs=rngs)
     self.downsample = _Downsample(channels, rngs=rngs) if index < 3 else None
 
+  def _scan_blocks(self, x: jax.Array) -> jax.Array:
+    graphdef, state = nnx.split(self.blocks)
+    if self.deterministic or self.drop_path_rngs is None:
+      def body(x, state):
+        return nnx.merge(graphdef, state)(x), None
+      xs = state
+    else:
+      def body(x, inputs):
+        state, rate, key = inputs
+        return nnx.merge(graphdef, state)(x, drop_path=(rate, key)), None
+      keys = jax.random.split(self.drop_path_rngs(), len(self.drop_path_rates))
+      xs = (state, jnp.asarray(self.drop_path_rates, jnp.float32), keys)
+    return jax.lax.scan(body, x, xs)[0]
+
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    for block in self.blocks:
-      x = block(x)
+    if isinstance(self.blocks, InternImageLayer):
+      x = self._scan_blocks(x)
+    else:
+      for block in self.blocks:
+        x = block(x)
     if self.norm is not None:
       x = self.norm(x)
     return x, (self.downsample(x) if self.downsample is not None else None)
@@ -270,3 +346,154 @@ class InternImage(nnx.Module):
 def count_params(module: nnx.Module) -> int:
   """Number of scalar parameters (``nnx.Param``) of a module, abstract or concrete."""
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+
+
+def _block_path(path: tuple) -> tuple[tuple, int | None, tuple] | None:
+  """``(prefix, block index or None, rest)`` of a path under ``[backbone/]levels/i/blocks``."""
+  start = 1 if path[:1] == ("backbone",) else 0
+  prefix = path[:start + 3]
+  if (len(path) < start + 4 or path[start] != "levels"
+      or path[start + 2] != "blocks"):
+    return None
+  if isinstance(path[start + 3], int):
+    return prefix, path[start + 3], path[start + 4:]
+  return prefix, None, path[start + 3:]
+
+
+def _stack(leaves: Sequence):
+  first = leaves[0]
+  if isinstance(first, nnx.Variable):
+    return first.replace(_stack([v.get_value() for v in leaves]))
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+  if all(isinstance(v, np.ndarray) for v in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def _unstack(leaf, depth: int) -> list:
+  if isinstance(leaf, nnx.Variable):
+    return [leaf.replace(v) for v in _unstack(leaf.get_value(), depth)]
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)] * depth
+  return [leaf[j] for j in range(depth)]
+
+
+def stack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
+  """`stack_blocks` on a flat ``{path tuple: leaf}`` mapping (paths as in ``nnx.State``)."""
+  groups: dict[tuple, dict[tuple, dict[int, Any]]] = {}
+  out: dict[tuple, Any] = {}
+  for path, leaf in flat.items():
+    parts = _block_path(path)
+    if parts is None or parts[1] is None:
+      out[path] = leaf
+      continue
+    prefix, j, rest = parts
+    level = groups.setdefault(prefix, {})
+    if not level:
+      out[prefix] = None  # placeholder: the stacked leaves go where the first block was
+    level.setdefault(rest, {})[j] = leaf
+  for prefix, level in groups.items():
+    depth = 1 + max(max(blocks) for blocks in level.values())
+    for rest, blocks in level.items():
+      if sorted(blocks) != list(range(depth)):
+        raise ValueError(f"{'/'.join(map(str, prefix + rest))}: blocks {sorted(blocks)}, "
+                         f"expected 0..{depth - 1} (every block must have every leaf)")
+  result: dict[tuple, Any] = {}
+  for path, leaf in out.items():
+    if path in groups:
+      level = groups[path]
+      for rest, blocks in level.items():
+        result[path + rest] = _stack([blocks[j] for j in range(len(blocks))])
+    else:
+      result[path] = leaf
+  return result
+
+
+def unstack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
+  """`unstack_blocks` on a flat ``{path tuple: leaf}`` mapping (paths as in ``nnx.State``)."""
+  groups: dict[tuple, dict[tuple, Any]] = {}
+  out: dict[tuple, Any] = {}
+  for path, leaf in flat.items():
+    parts = _block_path(path)
+    if parts is None or parts[1] is not None:
+      out[path] = leaf
+      continue
+    prefix, _, rest = parts
+    if prefix not in groups:
+      groups[prefix] = {}
+      out[prefix] = None  # placeholder: the blocks go where the stacked leaves were
+    groups[prefix][rest] = leaf
+  result: dict[tuple, Any] = {}
+  for path, leaf in out.items():
+    if path not in groups:
+      result[path] = leaf
+      continue
+    level = groups[path]
+    depths = {int(np.shape(v.get_value() if isinstance(v, nnx.Variable) else v)[0])
+              for v in level.values()}
+    if len(depths) != 1:
+      raise ValueError(f"{'/'.join(map(str, path))}: stacked leaves disagree on the number "
+                       f"of blocks: {sorted(depths)}")
+    depth = depths.pop()
+    split = {rest: _unstack(leaf, depth) for rest, leaf in level.items()}
+    for j in range(depth):
+      for rest, leaves in split.items():
+        result[(*path, j, *rest)] = leaves[j]
+  return result
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, (*prefix, key)))
+    else:
+      flat[(*prefix, key)] = value
+  return flat
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def _convert(tree, flat_fn):
+  if isinstance(tree, nnx.State):
+    return nnx.from_flat_state(list(flat_fn(dict(nnx.to_flat_state(tree))).items()))
+  return _unflatten(flat_fn(_flatten(tree)))
+
+
+def stack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
+  """Unrolled backbone parameters -> those of the ``scan_blocks`` backbone.
+
+  Each ``levels/i/blocks/j/<leaf>`` (block ``j``) becomes ``levels/i/blocks/<leaf>``, the
+  blocks' arrays stacked on a new leading axis; every other leaf is kept as is (the same
+  object). Exact: values are only copied.
+
+  Args:
+    tree: the parameters of an unrolled ``InternImage`` (``nnx.state(backbone, nnx.Param)``,
+      or its ``nnx.to_pure_dict``: a nested dict with int indices), or of the multi-task
+      model (paths ``backbone/levels/...``; the heads' leaves are kept). Leaves may be
+      Variables, numpy or jax arrays, or ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    The same kind of tree (``nnx.State`` or nested dict).
+
+  Raises:
+    ValueError: if the blocks of a level do not all hold the same leaves.
+  """
+  return _convert(tree, stack_flat)
+
+
+def unstack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
+  """The inverse of `stack_blocks`: ``levels/i/blocks/<leaf>`` [depth, ...] -> per block.
+
+  ``unstack_blocks(stack_blocks(p))`` equals ``p`` exactly, leaf order included.
+  """
+  return _convert(tree, unstack_flat)
