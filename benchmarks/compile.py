@@ -35,14 +35,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Trainer config file.")
-_LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Lower only (no XLA compile).")
-_OPTIONS = flags.DEFINE_list("options", ["default"], "XLA:CPU option sets: default, fast.")
-_STEP_TIME = flags.DEFINE_bool("step_time", False, "Also time steps (real data; tiny config).")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of step timing.")
-_CONCURRENT = flags.DEFINE_bool("concurrent", True, "Also compile all functions in threads.")
-_CONCURRENT_ONLY = flags.DEFINE_bool("concurrent_only", False,
-                                     "Only the concurrent compile (used in a fresh process).")
+
+def _define_flags() -> None:
+  """Defined when run as a script only: tests and benchmarks import `stablehlo_ops`."""
+  global _CONFIG, _LOWER_ONLY, _OPTIONS, _STEP_TIME, _ROUNDS, _CONCURRENT, _CONCURRENT_ONLY
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Trainer config file.")
+  _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Lower only (no XLA compile).")
+  _OPTIONS = flags.DEFINE_list("options", ["default"], "XLA:CPU option sets: default, fast.")
+  _STEP_TIME = flags.DEFINE_bool("step_time", False, "Also time steps (real data; tiny config).")
+  _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of step timing.")
+  _CONCURRENT = flags.DEFINE_bool("concurrent", True, "Also compile all functions in threads.")
+  _CONCURRENT_ONLY = flags.DEFINE_bool("concurrent_only", False,
+                                       "Only the concurrent compile (used in a fresh process).")
+
 
 OPTION_SETS = {
     "default": {},
@@ -92,11 +97,13 @@ def abstract_step(config):
   return step, state, rest, batches, outs
 
 
-def _stablehlo_ops(lowered) -> int:
+def stablehlo_ops(lowered) -> int:
+  """Number of ops of a lowered function's StableHLO module (``jit(f).lower(...)``)."""
   return sum(1 for line in lowered.as_text().splitlines() if re.search(r"= \S+\.\S+", line))
 
 
-def _hlo_ops(compiled) -> int:
+def hlo_ops(compiled) -> int:
+  """Number of instructions of a compiled function's optimised HLO."""
   text = compiled.as_text() or ""
   return sum(1 for line in text.splitlines() if " = " in line)
 
@@ -117,7 +124,7 @@ def measure(config) -> None:
     t0 = time.perf_counter()
     lowered[name] = fn.lower(*args)
     secs = time.perf_counter() - t0
-    print(f"{name:12s} {secs:8.1f} {_stablehlo_ops(lowered[name]):14d}", flush=True)
+    print(f"{name:12s} {secs:8.1f} {stablehlo_ops(lowered[name]):14d}", flush=True)
   if _LOWER_ONLY.value:
     return
   for opt in _OPTIONS.value:
@@ -131,7 +138,7 @@ def measure(config) -> None:
       c = low.compile(compiler_options=options)
       secs = time.perf_counter() - t0
       total += secs
-      print(f"{name:12s} {secs:9.1f} {_hlo_ops(c):11d}", flush=True)
+      print(f"{name:12s} {secs:9.1f} {hlo_ops(c):11d}", flush=True)
     print(f"{'sum':12s} {total:9.1f}   (one after the other; process CPU "
           f"{time.process_time() - cpu0:.1f} s)")
     if _CONCURRENT.value:
@@ -200,4 +207,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

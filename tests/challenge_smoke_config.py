@@ -15,7 +15,7 @@ def get_config(roots: str) -> ml_collections.ConfigDict:
   c = challenge.get_config(roots)
   c.model.pretrained = "none"
   c.model.backbone = "tiny"
-  c.model.backbone_overrides = ml_collections.ConfigDict(micro_config.BACKBONE)
+  c.model.backbone_overrides.update(micro_config.BACKBONE)  # keeps the challenge's scan_blocks
   c.model.det = ml_collections.ConfigDict({"preset": "tiny", "overrides": micro_config.DET})
   # BDD100K's 19 classes each need a query to match.
   c.model.seg = ml_collections.ConfigDict(
