@@ -21,6 +21,7 @@ Example (shapes only, traced abstractly: no weights are drawn):
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -201,6 +202,7 @@ class InternImageLayer(nnx.Module):
         nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None)
 
   def _residual(self, x, f, norm, gamma, drop):
+    # f: the DCNv3 or the MLP branch.
     y = norm(f(x)) if self.post_norm else f(norm(x))
     if gamma is not None:
       y = gamma[...] * y
@@ -211,7 +213,8 @@ class InternImageLayer(nnx.Module):
     return x + y
 
   def __call__(
-      self, x: jax.Array, drop_path: tuple[jax.Array, jax.Array] | None = None
+      self, x: jax.Array, drop_path: tuple[jax.Array, jax.Array] | None = None,
+      scanned: bool = False,
   ) -> jax.Array:
     """Applies the block.
 
@@ -219,6 +222,9 @@ class InternImageLayer(nnx.Module):
       x: NHWC input.
       drop_path: ``(rate, key)`` of a scanned block (a traced rate; the key is split between
         the two residual branches), used instead of the block's own drop path.
+      scanned: the block runs inside ``jax.lax.scan``: its depthwise conv is computed as a
+        sum of shifted products (`DCNv3`'s ``dw_conv_by_shifts``; XLA:CPU compiles the
+        kernel gradient of a grouped conv inside a loop into one 18 times slower).
 
     Returns:
       The NHWC output, shaped like ``x``.
@@ -227,7 +233,8 @@ class InternImageLayer(nnx.Module):
     if drop_path is not None:
       rate, key = drop_path
       drops = tuple((rate, k) for k in jax.random.split(key))
-    x = self._residual(x, self.dcn, self.norm1, self.gamma1, drops[0])
+    dcn = functools.partial(self.dcn, dw_conv_by_shifts=True) if scanned else self.dcn
+    x = self._residual(x, dcn, self.norm1, self.gamma1, drops[0])
     return self._residual(x, self.mlp, self.norm2, self.gamma2, drops[1])
 
 
@@ -276,12 +283,12 @@ class _Level(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
     if self.deterministic or self.drop_path_rngs is None:
       def body(x, state):
-        return nnx.merge(graphdef, state)(x), None
+        return nnx.merge(graphdef, state)(x, scanned=True), None
       xs = state
     else:
       def body(x, inputs):
         state, rate, key = inputs
-        return nnx.merge(graphdef, state)(x, drop_path=(rate, key)), None
+        return nnx.merge(graphdef, state)(x, drop_path=(rate, key), scanned=True), None
       keys = jax.random.split(self.drop_path_rngs(), len(self.drop_path_rates))
       xs = (state, jnp.asarray(self.drop_path_rates, jnp.float32), keys)
     return jax.lax.scan(body, x, xs)[0]
