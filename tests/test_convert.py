@@ -9,7 +9,7 @@ from flax import nnx
 
 from tbgc_jax.models import convert
 from tbgc_jax.models.classification import ClassificationHead
-from tbgc_jax.models.internimage import PRESETS, InternImage
+from tbgc_jax.models.internimage import PRESETS, InternImage, stack_blocks
 from tbgc_jax.models.multitask import MultiTaskModel
 
 TINY = PRESETS["tiny"]
@@ -216,3 +216,30 @@ def test_classification_checkpoint_into_layer_scale_backbone(tmp_path):
   np.savez(tmp_path / "partial.npz", **arrays)
   with pytest.raises(convert.CheckpointMismatchError, match="missing: levels/2/blocks/1/mlp"):
     convert.load_backbone_weights(_abstract(down), tmp_path / "partial.npz")
+
+
+def test_official_weights_load_into_the_scanned_backbone(tmp_path):
+  # Official names -> our unrolled .npz -> a scan_blocks backbone: the stacked values of the
+  # unrolled backbone loaded from the same file (layer scales filled in for a file lacking
+  # them, as for the unrolled backbone).
+  config = dataclasses.replace(TINY, depths=(2, 1, 3, 1))
+  sd = _random_checkpoint(config)
+  path = tmp_path / "w.npz"
+  params = convert.convert_state_dict(sd, config)
+  convert.save_backbone_weights(params, config, path)
+  for arch in (config, dataclasses.replace(config, layer_scale=0.5)):
+    unrolled, scanned = _abstract(arch), _abstract(dataclasses.replace(arch, scan_blocks=True))
+    convert.load_backbone_weights(unrolled, path)
+    convert.load_backbone_weights(scanned, path)
+    want = stack_blocks(nnx.state(unrolled, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, want, nnx.state(scanned, nnx.Param))
+  blocks = scanned.levels[2].blocks
+  np.testing.assert_array_equal(blocks.dcn.offset.kernel[...][1],
+                                sd["levels.2.blocks.1.dcn.offset.weight"].T)
+  np.testing.assert_array_equal(blocks.gamma2[...], np.full((3, 64), 0.5, np.float32))
+  # Mismatches are reported per block, as for the unrolled backbone (a file without its
+  # architecture, so that names and shapes are what is checked).
+  np.savez(tmp_path / "bare.npz", **params)
+  deeper = dataclasses.replace(config, depths=(2, 1, 4, 1), scan_blocks=True)
+  with pytest.raises(convert.CheckpointMismatchError, match="missing: levels/2/blocks/3/"):
+    convert.load_backbone_weights(_abstract(deeper), tmp_path / "bare.npz")

@@ -26,7 +26,13 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from tbgc_jax.models.internimage import PRESETS, InternImage, InternImageConfig
+from tbgc_jax.models.internimage import (
+    PRESETS,
+    InternImage,
+    InternImageConfig,
+    stack_flat,
+    unstack_flat,
+)
 from tbgc_jax.models.rngs import construction_rngs
 
 # Layout conversions, official (torch) -> ours (Flax).
@@ -239,7 +245,10 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
 
   Works on concrete models and on abstract ones (``nnx.eval_shape``), whose parameters it
   then makes concrete. A file without layer scales loads into a backbone with them (the
-  gammas get ``config.layer_scale``, like the official downstream fine-tuning).
+  gammas get ``config.layer_scale``, like the official downstream fine-tuning). Files hold
+  the unrolled layout (``levels/i/blocks/j/...``); a ``scan_blocks`` backbone gets them
+  stacked per level (`tbgc_jax.models.internimage.stack_blocks`), names and shapes being
+  checked per block as for an unrolled one.
 
   Args:
     model: an ``InternImage``, or a module holding one as ``model.backbone`` (the
@@ -262,7 +271,10 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
     if diffs:
       raise CheckpointMismatchError(
           f"{source}: architecture differs from the model's: " + "; ".join(diffs))
-  flat = nnx.to_flat_state(nnx.state(backbone, nnx.Param))
+  flat = list(nnx.to_flat_state(nnx.state(backbone, nnx.Param)))
+  scanned = bool(getattr(config, "scan_blocks", False))
+  if scanned:
+    flat = list(unstack_flat(dict(flat)).items())
   ours = {path_key(p): v for p, v in flat}
   layer_scale = getattr(config, "layer_scale", None)
   if layer_scale is not None:
@@ -278,6 +290,8 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
            if k in arrays and arrays[k].shape != tuple(v.shape)]
   _raise_mismatches(source, missing, unexpected, wrong)
   new = [(p, v.replace(np.asarray(arrays[path_key(p)], v.dtype))) for p, v in flat]
+  if scanned:
+    new = list(stack_flat(dict(new)).items())
   nnx.update(backbone, nnx.from_flat_state(new))
 
 
