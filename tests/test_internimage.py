@@ -174,6 +174,7 @@ def test_stack_unstack_round_trip_is_exact():
     stack_blocks(pure)
 
 
+@pytest.mark.slow
 def test_scanned_equals_unrolled_in_eval_features_and_gradients():
   unrolled, scanned = _pair()
   unrolled.eval()

@@ -222,9 +222,9 @@ class InternImageLayer(nnx.Module):
       x: NHWC input.
       drop_path: ``(rate, key)`` of a scanned block (a traced rate; the key is split between
         the two residual branches), used instead of the block's own drop path.
-      scanned: the block runs inside ``jax.lax.scan``: its depthwise conv is computed as a
-        sum of shifted products (`DCNv3`'s ``dw_conv_by_shifts``; XLA:CPU compiles the
-        kernel gradient of a grouped conv inside a loop into one 18 times slower).
+      scanned: the block runs inside ``jax.lax.scan``: on the CPU back-end its depthwise
+        conv is computed as a sum of shifted products (`DCNv3`'s ``dw_conv_by_shifts``;
+        XLA:CPU runs the kernel gradient of a grouped conv inside a loop 18 times slower).
 
     Returns:
       The NHWC output, shaped like ``x``.
@@ -233,7 +233,9 @@ class InternImageLayer(nnx.Module):
     if drop_path is not None:
       rate, key = drop_path
       drops = tuple((rate, k) for k in jax.random.split(key))
-    dcn = functools.partial(self.dcn, dw_conv_by_shifts=True) if scanned else self.dcn
+    # The shifted-products form is an XLA:CPU workaround; other back-ends keep the conv.
+    by_shifts = scanned and jax.default_backend() == "cpu"
+    dcn = functools.partial(self.dcn, dw_conv_by_shifts=True) if by_shifts else self.dcn
     x = self._residual(x, dcn, self.norm1, self.gamma1, drops[0])
     return self._residual(x, self.mlp, self.norm2, self.gamma2, drops[1])
 
