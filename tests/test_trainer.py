@@ -15,7 +15,9 @@ import jax
 import numpy as np
 import pytest
 
+from tbgc_jax.data import pipeline
 from tbgc_jax.tasks import classification, segmentation
+from tbgc_jax.trainer import setup as setup_lib
 from tbgc_jax.trainer.checkpointing import restore_params
 from tbgc_jax.trainer.evaluate import evaluate
 from tbgc_jax.trainer.setup import Setup, validate_config
@@ -137,6 +139,44 @@ def test_one_and_eight_devices_agree(tmp_path, cache_dir):
     results[devices] = _params(workdir, config)[0]
   for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[8]), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_fused_and_per_task_steps_train_alike(tmp_path):
+  """Both step forms compile before the first batch (on `train_batch_shapes`) and end at the
+  same parameters."""
+  results = {}
+  for mode in ("per_task_jit", "fused"):
+    config = _config(**{"tasks": ("cls",), "total_steps": 2, "grad.step_mode": mode})
+    workdir = str(tmp_path / mode)
+    train_and_evaluate(config, workdir, evaluate=False)
+    results[mode] = _params(workdir, config)[0]
+  for a, b in zip(jax.tree.leaves(results["per_task_jit"]), jax.tree.leaves(results["fused"]),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_the_compiled_batch_layout_is_the_pipelines():
+  """`train_batch_shapes` (what the step is compiled for) matches real training batches, and
+  a batch that does not match is refused naming its task and field."""
+  config = _config(**{"tasks": ("det", "cls")})
+  setup = Setup(config)
+  want = setup_lib.train_batch_shapes(setup)
+  batches = {}
+  for t in setup.tasks:
+    it = pipeline.train_iterator(setup.config.data[t], t, seed=0, num_epochs=1,
+                                 batch_size=setup.local_batch_size(t))
+    host = next(it)
+    host.pop("skipped")
+    batches[t] = host
+  setup_lib.check_batches(batches, want)
+  assert want["det"]["image"].sharding == setup.data_sharding
+  bad = {**batches, "cls": {**batches["cls"], "label": batches["cls"]["label"].astype(np.int64)}}
+  with pytest.raises(ValueError, match="task 'cls', batch field 'label': int64"):
+    setup_lib.check_batches(bad, want)
+  del bad["cls"]["label"]
+  with pytest.raises(ValueError, match="task 'cls': the training batch has fields"):
+    setup_lib.check_batches(bad, want)
 
 
 @pytest.mark.slow

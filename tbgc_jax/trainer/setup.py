@@ -5,10 +5,12 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from tbgc_jax.data import configs as data_configs
 from tbgc_jax.data.augment import AUGMENT_MODES
+from tbgc_jax.data.batching import padding_example
 from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.tasks import task_names
 from tbgc_jax.trainer import sharding
@@ -132,6 +134,39 @@ class Setup:
     """Examples of ``task`` per step on this host: per-device batch x this host's devices."""
     local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
     return int(self.config.data[task].batch_size) * local
+
+
+def train_batch_shapes(setup: Setup) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """``{task: {field: ShapeDtypeStruct}}`` of the global training batches, with the data
+  sharding: what the train step is compiled for before any data is read.
+
+  The fields, shapes and dtypes are those of the data pipeline's padded examples
+  (`tbgc_jax.data.batching.padding_example`) at ``config.data.<task>.image_size``, without
+  the pipeline's ``skipped`` counter, which the trainer takes off before the step.
+  """
+  out = {}
+  for t in setup.tasks:
+    d = setup.config.data[t]
+    ex = padding_example(t, d.image_size, int(d.get("max_boxes", 0) or 0))
+    rows = setup.local_batch_size(t) * jax.process_count()
+    out[t] = {k: jax.ShapeDtypeStruct((rows, *np.shape(v)), np.asarray(v).dtype,
+                                      sharding=setup.data_sharding) for k, v in ex.items()}
+  return out
+
+
+def check_batches(batches: dict, expected: dict) -> None:
+  """Raises ValueError, naming the task and field, where a batch's fields, shapes or dtypes
+  differ from ``expected`` (`train_batch_shapes`: what the step was compiled for)."""
+  for t, want in expected.items():
+    got = batches[t]
+    if set(got) != set(want):
+      raise ValueError(f"task {t!r}: the training batch has fields {sorted(got)}, the step was "
+                       f"compiled for {sorted(want)}")
+    for k, w in want.items():
+      if tuple(got[k].shape) != tuple(w.shape) or got[k].dtype != w.dtype:
+        raise ValueError(f"task {t!r}, batch field {k!r}: {got[k].dtype}{list(got[k].shape)}, "
+                         f"the step was compiled for {w.dtype}{list(w.shape)} (the task's "
+                         "padded example, tbgc_jax.data.batching.padding_example)")
 
 
 def schedule_lengths(setup: Setup, sources: dict) -> tuple[int, int]:

@@ -140,9 +140,14 @@ class PerTaskStep:
     step._compiled.append(step)  # already compiled: calls run these executables
     return step
 
-  def __call__(self, state: dict, rest: Any, batches: dict) -> tuple[dict, dict]:
+  def warm_up(self, state: dict, rest: Any, batches: dict) -> None:
+    """Compiles the step for these inputs now (arrays or ``jax.ShapeDtypeStruct`` trees with
+    their shardings), unless it is compiled already; later calls run those executables."""
     if not self._compiled:
       self._compiled.append(self.compile(state, rest, batches, self.compiler_options))
+
+  def __call__(self, state: dict, rest: Any, batches: dict) -> tuple[dict, dict]:
+    self.warm_up(state, rest, batches)
     step = self._compiled[0]
     outs = {t: step.task_grads[t](state["params"], rest, batches[t], state["rng"], state["step"])
             for t in self.tasks}

@@ -32,9 +32,10 @@ from tbgc_jax.models.multitask import backbone_mask
 from tbgc_jax.tasks import get_task
 from tbgc_jax.trainer import checkpointing, logs, sharding
 from tbgc_jax.trainer import evaluate as eval_lib
+from tbgc_jax.trainer import setup as setup_lib
 from tbgc_jax.trainer.optim import make_optimizer
 from tbgc_jax.trainer.setup import Setup, max_consecutive_nonfinite, schedule_lengths
-from tbgc_jax.trainer.step import make_train_step
+from tbgc_jax.trainer.step import PerTaskStep, make_train_step
 
 _log = logging.getLogger(__name__)
 
@@ -174,6 +175,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     print(run_summary(setup, sources, total_steps, steps_per_epoch, workdir), flush=True)
     print("compiling the train step (a later run in this workdir loads it from jax_cache/)...",
           flush=True)
+  # Compile before the first batch is drawn: the data pipeline's read threads would otherwise
+  # run beside the compile (and its Python tracing) on the same cores.
+  abstract_batches = None
+  if start < last_step:
+    t0 = time.perf_counter()
+    abstract_batches = setup_lib.train_batch_shapes(setup)
+    if isinstance(jstep, PerTaskStep):
+      jstep.warm_up(state, setup.rest, abstract_batches)
+    else:
+      jstep = jstep.lower(state, setup.rest, abstract_batches).compile()
+    if is_main:
+      print(f"compiled the train step in {time.perf_counter() - t0:.0f} s", flush=True)
   preemption = Preemption(mngr)
   summary = {"tasks": list(tasks), "dropped_steps": {t: 0 for t in tasks},
              "data_skipped": {t: 0 for t in tasks}, "skipped_by_process": {}}
@@ -217,12 +230,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       for t in tasks:
         skipped[t] += int(np.sum(host[t].pop("skipped")))
       batches = {t: sharding.global_batch(b, setup.data_sharding) for t, b in host.items()}
+      if step == start and abstract_batches is not None:
+        setup_lib.check_batches(batches, abstract_batches)
       state, metrics = jstep(state, setup.rest, batches)
       pending.append((step, metrics, wait, dict(skipped)))
       if step == start:
-        if is_main:
-          # Compiling is synchronous; the step itself is only dispatched here.
-          print(f"compiled the train step in {time.perf_counter() - t0:.0f} s", flush=True)
         bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train",
                    dynamic_ncols=True)
       bar.update(1)
