@@ -13,7 +13,7 @@ the backbone.
 
 Example (shapes only, traced abstractly: no weights are drawn):
   >>> import jax, jax.numpy as jnp
-  >>> from flax import nnx
+  >>> from flax import nnx, traverse_util
   >>> net = nnx.eval_shape(lambda: InternImage(PRESETS["tiny"], rngs=nnx.Rngs(0)))
   >>> image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   >>> [f.shape for f in nnx.eval_shape(lambda m, x: m(x), net, image)]
@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from tbgc_jax.models.dcnv3 import DCNv3
 
@@ -452,30 +452,10 @@ def unstack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
   return result
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, (*prefix, key)))
-    else:
-      flat[(*prefix, key)] = value
-  return flat
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = leaf
-  return tree
-
-
 def _convert(tree, flat_fn):
   if isinstance(tree, nnx.State):
     return nnx.from_flat_state(list(flat_fn(dict(nnx.to_flat_state(tree))).items()))
-  return _unflatten(flat_fn(_flatten(tree)))
+  return traverse_util.unflatten_dict(flat_fn(traverse_util.flatten_dict(dict(tree))))
 
 
 def stack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
