@@ -67,11 +67,11 @@ def abstract_step(config):
   import numpy as np
   from flax import nnx
 
-  from tbgc_jax.data.batching import collate, padding_example
   from tbgc_jax.models.multitask import backbone_mask
   from tbgc_jax.models.rngs import construction_rngs
   from tbgc_jax.trainer.model_factory import build_model
   from tbgc_jax.trainer.optim import make_optimizer
+  from tbgc_jax.trainer.setup import train_batch_shapes
   from tbgc_jax.trainer.sharding import make_mesh
   from tbgc_jax.trainer.step import make_train_step
 
@@ -80,16 +80,11 @@ def abstract_step(config):
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedules = make_optimizer(config, tasks, backbone_mask, 1000, 100)
-  sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
   state = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params),
            "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-  batches = {}
-  for t in tasks:
-    d = config.data[t]
-    ex = padding_example(t, d.image_size, int(d.get("max_boxes", 100)))
-    batches[t] = jax.tree.map(sds, collate([ex] * int(d.batch_size) * jax.device_count()))
   mesh = make_mesh(config)
+  batches = train_batch_shapes(config, mesh)
   step = make_train_step(graphdef, tasks, tx, schedules, config, backbone_mask, mesh, state,
                          rest)
   outs = {t: jax.eval_shape(step.task_grads[t], params, rest, batches[t], state["rng"],

@@ -161,7 +161,7 @@ def test_the_compiled_batch_layout_is_the_pipelines():
   a batch that does not match is refused naming its task and field."""
   config = _config(**{"tasks": ("det", "cls")})
   setup = Setup(config)
-  want = setup_lib.train_batch_shapes(setup)
+  want = setup_lib.train_batch_shapes(setup.config, setup.mesh)
   batches = {}
   for t in setup.tasks:
     it = pipeline.train_iterator(setup.config.data[t], t, seed=0, num_epochs=1,

@@ -136,21 +136,24 @@ class Setup:
     return int(self.config.data[task].batch_size) * local
 
 
-def train_batch_shapes(setup: Setup) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-  """``{task: {field: ShapeDtypeStruct}}`` of the global training batches, with the data
-  sharding: what the train step is compiled for before any data is read.
+def train_batch_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                       ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """``{task: {field: ShapeDtypeStruct}}`` of the global training batches over ``mesh``, with
+  the data sharding: what the train step is compiled for before any data is read.
 
   The fields, shapes and dtypes are those of the data pipeline's padded examples
   (`tbgc_jax.data.batching.padding_example`) at ``config.data.<task>.image_size``, without
-  the pipeline's ``skipped`` counter, which the trainer takes off before the step.
+  the pipeline's ``skipped`` counter, which the trainer takes off before the step; a batch
+  has ``config.data.<task>.batch_size`` rows per device of ``mesh``.
   """
   out = {}
-  for t in setup.tasks:
-    d = setup.config.data[t]
+  for t in config.tasks:
+    d = config.data[t]
     ex = padding_example(t, d.image_size, int(d.get("max_boxes", 0) or 0))
-    rows = setup.local_batch_size(t) * jax.process_count()
+    rows = int(d.batch_size) * mesh.size
     out[t] = {k: jax.ShapeDtypeStruct((rows, *np.shape(v)), np.asarray(v).dtype,
-                                      sharding=setup.data_sharding) for k, v in ex.items()}
+                                      sharding=sharding.data_sharding(mesh))
+              for k, v in ex.items()}
   return out
 
 

@@ -180,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_batches = None
   if start < last_step:
     t0 = time.perf_counter()
-    abstract_batches = setup_lib.train_batch_shapes(setup)
+    abstract_batches = setup_lib.train_batch_shapes(config, setup.mesh)
     if isinstance(jstep, PerTaskStep):
       jstep.warm_up(state, setup.rest, abstract_batches)
     else:
