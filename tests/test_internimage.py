@@ -169,7 +169,7 @@ def test_stack_unstack_round_trip_is_exact():
   abstract = unstack_blocks(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
                                          nnx.to_pure_dict(nnx.state(scanned, nnx.Param))))
   assert jax.tree.map(np.shape, abstract) == jax.tree.map(np.shape, pure)
-  with pytest.raises(ValueError, match="every block must have every leaf"):
+  with pytest.raises(ValueError, match="every layer must have every leaf"):
     del pure["levels"][1]["blocks"][0]["mlp"]
     stack_blocks(pure)
 

@@ -26,13 +26,8 @@ from collections.abc import Mapping
 import numpy as np
 from flax import nnx
 
-from tbgc_jax.models.internimage import (
-    PRESETS,
-    InternImage,
-    InternImageConfig,
-    stack_flat,
-    unstack_flat,
-)
+from tbgc_jax.models import stacking
+from tbgc_jax.models.internimage import BLOCK_LISTS, PRESETS, InternImage, InternImageConfig
 from tbgc_jax.models.rngs import construction_rngs
 
 # Layout conversions, official (torch) -> ours (Flax).
@@ -274,7 +269,7 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
   flat = list(nnx.to_flat_state(nnx.state(backbone, nnx.Param)))
   scanned = bool(getattr(config, "scan_blocks", False))
   if scanned:
-    flat = list(unstack_flat(dict(flat)).items())
+    flat = list(stacking.unstack_flat(dict(flat), BLOCK_LISTS).items())
   ours = {path_key(p): v for p, v in flat}
   layer_scale = getattr(config, "layer_scale", None)
   if layer_scale is not None:
@@ -291,7 +286,7 @@ def load_backbone_weights(model: nnx.Module, path: str | pathlib.Path) -> None:
   _raise_mismatches(source, missing, unexpected, wrong)
   new = [(p, v.replace(np.asarray(arrays[path_key(p)], v.dtype))) for p, v in flat]
   if scanned:
-    new = list(stack_flat(dict(new)).items())
+    new = list(stacking.stack_flat(dict(new), BLOCK_LISTS).items())
   nnx.update(backbone, nnx.from_flat_state(new))
 
 

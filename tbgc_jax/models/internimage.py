@@ -23,13 +23,12 @@ Example (shapes only, traced abstractly: no weights are drawn):
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
+from tbgc_jax.models import stacking
 from tbgc_jax.models.dcnv3 import DCNv3
 
 
@@ -270,9 +269,7 @@ class _Level(nnx.Module):
         # What nnx.Dropout's constructor draws, so that later parameters get the same keys.
         stream = rngs["dropout"].fork()
     if scan:
-      graphdef = nnx.graphdef(blocks[0])
-      states = [nnx.state(block) for block in blocks]
-      self.blocks = nnx.merge(graphdef, jax.tree.map(lambda *v: jnp.stack(v), *states))
+      self.blocks = stacking.stack_modules(blocks)
       self.drop_path_rates = tuple(float(r) for r in drop_paths)
       self.drop_path_rngs = stream
       self.deterministic = False
@@ -357,105 +354,9 @@ def count_params(module: nnx.Module) -> int:
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
 
 
-def _block_path(path: tuple) -> tuple[tuple, int | None, tuple] | None:
-  """``(prefix, block index or None, rest)`` of a path under ``[backbone/]levels/i/blocks``."""
-  start = 1 if path[:1] == ("backbone",) else 0
-  prefix = path[:start + 3]
-  if (len(path) < start + 4 or path[start] != "levels"
-      or path[start + 2] != "blocks"):
-    return None
-  if isinstance(path[start + 3], int):
-    return prefix, path[start + 3], path[start + 4:]
-  return prefix, None, path[start + 3:]
-
-
-def _stack(leaves: Sequence):
-  first = leaves[0]
-  if isinstance(first, nnx.Variable):
-    return first.replace(_stack([v.get_value() for v in leaves]))
-  if isinstance(first, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
-  if all(isinstance(v, np.ndarray) for v in leaves):
-    return np.stack(leaves)
-  return jnp.stack(leaves)
-
-
-def _unstack(leaf, depth: int) -> list:
-  if isinstance(leaf, nnx.Variable):
-    return [leaf.replace(v) for v in _unstack(leaf.get_value(), depth)]
-  if isinstance(leaf, jax.ShapeDtypeStruct):
-    return [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)] * depth
-  return [leaf[j] for j in range(depth)]
-
-
-def stack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
-  """`stack_blocks` on a flat ``{path tuple: leaf}`` mapping (paths as in ``nnx.State``)."""
-  groups: dict[tuple, dict[tuple, dict[int, Any]]] = {}
-  out: dict[tuple, Any] = {}
-  for path, leaf in flat.items():
-    parts = _block_path(path)
-    if parts is None or parts[1] is None:
-      out[path] = leaf
-      continue
-    prefix, j, rest = parts
-    level = groups.setdefault(prefix, {})
-    if not level:
-      out[prefix] = None  # placeholder: the stacked leaves go where the first block was
-    level.setdefault(rest, {})[j] = leaf
-  for prefix, level in groups.items():
-    depth = 1 + max(max(blocks) for blocks in level.values())
-    for rest, blocks in level.items():
-      if sorted(blocks) != list(range(depth)):
-        raise ValueError(f"{'/'.join(map(str, prefix + rest))}: blocks {sorted(blocks)}, "
-                         f"expected 0..{depth - 1} (every block must have every leaf)")
-  result: dict[tuple, Any] = {}
-  for path, leaf in out.items():
-    if path in groups:
-      level = groups[path]
-      for rest, blocks in level.items():
-        result[path + rest] = _stack([blocks[j] for j in range(len(blocks))])
-    else:
-      result[path] = leaf
-  return result
-
-
-def unstack_flat(flat: Mapping[tuple, Any]) -> dict[tuple, Any]:
-  """`unstack_blocks` on a flat ``{path tuple: leaf}`` mapping (paths as in ``nnx.State``)."""
-  groups: dict[tuple, dict[tuple, Any]] = {}
-  out: dict[tuple, Any] = {}
-  for path, leaf in flat.items():
-    parts = _block_path(path)
-    if parts is None or parts[1] is not None:
-      out[path] = leaf
-      continue
-    prefix, _, rest = parts
-    if prefix not in groups:
-      groups[prefix] = {}
-      out[prefix] = None  # placeholder: the blocks go where the stacked leaves were
-    groups[prefix][rest] = leaf
-  result: dict[tuple, Any] = {}
-  for path, leaf in out.items():
-    if path not in groups:
-      result[path] = leaf
-      continue
-    level = groups[path]
-    depths = {int(np.shape(v.get_value() if isinstance(v, nnx.Variable) else v)[0])
-              for v in level.values()}
-    if len(depths) != 1:
-      raise ValueError(f"{'/'.join(map(str, path))}: stacked leaves disagree on the number "
-                       f"of blocks: {sorted(depths)}")
-    depth = depths.pop()
-    split = {rest: _unstack(leaf, depth) for rest, leaf in level.items()}
-    for j in range(depth):
-      for rest, leaves in split.items():
-        result[(*path, j, *rest)] = leaves[j]
-  return result
-
-
-def _convert(tree, flat_fn):
-  if isinstance(tree, nnx.State):
-    return nnx.from_flat_state(list(flat_fn(dict(nnx.to_flat_state(tree))).items()))
-  return traverse_util.unflatten_dict(flat_fn(traverse_util.flatten_dict(dict(tree))))
+# Every level's blocks, in a backbone's tree or the multi-task model's.
+BLOCK_LISTS: tuple[stacking.ListPattern, ...] = (
+    ("levels", None, "blocks"), ("backbone", "levels", None, "blocks"))
 
 
 def stack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
@@ -477,7 +378,7 @@ def stack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
   Raises:
     ValueError: if the blocks of a level do not all hold the same leaves.
   """
-  return _convert(tree, stack_flat)
+  return stacking.stack(tree, BLOCK_LISTS)
 
 
 def unstack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
@@ -485,4 +386,4 @@ def unstack_blocks(tree: nnx.State | Mapping) -> nnx.State | dict:
 
   ``unstack_blocks(stack_blocks(p))`` equals ``p`` exactly, leaf order included.
   """
-  return _convert(tree, unstack_flat)
+  return stacking.unstack(tree, BLOCK_LISTS)
