@@ -31,9 +31,13 @@ def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collecti
   # (`internimage.stack_blocks`); converted ImageNet weights load either way.
   c.model.backbone_overrides = ml_collections.ConfigDict({"scan_blocks": True})
   c.model.drop_path_rate = 0.1
-  # The paper's sizes: the challenge presets without tiny's size overrides.
-  c.model.det = ml_collections.ConfigDict({"preset": "challenge", "overrides": {}})
-  c.model.seg = ml_collections.ConfigDict({"preset": "challenge", "overrides": {}})
+  # The paper's sizes: the challenge presets without tiny's size overrides. The heads' layers
+  # are stacked and scanned too (DINO's 6 + 6, Mask2Former's 6 + 9 in steps of three; see
+  # `stacking`), with the converters `dino.stack_layers` / `head.stack_layers`.
+  c.model.det = ml_collections.ConfigDict(
+      {"preset": "challenge", "overrides": {"scan_layers": True}})
+  c.model.seg = ml_collections.ConfigDict(
+      {"preset": "challenge", "overrides": {"scan_layers": True}})
   # Random init is refused unless asked for: pretrained="none" (logged warning).
   c.model.require_pretrained = True
   c.model.cls.hidden_dim = 0  # MLP width = backbone width

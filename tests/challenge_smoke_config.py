@@ -16,10 +16,13 @@ def get_config(roots: str) -> ml_collections.ConfigDict:
   c.model.pretrained = "none"
   c.model.backbone = "tiny"
   c.model.backbone_overrides.update(micro_config.BACKBONE)  # keeps the challenge's scan_blocks
-  c.model.det = ml_collections.ConfigDict({"preset": "tiny", "overrides": micro_config.DET})
+  # Micro sizes; the challenge's other overrides (the heads' scan_layers) are kept.
+  c.model.det = ml_collections.ConfigDict(
+      {"preset": "tiny", "overrides": {**c.model.det.overrides, **micro_config.DET}})
   # BDD100K's 19 classes each need a query to match.
   c.model.seg = ml_collections.ConfigDict(
-      {"preset": "tiny", "overrides": {**micro_config.SEG, "num_queries": 20}})
+      {"preset": "tiny",
+       "overrides": {**c.model.seg.overrides, **micro_config.SEG, "num_queries": 20}})
   c.data.det.max_boxes = 8
   for task, train, val in (("det", (64, 64), (64, 64)), ("seg", (64, 64), (48, 64)),
                            ("cls", (32, 32), (32, 32))):

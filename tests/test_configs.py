@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from tbgc_jax.models.rngs import construction_rngs
+from tbgc_jax.models.stacking import num_layers
 from tbgc_jax.trainer.model_factory import build_model, det_config, seg_config
 from tbgc_jax.trainer.optim import lr_schedules
 from tbgc_jax.trainer.setup import Setup, validate_config
@@ -65,7 +66,7 @@ def test_challenge_config_is_the_papers_recipe():
   assert c.grad.method == "tbgc" and c.grad.max_norm == 0.1
   assert c.model.cls.margin == 0.4
   assert c.model.backbone == "t"
-  assert not c.model.det.overrides and not c.model.seg.overrides
+  assert dict(c.model.det.overrides) == dict(c.model.seg.overrides) == {"scan_layers": True}
   det = det_config(c)
   assert det.num_queries == 900 and det.num_denoising == 100
 
@@ -88,7 +89,7 @@ def test_challenge_model_has_the_papers_sizes():
   assert det.config.num_encoder_layers == 6 and det.config.num_decoder_layers == 6
   assert det.class_embed.out_features == 45 and det.tgt_embed.embedding.shape[0] == 900
   assert seg.class_embed.out_features == 19 + 1 and seg.query_feat.shape[0] == 100
-  assert len(seg.layers) == 9
+  assert num_layers(seg.layers) == 9 and num_layers(seg.pixel_decoder.layers) == 6
   assert cls.centers.shape[-1] == 196 and cls.margin == 0.4
 
 

@@ -16,6 +16,7 @@ from tbgc_jax.models.detection import (
   denoising_layout,
   rescale_boxes,
 )
+from tbgc_jax.models.stacking import num_layers
 
 _CHANS = (4, 8, 12, 16)
 _K = 5
@@ -229,7 +230,7 @@ def test_box_refinement_reads_the_decoder_output_before_the_final_norm():
     ref = jax.nn.sigmoid(ref_unact)
     raw = jax.nn.sigmoid(head.bbox_embed(out0) + inverse_sigmoid(ref))
     normed = jax.nn.sigmoid(head.bbox_embed(head.decoder_norm(out0)) + inverse_sigmoid(ref))
-    return ref1[:, :, 0] / scale, raw, normed, outputs[0][1]
+    return ref1[:, :, 0] / scale, raw, normed, outputs[1][0]
 
   ref1, raw, normed, boxes0 = run(_features(rng), _batch())
   assert float(jnp.abs(raw - normed).max()) > 1e-2  # the two rules differ here
@@ -249,7 +250,8 @@ def test_presets():
           cfg.hidden_dim, cfg.num_heads, cfg.num_points) == (900, 100, 6, 6, 256, 8, 4)
   assert (cfg.cost_class, cfg.cost_bbox, cfg.cost_giou) == (2.0, 5.0, 2.0)
   head = nnx.eval_shape(lambda: DINOHead((64, 128, 256, 512), 45, cfg, rngs=nnx.Rngs(0)))
-  assert head.num_levels == 4 and len(head.decoder) == 6 and len(head.encoder) == 6
+  assert head.num_levels == 4 and cfg.scan_layers
+  assert num_layers(head.decoder) == 6 and num_layers(head.encoder) == 6
   assert head.tgt_embed.embedding.shape == (900, 256) and head.class_embed.kernel.shape[1] == 45
   with pytest.raises(ValueError, match="feature_levels"):
     DINOHead((8, 8), 3, PRESETS["tiny"], rngs=nnx.Rngs(0))

@@ -279,18 +279,16 @@ class _Level(nnx.Module):
     self.downsample = _Downsample(channels, rngs=rngs) if index < 3 else None
 
   def _scan_blocks(self, x: jax.Array) -> jax.Array:
-    graphdef, state = nnx.split(self.blocks)
     if self.deterministic or self.drop_path_rngs is None:
-      def body(x, state):
-        return nnx.merge(graphdef, state)(x, scanned=True), None
-      xs = state
+      def step(block, x, _):
+        return block(x, scanned=True), None
+      xs = None
     else:
-      def body(x, inputs):
-        state, rate, key = inputs
-        return nnx.merge(graphdef, state)(x, drop_path=(rate, key), scanned=True), None
+      def step(block, x, drop):
+        return block(x, drop_path=drop, scanned=True), None
       keys = jax.random.split(self.drop_path_rngs(), len(self.drop_path_rates))
-      xs = (state, jnp.asarray(self.drop_path_rates, jnp.float32), keys)
-    return jax.lax.scan(body, x, xs)[0]
+      xs = (jnp.asarray(self.drop_path_rates, jnp.float32), keys)
+    return stacking.scan(self.blocks, step, x, xs)[0]
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     if isinstance(self.blocks, InternImageLayer):

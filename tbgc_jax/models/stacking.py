@@ -101,6 +101,74 @@ def layer_state(state: Any, index: int) -> Any:
   return jax.tree.map(lambda v: v[index], state)
 
 
+def layer_at(stacked: nnx.Module, index: int) -> nnx.Module:
+  """Layer ``index`` of a stacked module, as a module of its own."""
+  graphdef, state = nnx.split(stacked)
+  return nnx.merge(graphdef, layer_state(state, index))
+
+
+def scan(stacked: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *,
+         num: int | None = None, groups: int = 1) -> tuple[Any, Any]:
+  """``jax.lax.scan`` of ``fn(layer, carry, x) -> (carry, y)`` over stacked layers.
+
+  Args:
+    stacked: built by `stack_modules`.
+    fn: one step; ``layer`` is one layer (a module), or a list of ``groups`` consecutive
+      layers when ``groups > 1``.
+    carry: the initial carry.
+    xs: per-step inputs scanned beside the layers (leading axis: the number of steps), or
+      None.
+    num, groups: as in `split_stacked`.
+
+  Returns:
+    ``(carry, ys)``, ``ys`` stacked over the steps.
+  """
+  graphdef, state = split_stacked(stacked, num, groups)
+
+  def body(c, inputs):
+    s, x = inputs
+    if groups > 1:
+      layer = [nnx.merge(graphdef, layer_state(s, g)) for g in range(groups)]
+    else:
+      layer = nnx.merge(graphdef, s)
+    return fn(layer, c, x)
+
+  return jax.lax.scan(body, carry, (state, xs))
+
+
+def layer_list(layers: Sequence[nnx.Module], stacked: bool) -> nnx.Module:
+  """The layers as an ``nnx.List``, or, with ``stacked``, as one module (`stack_modules`,
+  after dropping the rate-0 dropouts' rng streams) for `run` to scan over."""
+  if not stacked:
+    return nnx.List(layers)
+  return stack_modules([drop_rng_streams(layer) for layer in layers])
+
+
+def num_layers(layers: nnx.Module) -> int:
+  """The number of layers of a `layer_list`, listed or stacked."""
+  if isinstance(layers, nnx.List):
+    return len(layers)
+  return int(jax.tree.leaves(nnx.state(layers))[0].shape[0])
+
+
+def run(layers: nnx.Module, step: Callable, carry: Any) -> tuple[Any, Any]:
+  """``step(layer, carry) -> (carry, y)`` over the layers of `layer_list`, in order.
+
+  A list runs as a Python loop, a stacked module under ``jax.lax.scan``; both return
+  ``(carry, ys)`` with the ``ys`` stacked on a leading layer axis (None when ``step`` returns
+  None).
+  """
+  if not isinstance(layers, nnx.List):
+    return scan(layers, lambda layer, c, _: step(layer, c), carry)
+  ys = []
+  for layer in layers:
+    carry, y = step(layer, carry)
+    ys.append(y)
+  if not ys or ys[0] is None:
+    return carry, None
+  return carry, jax.tree.map(lambda *v: jnp.stack(v), *ys)
+
+
 def _split_path(path: tuple, patterns: Sequence[ListPattern]
                 ) -> tuple[tuple, int | None, tuple] | None:
   """``(list path, layer index or None when stacked, rest)``, or None outside the lists."""

@@ -13,7 +13,7 @@ padded bottom/right like the image.
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tbgc_jax.models import stacking
 from tbgc_jax.models.deform_attn import MSDeformAttn
 from tbgc_jax.models.detection.box_ops import (
     box_cxcywh_to_xyxy,
@@ -31,6 +32,10 @@ from tbgc_jax.models.detection.losses import match_predictions, set_prediction_l
 from tbgc_jax.models.layers import MLP
 
 CHALLENGE_NUM_CLASSES = 45  # TT100K classes of the CVPR 2023 foundation-model challenge
+
+# The encoder's and decoder's layer lists, in a head's tree or the multi-task model's.
+LAYER_LISTS: tuple[stacking.ListPattern, ...] = (
+    ("encoder",), ("decoder",), ("heads", "det", "encoder"), ("heads", "det", "decoder"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,10 @@ class DINOConfig:
     loss_class, loss_bbox, loss_giou: loss weights (same for every decoder layer, the
       encoder proposals and the denoising queries).
     pos_temperature: temperature of the encoder's sine positional embedding.
+    scan_layers: store the encoder's and the decoder's layers stacked (``encoder/<leaf>``,
+      ``decoder/<leaf>`` with a leading layer axis; `stack_layers`) and run each stack under
+      ``jax.lax.scan``: the traced and compiled program holds one layer of each whatever the
+      depths. Needs ``dropout == 0``.
   """
 
   hidden_dim: int = 256
@@ -83,6 +92,7 @@ class DINOConfig:
   loss_bbox: float = 5.0
   loss_giou: float = 2.0
   pos_temperature: float = 20.0
+  scan_layers: bool = False
 
 
 # "challenge": the challenge baseline (900 queries, 100 denoising queries, 6/6 layers, width
@@ -236,6 +246,8 @@ class DINOHead(nnx.Module):
     if cfg.hidden_dim % cfg.norm_groups:
       raise ValueError(f"DINOConfig.hidden_dim={cfg.hidden_dim} is not divisible by "
                        f"norm_groups={cfg.norm_groups}")
+    if cfg.scan_layers and cfg.dropout:
+      raise ValueError(f"DINOConfig.scan_layers=True needs dropout=0, got {cfg.dropout}")
     self.config = cfg
     self.num_classes = num_classes
     d = cfg.hidden_dim
@@ -252,8 +264,9 @@ class DINOHead(nnx.Module):
     self.proj_norms = nnx.List(proj_norms)
     self.level_embed = nnx.Param(
         nnx.initializers.normal(1.0)(rngs.params(), (self.num_levels, d)))
-    self.encoder = nnx.List([_EncoderLayer(cfg, self.num_levels, rngs=rngs)
-                             for _ in range(cfg.num_encoder_layers)])
+    self.encoder = stacking.layer_list(
+        [_EncoderLayer(cfg, self.num_levels, rngs=rngs) for _ in range(cfg.num_encoder_layers)],
+        cfg.scan_layers)
     prior_bias = nnx.initializers.constant(-math.log((1 - 0.01) / 0.01))
     self.enc_output = nnx.Linear(d, d, rngs=rngs)
     self.enc_output_norm = nnx.LayerNorm(d, rngs=rngs)
@@ -262,8 +275,9 @@ class DINOHead(nnx.Module):
     self.tgt_embed = nnx.Embed(cfg.num_queries, d, rngs=rngs)
     self.label_enc = nnx.Embed(num_classes + 1, d, rngs=rngs)
     self.ref_point_head = MLP((2 * d, d, d), rngs=rngs)
-    self.decoder = nnx.List([_DecoderLayer(cfg, self.num_levels, rngs=rngs)
-                             for _ in range(cfg.num_decoder_layers)])
+    self.decoder = stacking.layer_list(
+        [_DecoderLayer(cfg, self.num_levels, rngs=rngs) for _ in range(cfg.num_decoder_layers)],
+        cfg.scan_layers)
     self.decoder_norm = nnx.LayerNorm(d, rngs=rngs)
     # Class and box heads shared by the decoder layers (DINO's default).
     self.class_embed = nnx.Linear(d, num_classes, bias_init=prior_bias, rngs=rngs)
@@ -325,8 +339,8 @@ class DINOHead(nnx.Module):
     # the same point on every level (MSDeformAttn reads the padded maps).
     ref = jnp.broadcast_to(jnp.concatenate(centres, 1)[:, :, None, :],
                            (src.shape[0], src.shape[1], self.num_levels, 2))
-    for layer in self.encoder:
-      src = layer(src, pos, ref, shapes, masks)
+    src, _ = stacking.run(
+        self.encoder, lambda layer, x: (layer(x, pos, ref, shapes, masks), None), src)
     return src, shapes, masks, jnp.concatenate(props, 1), jnp.concatenate(mflat, 1), ratio
 
   def _select_queries(self, memory, proposals, token_mask):
@@ -350,7 +364,8 @@ class DINOHead(nnx.Module):
   # --- decoder -------------------------------------------------------------------------
 
   def _decode(self, tgt, ref_unact, memory, shapes, masks, ratio, attn_mask):
-    """Runs the decoder; returns per-layer ``(logits, boxes)`` with look-forward-twice.
+    """Runs the decoder; returns ``(logits [L, B, T, K], boxes [L, B, T, 4])``, every
+    layer's predictions, with look-forward-twice.
 
     Each layer's boxes are ``bbox_embed(norm(out)) + inverse_sigmoid(prev)`` (``prev`` the
     previous layer's undetached refinement); the next reference is
@@ -367,9 +382,9 @@ class DINOHead(nnx.Module):
     values = _split_levels(memory, shapes)
     scale = jnp.concatenate([ratio[:, ::-1], ratio[:, ::-1]], -1)[:, None, :]  # (w, h, w, h)
     ref = jax.nn.sigmoid(jax.lax.stop_gradient(ref_unact))
-    prev = ref  # the previous layer's (undetached) refined boxes
-    outputs = []
-    for layer in self.decoder:
+
+    def step(layer, carry):
+      tgt, ref, prev = carry  # prev: the previous layer's (undetached) refined boxes
       ref_in = ref * scale
       sine = _sine_embed(ref_in * (2.0 * math.pi), self.config.hidden_dim // 2, 10000.0)
       query_pos = self.ref_point_head(sine)
@@ -383,9 +398,9 @@ class DINOHead(nnx.Module):
       # deformable_transformer.py, TransformerDecoder.forward: bbox_embed(output), then
       # intermediate.append(self.norm(output))); the returned boxes read the normed one.
       prev = jax.nn.sigmoid(self.bbox_embed(tgt) + inverse_sigmoid(ref))
-      ref = jax.lax.stop_gradient(prev)
-      outputs.append((self.class_embed(hs), boxes))
-    return outputs
+      return (tgt, jax.lax.stop_gradient(prev), prev), (self.class_embed(hs), boxes)
+
+    return stacking.run(self.decoder, step, (tgt, ref, ref))[1]
 
   def _denoising(self, boxes, labels, target_valid, rng):
     """Contrastive denoising queries from noised ground truth (fixed slots, dynamic groups).
@@ -470,9 +485,10 @@ class DINOHead(nnx.Module):
         tboxes, tlabels, tvalid, rng)
     tgt = self._content_queries(b)
     num_dn = dn_tgt.shape[1]
-    outputs = self._decode(jnp.concatenate([dn_tgt, tgt], 1),
-                           jnp.concatenate([dn_ref, enc_coord_unact], 1),
-                           memory, shapes, masks, ratio, attn_mask)
+    logits, boxes = self._decode(jnp.concatenate([dn_tgt, tgt], 1),
+                                 jnp.concatenate([dn_ref, enc_coord_unact], 1),
+                                 memory, shapes, masks, ratio, attn_mask)
+    num_layers = logits.shape[0]
     num_boxes = jnp.maximum(tvalid.sum().astype(jnp.float32), 1.0)
     ex_valid = (jnp.asarray(batch["valid"], jnp.float32) if "valid" in batch
                 else jnp.ones((b,), jnp.float32))
@@ -483,31 +499,34 @@ class DINOHead(nnx.Module):
               + cfg.loss_giou * parts["loss_giou"])
 
     # All matchings (every decoder layer and the encoder proposals) in one vmapped Hungarian
-    # call: one while-loop to compile instead of one per layer.
-    sets = [(lg[:, num_dn:], bx[:, num_dn:]) for lg, bx in outputs]
-    sets.append((enc_logits, jax.nn.sigmoid(enc_coord_unact)))
-    n_sets = len(sets)
-    all_logits = jnp.concatenate([lg for lg, _ in sets], 0)
-    all_boxes = jnp.concatenate([bx for _, bx in sets], 0)
+    # call, and the losses of every set vmapped: one copy of each to compile whatever the
+    # number of layers.
+    set_logits = jnp.concatenate([logits[:, :, num_dn:], enc_logits[None]], 0)
+    set_boxes = jnp.concatenate([boxes[:, :, num_dn:],
+                                 jax.nn.sigmoid(enc_coord_unact)[None]], 0)
+    n_sets = num_layers + 1
     tile = lambda x: jnp.concatenate([x] * n_sets, 0)
-    toq = match_predictions(all_logits, all_boxes, tile(tlabels), tile(tboxes), tile(tvalid),
-                            cfg.cost_class, cfg.cost_bbox, cfg.cost_giou, cfg.focal_alpha,
-                            cfg.focal_gamma).reshape(n_sets, b, -1)
-    parts = [set_prediction_losses(lg, bx, tlabels, tboxes, toq[i], query_w, num_boxes,
-                                   cfg.focal_alpha, cfg.focal_gamma)
-             for i, (lg, bx) in enumerate(sets)]
-    layer_parts, enc_parts = parts[:-1], parts[-1]
-    dn_parts = [set_prediction_losses(lg[:, :num_dn], bx[:, :num_dn], tlabels, tboxes,
-                                      target_of_dn, dn_valid.astype(jnp.float32),
-                                      num_boxes * groups.astype(jnp.float32), cfg.focal_alpha,
-                                      cfg.focal_gamma)
-                for lg, bx in outputs]
-    loss_last = weighted(layer_parts[-1])
-    loss_aux = sum((weighted(p) for p in layer_parts[:-1]), jnp.float32(0.0))
-    loss_enc = weighted(enc_parts)
-    loss_dn = sum((weighted(p) for p in dn_parts), jnp.float32(0.0))
+    flat = lambda x: x.reshape(n_sets * b, *x.shape[2:])
+    toq = match_predictions(flat(set_logits), flat(set_boxes), tile(tlabels), tile(tboxes),
+                            tile(tvalid), cfg.cost_class, cfg.cost_bbox, cfg.cost_giou,
+                            cfg.focal_alpha, cfg.focal_gamma).reshape(n_sets, b, -1)
+    set_losses = jax.vmap(
+        lambda lg, bx, t: set_prediction_losses(lg, bx, tlabels, tboxes, t, query_w, num_boxes,
+                                                cfg.focal_alpha, cfg.focal_gamma))
+    parts = set_losses(set_logits, set_boxes, toq)  # {name: [L + 1]}, encoder last
+    dn_weight = dn_valid.astype(jnp.float32)
+    dn_parts = jax.vmap(
+        lambda lg, bx: set_prediction_losses(
+            lg, bx, tlabels, tboxes, target_of_dn, dn_weight,
+            num_boxes * groups.astype(jnp.float32), cfg.focal_alpha, cfg.focal_gamma))(
+                logits[:, :, :num_dn], boxes[:, :, :num_dn])
+    per_set = weighted(parts)
+    loss_last = per_set[num_layers - 1]
+    loss_aux = jnp.sum(per_set[:num_layers - 1])
+    loss_enc = per_set[num_layers]
+    loss_dn = jnp.sum(weighted(dn_parts))
     total = loss_last + loss_aux + loss_enc + loss_dn
-    diag = dict(layer_parts[-1])
+    diag = {name: v[num_layers - 1] for name, v in parts.items()}
     diag.update(loss_aux=loss_aux, loss_enc=loss_enc, loss_dn=loss_dn, num_boxes=num_boxes)
     return total.astype(jnp.float32), diag
 
@@ -528,7 +547,8 @@ class DINOHead(nnx.Module):
     _, enc_coord_unact = self._select_queries(memory, proposals, token_mask)
     b = memory.shape[0]
     tgt = self._content_queries(b)
-    logits, boxes = self._decode(tgt, enc_coord_unact, memory, shapes, masks, ratio, None)[-1]
+    logits, boxes = jax.tree.map(
+        lambda v: v[-1], self._decode(tgt, enc_coord_unact, memory, shapes, masks, ratio, None))
     k = min(cfg.num_select, logits.shape[1] * logits.shape[2])
     scores, idx = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, -1), k)
     labels = (idx % self.num_classes).astype(jnp.int32)
@@ -537,3 +557,18 @@ class DINOHead(nnx.Module):
     hw, _ = self._valid_hw(batch)
     wh = jnp.concatenate([hw[:, ::-1], hw[:, ::-1]], -1)[:, None, :]
     return {"scores": scores, "labels": labels, "boxes": box_cxcywh_to_xyxy(boxes) * wh}
+
+
+def stack_layers(tree: nnx.State | Mapping) -> nnx.State | dict:
+  """Parameters of an unrolled head -> those of the ``scan_layers`` head: ``encoder/<j>/...``
+  and ``decoder/<j>/...`` become ``encoder/...``, ``decoder/...`` with a leading layer axis.
+
+  ``tree``: an ``nnx.State`` or nested dict of a `DINOHead` or of the multi-task model
+  (``heads/det/...``; every other leaf is kept as is). Exact (`stacking.stack`).
+  """
+  return stacking.stack(tree, LAYER_LISTS)
+
+
+def unstack_layers(tree: nnx.State | Mapping) -> nnx.State | dict:
+  """The inverse of `stack_layers`."""
+  return stacking.unstack(tree, LAYER_LISTS)

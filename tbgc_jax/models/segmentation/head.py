@@ -25,18 +25,25 @@ Shapes, traced abstractly (no weights are drawn):
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tbgc_jax.models import stacking
 from tbgc_jax.models.deform_attn import MSDeformAttn
 from tbgc_jax.models.layers import MLP
 from tbgc_jax.models.segmentation.losses import mask2former_loss
 
 CHALLENGE_NUM_CLASSES = 19  # BDD100K semantic classes of the CVPR 2023 foundation-model challenge
+
+# The pixel decoder's and the transformer decoder's layer lists, in a head's tree or the
+# multi-task model's.
+LAYER_LISTS: tuple[stacking.ListPattern, ...] = (
+    ("pixel_decoder", "layers"), ("layers",),
+    ("heads", "seg", "pixel_decoder", "layers"), ("heads", "seg", "layers"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,11 @@ class Mask2FormerConfig:
     oversample_ratio, importance_ratio: importance sampling of loss points.
     no_object_weight: cross-entropy weight of the no-object class.
     class_weight, mask_weight, dice_weight: loss weights, also the matcher's costs.
+    scan_layers: store the pixel decoder's and the transformer decoder's layers stacked
+      (``pixel_decoder/layers/<leaf>``, ``layers/<leaf>`` with a leading layer axis;
+      `stack_layers`) and run them under ``jax.lax.scan`` (the decoder's in steps of three
+      layers, one per memory scale): the compiled program holds one encoder layer and three
+      decoder layers whatever the depths.
   """
 
   hidden_dim: int = 256
@@ -74,6 +86,7 @@ class Mask2FormerConfig:
   class_weight: float = 2.0
   mask_weight: float = 5.0
   dice_weight: float = 5.0
+  scan_layers: bool = False
 
 
 # "challenge": the official Mask2Former semantic setting the challenge uses (BDD100K, use with
@@ -194,20 +207,22 @@ class PixelDecoder(nnx.Module):
     num_layers: deformable encoder layers.
     ffn_dim: encoder FFN width.
     num_heads, num_points: deformable attention heads and points per level.
+    scan_layers: stack the encoder layers and run them under ``jax.lax.scan``.
     rngs: NNX rngs.
   """
 
   def __init__(self, in_channels: Sequence[int], hidden_dim: int, mask_dim: int,
                num_layers: int, ffn_dim: int, num_heads: int, num_points: int,
-               *, rngs: nnx.Rngs):
+               scan_layers: bool = False, *, rngs: nnx.Rngs):
     if len(in_channels) != 4:
       raise ValueError(f"PixelDecoder expects 4 input maps (strides 4..32), got {in_channels}")
     # Encoder levels run from the coarsest (stride 32) to stride 8, as in Mask2Former.
     self.input_proj = nnx.List([_ConvNorm(c, hidden_dim, 1, False, rngs=rngs)
                                 for c in in_channels[:0:-1]])
     self.level_embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (3, hidden_dim)))
-    self.layers = nnx.List([_EncoderLayer(hidden_dim, ffn_dim, num_heads, num_points,
-                                          rngs=rngs) for _ in range(num_layers)])
+    self.layers = stacking.layer_list(
+        [_EncoderLayer(hidden_dim, ffn_dim, num_heads, num_points, rngs=rngs)
+         for _ in range(num_layers)], scan_layers)
     self.lateral = _ConvNorm(in_channels[0], hidden_dim, 1, False, rngs=rngs)
     self.output = _ConvNorm(hidden_dim, hidden_dim, 3, True, rngs=rngs)
     self.mask_features = nnx.Conv(hidden_dim, mask_dim, (1, 1),
@@ -230,8 +245,8 @@ class PixelDecoder(nnx.Module):
     ref = np.concatenate(ref).astype(np.float32)
     ref = jnp.broadcast_to(jnp.asarray(ref)[None, :, None, :], (b, ref.shape[0], 3, 2))
     x = jnp.concatenate([s.reshape(b, -1, d) for s in srcs], axis=1)
-    for layer in self.layers:
-      x = layer(x, pos, ref, shapes, masks)
+    x, _ = stacking.run(self.layers,
+                        lambda layer, x: (layer(x, pos, ref, shapes, masks), None), x)
     outs, start = [], 0
     for h, w in shapes:
       outs.append(x[:, start:start + h * w].reshape(b, h, w, d))
@@ -279,14 +294,14 @@ class Mask2FormerHead(nnx.Module):
     self.config = cfg
     self.pixel_decoder = PixelDecoder(
         in_channels, cfg.hidden_dim, cfg.mask_dim, cfg.num_encoder_layers, cfg.encoder_ffn_dim,
-        cfg.encoder_heads, cfg.encoder_points, rngs=rngs)
+        cfg.encoder_heads, cfg.encoder_points, cfg.scan_layers, rngs=rngs)
     init = nnx.initializers.normal(1.0)
     self.query_feat = nnx.Param(init(rngs.params(), (cfg.num_queries, cfg.hidden_dim)))
     self.query_pos = nnx.Param(init(rngs.params(), (cfg.num_queries, cfg.hidden_dim)))
     self.level_embed = nnx.Param(init(rngs.params(), (3, cfg.hidden_dim)))
-    self.layers = nnx.List([
-        _DecoderLayer(cfg.hidden_dim, cfg.num_heads, cfg.decoder_ffn_dim, rngs=rngs)
-        for _ in range(cfg.num_decoder_layers)])
+    self.layers = stacking.layer_list(
+        [_DecoderLayer(cfg.hidden_dim, cfg.num_heads, cfg.decoder_ffn_dim, rngs=rngs)
+         for _ in range(cfg.num_decoder_layers)], cfg.scan_layers)
     self.decoder_norm = nnx.LayerNorm(cfg.hidden_dim, rngs=rngs)
     self.class_embed = nnx.Linear(cfg.hidden_dim, num_classes + 1, rngs=rngs)
     self.mask_embed = MLP((cfg.hidden_dim, cfg.hidden_dim, cfg.hidden_dim, cfg.mask_dim),
@@ -332,15 +347,42 @@ class Mask2FormerHead(nnx.Module):
     x = jnp.broadcast_to(self.query_feat[None], (b, *self.query_feat.shape))
     qpos = jnp.broadcast_to(self.query_pos[None], x.shape)
     cls, msk, attend = self._heads(x, mask_features, ms[0].shape[1:3], valid[0])
-    all_cls, all_masks = [cls], [msk]
-    for i, layer in enumerate(self.layers):
-      lv = i % 3
+
+    def step(layer, i, x, attend):
+      """Layer ``i``: cross-attention to scale ``i % 3``, then the predictions and the attend
+      mask at the next layer's scale."""
+      lv, nxt = i % 3, (i + 1) % 3
       x = layer(x, qpos, memories[lv], mem_pos[lv], attend)
-      nxt = (i + 1) % 3
       cls, msk, attend = self._heads(x, mask_features, ms[nxt].shape[1:3], valid[nxt])
-      all_cls.append(cls)
-      all_masks.append(msk)
-    return {"class_logits": jnp.stack(all_cls), "mask_logits": jnp.stack(all_masks)}
+      return x, attend, (cls, msk)
+
+    outs = [(cls[None], msk[None])]
+    num = self.config.num_decoder_layers
+    if isinstance(self.layers, nnx.List):
+      for i, layer in enumerate(self.layers):
+        x, attend, out = step(layer, i, x, attend)
+        outs.append(jax.tree.map(lambda v: v[None], out))
+      done = num
+    else:
+      # Three layers per scan step, one per memory scale (their shapes differ); the attend
+      # mask carried between steps is always at scale 0.
+      def group(layers, carry, _):
+        x, attend = carry
+        ys = []
+        for p, layer in enumerate(layers):
+          x, attend, out = step(layer, p, x, attend)
+          ys.append(out)
+        return (x, attend), jax.tree.map(lambda *v: jnp.stack(v), *ys)
+
+      done = num - num % 3
+      if done:
+        (x, attend), ys = stacking.scan(self.layers, group, (x, attend), num=done, groups=3)
+        outs.append(jax.tree.map(lambda v: v.reshape(done, *v.shape[2:]), ys))
+    for i in range(done, num):  # the layers past the last group of three
+      x, attend, out = step(stacking.layer_at(self.layers, i), i, x, attend)
+      outs.append(jax.tree.map(lambda v: v[None], out))
+    all_cls, all_masks = (jnp.concatenate(v) for v in zip(*outs, strict=True))
+    return {"class_logits": all_cls, "mask_logits": all_masks}
 
   def loss(self, features: Sequence[jax.Array], batch: dict,
            rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -374,3 +416,19 @@ class Mask2FormerHead(nnx.Module):
     if return_scores:
       result["seg_scores"] = scores
     return result
+
+
+def stack_layers(tree: nnx.State | Mapping) -> nnx.State | dict:
+  """Parameters of an unrolled head -> those of the ``scan_layers`` head:
+  ``pixel_decoder/layers/<j>/...`` and ``layers/<j>/...`` become ``pixel_decoder/layers/...``
+  and ``layers/...`` with a leading layer axis.
+
+  ``tree``: an ``nnx.State`` or nested dict of a `Mask2FormerHead` or of the multi-task model
+  (``heads/seg/...``; every other leaf is kept as is). Exact (`stacking.stack`).
+  """
+  return stacking.stack(tree, LAYER_LISTS)
+
+
+def unstack_layers(tree: nnx.State | Mapping) -> nnx.State | dict:
+  """The inverse of `stack_layers`."""
+  return stacking.unstack(tree, LAYER_LISTS)
