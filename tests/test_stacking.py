@@ -174,11 +174,9 @@ def test_dino_scanned_program_does_not_grow_with_depth():
     return _op_count(nnx.eval_shape(lambda: dino.DINOHead(_CHANS, 5, cfg, rngs=nnx.Rngs(0))),
                      loss)
 
-  count = {(layers, scan): ops(layers, scan)
-           for layers in ((2, 2), (5, 5)) for scan in (False, True)}
   # (A scan of length 1 is simplified away, so the shallowest compared stack has 2 layers.)
-  assert count[(5, 5), True] == count[(2, 2), True]
-  assert count[(5, 5), False] > count[(2, 2), False] + 3000
+  assert ops((5, 5), True) == ops((2, 2), True)
+  assert ops((2, 2), False) > ops((1, 1), False) + 1000  # where unrolled layers add up
 
 
 # --- Mask2Former ----------------------------------------------------------------------------
@@ -251,4 +249,4 @@ def test_mask2former_scanned_program_does_not_grow_with_depth():
   # (A scan of length 1 is simplified away, so the shallowest compared stacks have 2 steps;
   # equal trip counts of the two scans share a constant, so both pairs keep them different.)
   assert count(12, True, encoder=6) == count(6, True, encoder=3)
-  assert count(6, False) > count(3, False) + 500
+  assert count(4, False, encoder=1) > count(3, False, encoder=1) + 300
