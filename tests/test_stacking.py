@@ -174,7 +174,8 @@ def test_dino_scanned_program_does_not_grow_with_depth():
     return _op_count(nnx.eval_shape(lambda: dino.DINOHead(_CHANS, 5, cfg, rngs=nnx.Rngs(0))),
                      loss)
 
-  # (A scan of length 1 is simplified away, so the shallowest compared stack has 2 layers.)
+  # (A scan's trip count is a constant of the program, shared with an equal constant: with
+  # depth 1 it would reuse an existing 1 and count fewer ops, so the compared depths are >= 2.)
   assert ops((5, 5), True) == ops((2, 2), True)
   assert ops((2, 2), False) > ops((1, 1), False) + 1000  # where unrolled layers add up
 
@@ -246,7 +247,7 @@ def test_mask2former_scanned_program_does_not_grow_with_depth():
     return _op_count(nnx.eval_shape(lambda: m2f.Mask2FormerHead(_IN, 5, cfg,
                                                                 rngs=nnx.Rngs(0))), loss)
 
-  # (A scan of length 1 is simplified away, so the shallowest compared stacks have 2 steps;
-  # equal trip counts of the two scans share a constant, so both pairs keep them different.)
+  # (A scan's trip count is a constant of the program, shared with an equal constant: the two
+  # scans' trip counts differ from each other and from 1 in both programs.)
   assert count(12, True, encoder=6) == count(6, True, encoder=3)
   assert count(4, False, encoder=1) > count(3, False, encoder=1) + 300

@@ -138,8 +138,9 @@ def scan(stacked: nnx.Module, fn: Callable, carry: Any, xs: Any = None, *,
 
 def layer_list(layers: Sequence[nnx.Module], stacked: bool) -> nnx.Module:
   """The layers as an ``nnx.List``, or, with ``stacked``, as one module (`stack_modules`,
-  after dropping the rate-0 dropouts' rng streams) for `run` to scan over."""
-  if not stacked:
+  after dropping the rate-0 dropouts' rng streams) for `run` to scan over. No layers: an
+  empty list either way."""
+  if not stacked or not layers:
     return nnx.List(layers)
   return stack_modules([drop_rng_streams(layer) for layer in layers])
 
