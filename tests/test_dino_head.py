@@ -16,6 +16,7 @@ from tbgc_jax.models.detection import (
   denoising_layout,
   rescale_boxes,
 )
+from tbgc_jax.models.detection.dino import stack_layers
 from tbgc_jax.models.stacking import num_layers
 
 _CHANS = (4, 8, 12, 16)
@@ -90,6 +91,24 @@ def test_loss_is_finite_ignores_padding_and_compiles_once():
   assert np.isfinite(float(loss3)) and float(diag3["num_boxes"]) == 2.0
   assert float(diag3["loss_dn"]) > 0
   assert step._cache_size() == 1
+  # The scanned decoder (`scan_layers`, same seed: the stacked parameters) gives the same
+  # loss and gradients: the second layer reads the first's undetached boxes (look forward
+  # twice) through the scan's carry, and the references stay detached.
+  scanned = DINOHead(_CHANS, _K, _cfg(num_encoder_layers=0, scan_layers=True),
+                     rngs=nnx.Rngs(0))
+  graphdef_s, params_s, rest_s = nnx.split(scanned, nnx.Param, ...)
+  fn_s = lambda p: nnx.merge(graphdef_s, p, rest_s).loss(feats, batch, jax.random.key(1))
+  (loss_s, diag_s), grads_s = jax.jit(jax.value_and_grad(fn_s, has_aux=True))(params_s)
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5), diag, diag_s)
+  want = nnx.to_flat_state(stack_layers(grads))
+  got = nnx.to_flat_state(grads_s)
+  assert [p for p, _ in want] == [p for p, _ in got]
+  for (path, a), (_, b) in zip(want, got, strict=True):
+    a, b = np.asarray(a[...]), np.asarray(b[...])
+    # Attention key biases get a zero gradient (softmax is shift-invariant): rounding only.
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6 * max(1.0, np.abs(a).max()),
+                               err_msg="/".join(map(str, path)))
 
 
 def test_predict_top_k_in_input_pixels_and_rescale():

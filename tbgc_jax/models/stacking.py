@@ -39,8 +39,8 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
   """One module of the same type whose every variable stacks the modules' on a leading axis.
 
   The modules must have the same structure and hold only arrays that stack (parameters,
-  batch statistics): an rng stream cannot be stacked, since `flax.nnx.reseed` would give it a
-  single key (drop the streams of rate-0 dropouts first, `drop_rng_streams`).
+  batch statistics), not rng streams: `flax.nnx.reseed` refuses a stream whose key is stacked
+  (drop the streams of rate-0 dropouts first, `drop_rng_streams`).
 
   Raises:
     ValueError: if the modules hold rng streams or differ in structure.
