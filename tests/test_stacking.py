@@ -12,6 +12,7 @@ from flax import nnx
 
 from tbgc_jax.models import stacking
 from tbgc_jax.models.detection import dino
+from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.models.segmentation import head as m2f
 
 # --- the generic converters ----------------------------------------------------------------
@@ -153,8 +154,8 @@ def test_dino_scanned_program_does_not_grow_with_depth():
 
   def ops(layers, scan):
     cfg = _det_cfg(layers, scan_layers=scan)
-    return _op_count(nnx.eval_shape(lambda: dino.DINOHead(_CHANS, 5, cfg, rngs=nnx.Rngs(0))),
-                     loss)
+    return _op_count(
+        nnx.eval_shape(lambda: dino.DINOHead(_CHANS, 5, cfg, rngs=construction_rngs(0))), loss)
 
   # (A scan's trip count is a constant of the program, shared with an equal constant: with
   # depth 1 it would reuse an existing 1 and count fewer ops, so the compared depths are >= 2.)
@@ -222,12 +223,17 @@ def test_mask2former_scanned_head_equals_the_unrolled_head():
 
 def test_mask2former_scanned_program_does_not_grow_with_depth():
   feats, batch = _seg_inputs()
-  loss = lambda m: m.loss(feats, batch, jax.random.key(1))
+
+  def loss(m):  # the layers' part of the program (the loss adds the same ops at any depth)
+    out = m(feats, batch["image_mask"])
+    return (jnp.sum(out["class_logits"]) + jnp.sum(jnp.sin(out["mask_logits"])),)
 
   def count(layers, scan, encoder=2):
     cfg = dataclasses.replace(_seg_cfg(layers, scan_layers=scan), num_encoder_layers=encoder)
+    # construction_rngs: nnx.Rngs' keys without its tracing cost (docs/performance.md).
     return _op_count(nnx.eval_shape(lambda: m2f.Mask2FormerHead(_IN, 5, cfg,
-                                                                rngs=nnx.Rngs(0))), loss)
+                                                                rngs=construction_rngs(0))),
+                     loss)
 
   # (A scan's trip count is a constant of the program, shared with an equal constant: the two
   # scans' trip counts differ from each other and from 1 in both programs.)
