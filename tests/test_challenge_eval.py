@@ -17,7 +17,7 @@ from tbgc_jax.data import pipeline
 from tbgc_jax.metrics.detection import coco_map, records_to_coco
 from tbgc_jax.metrics.segmentation import scores_to_label_map
 from tbgc_jax.tasks.detection import ground_truth as detection_ground_truth
-from tbgc_jax.trainer.evaluate import evaluate_task
+from tbgc_jax.trainer.evaluate import evaluate_task, format_table, task_metrics
 from tests import real_format_data as rfd
 
 CATEGORIES = [(42, "pl40"), (3, "i5"), (7, "p11")]  # not contiguous, not sorted
@@ -90,6 +90,20 @@ def test_a_perfect_detection_export_scores_one_against_the_annotation_file(tmp_p
   scored = _pycocotools_map50(ann_file, sub["dec"])
   assert scored == pytest.approx(1.0)
   assert reported == pytest.approx(scored, abs=1e-12)
+
+  # Every box in its place under the wrong class: no mAP50, full class-agnostic mAP50.
+  def wrong_class(batch):
+    out = perfect(batch)
+    return dict(out, labels=(out["labels"] + 1) % len(CATEGORIES))
+
+  metrics = task_metrics(config, "det", wrong_class, batch_size=2)
+  assert metrics["mAP50"] == 0.0
+  assert metrics["mAP50_agnostic"] == pytest.approx(1.0)
+  table = format_table({"det/mAP50": 0.0, "det/mAP50_agnostic": 1.0, "count/mae": 2.5,
+                        "score": 0.0}).splitlines()
+  assert [line.split() for line in table] == [
+      ["det/mAP50", "0.00"], ["det/mAP50_agnostic", "100.00"], ["count/mae", "2.5000"],
+      ["score", "(mean)", "0.00"]]
 
 
 def test_detection_ground_truth_is_the_whole_file(tmp_path):

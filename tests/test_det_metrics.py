@@ -46,6 +46,24 @@ def test_hand_checked_average_precision():
   assert coco_map(gt, dets)["mAP50"] == pytest.approx(ap3 / 2, abs=1e-9)
 
 
+def test_class_agnostic_ap_counts_boxes_whatever_their_class():
+  # Two boxes, both found where they are but each given the other's class: no class-aware AP,
+  # full class-agnostic AP. A box in the wrong place stays a miss either way.
+  gt = _gt([1], [(1, 3, (0, 0, 10, 10)), (1, 7, (50, 50, 10, 10))], [3, 7])
+  swapped = [_det(1, 7, (0, 0, 10, 10), 0.9), _det(1, 3, (50, 50, 10, 10), 0.8)]
+  out = coco_map(gt, swapped)
+  assert out["mAP50"] == 0.0 and out["mAP"] == 0.0
+  assert out["mAP50_agnostic"] == pytest.approx(1.0)
+  assert out["mAP_agnostic"] == pytest.approx(1.0)
+  # One box right, one at IoU 0.4: recall 1/2 at precision 1 -> (51 * 1) / 101.
+  half = [_det(1, 3, (0, 0, 10, 10), 0.9), _det(1, 7, (50, 50, 10, 4), 0.8)]
+  assert coco_map(gt, half)["mAP50_agnostic"] == pytest.approx(51 / 101, abs=1e-9)
+  # With the right classes, both agree.
+  right = [_det(1, 3, (0, 0, 10, 10), 0.9), _det(1, 7, (50, 50, 10, 10), 0.8)]
+  out = coco_map(gt, right)
+  assert out["mAP50"] == pytest.approx(1.0) and out["mAP50_agnostic"] == pytest.approx(1.0)
+
+
 def test_map50_equals_cocoeval_summary_on_random_predictions():
   rng = np.random.default_rng(0)
   anns = [(int(rng.integers(1, 6)), int(rng.choice([1, 2, 5])),

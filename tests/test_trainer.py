@@ -68,7 +68,7 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)
 
-  assert set(metrics) == {"det/mAP50", "seg/mIoU", "cls/top1", "score"}
+  assert set(metrics) == {"det/mAP50", "det/mAP50_agnostic", "seg/mIoU", "cls/top1", "score"}
   assert all(0.0 <= v <= 1.0 for v in metrics.values())
   np.testing.assert_allclose(metrics["score"], np.mean(
       [metrics["det/mAP50"], metrics["seg/mIoU"], metrics["cls/top1"]]))

@@ -124,7 +124,9 @@ def coco_map(ground_truth: Mapping, results: Sequence[Mapping]) -> dict[str, flo
 
   Returns:
     ``{"mAP50": AP at IoU 0.5, "mAP": AP averaged over IoU 0.5:0.95}`` (all sizes,
-    maxDets 100); NaN when there is no ground-truth box at all.
+    maxDets 100), and the same class-agnostic (``"mAP50_agnostic"``, ``"mAP_agnostic"``:
+    COCOeval with ``useCats=0``, every box matched whatever its class), which tells
+    localisation from classification errors; NaN when there is no ground-truth box at all.
   """
   gt = COCO()
   gt.dataset = {"images": list(ground_truth["images"]),
@@ -143,15 +145,18 @@ def coco_map(ground_truth: Mapping, results: Sequence[Mapping]) -> dict[str, flo
     dt.dataset = {"images": gt.dataset["images"], "annotations": [],
                   "categories": gt.dataset["categories"]}
     _quiet(dt.createIndex)
-  ev = COCOeval(gt, dt, "bbox")
-  _quiet(ev.evaluate)
-  _quiet(ev.accumulate)
-  precision = ev.eval["precision"]  # [iou thr, recall thr, category, area range, max dets]
-  assert np.isclose(ev.params.iouThrs[0], 0.5) and ev.params.maxDets[-1] == 100
-  p50 = precision[0, :, :, 0, -1]
-  pall = precision[:, :, :, 0, -1]
   mean = lambda p: float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
-  return {"mAP50": mean(p50), "mAP": mean(pall)}
+  out = {}
+  for use_cats, names in ((1, ("mAP50", "mAP")), (0, ("mAP50_agnostic", "mAP_agnostic"))):
+    ev = COCOeval(gt, dt, "bbox")
+    ev.params.useCats = use_cats
+    _quiet(ev.evaluate)
+    _quiet(ev.accumulate)
+    precision = ev.eval["precision"]  # [iou thr, recall thr, category, area range, max dets]
+    assert np.isclose(ev.params.iouThrs[0], 0.5) and ev.params.maxDets[-1] == 100
+    out[names[0]] = mean(precision[0, :, :, 0, -1])
+    out[names[1]] = mean(precision[:, :, :, 0, -1])
+  return out
 
 
 class DetectionAccumulator:
@@ -232,5 +237,5 @@ class DetectionAccumulator:
             "categories": [{"id": c, "name": str(c)} for c in self.category_ids]}
 
   def compute(self) -> dict[str, float]:
-    """``{"mAP50", "mAP"}`` over the images added so far (see `coco_map`)."""
+    """`coco_map` over the images added so far."""
     return coco_map(self.ground_truth(), self._results)

@@ -40,7 +40,8 @@ GALLERY_SCORE = 0.2
 
 class DetectionEvaluator:
   """mAP50 as the challenge computes it: pycocotools against `ground_truth` of the source,
-  with the file's category and image ids; fills the submission's ``dec`` section."""
+  with the file's category and image ids; fills the submission's ``dec`` section. Also
+  ``mAP50_agnostic``, the same with every class one (localisation alone)."""
 
   def __init__(self, ctx: EvalContext):
     from tbgc_jax.metrics.detection import DetectionAccumulator
@@ -62,7 +63,8 @@ class DetectionEvaluator:
                    len(missing), sorted(missing)[:5])
     if self.ctx.submission is not None:
       self.ctx.submission[DetectionTask.submission_key] = self.acc.results()
-    return {"mAP50": float(self.acc.compute()["mAP50"])}
+    out = self.acc.compute()
+    return {k: float(out[k]) for k in ("mAP50", "mAP50_agnostic")}
 
 
 class DetectionTask(TaskSpec):

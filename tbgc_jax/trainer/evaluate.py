@@ -221,11 +221,11 @@ def evaluate(config: Any, graphdef: nnx.GraphDef, params: Any, rest: Any,
 
 
 def format_table(metrics: dict[str, float]) -> str:
-  """A small text table: headline metrics and the score in percent (as the challenge reports
-  them), other metrics as they are."""
-  headline = set(metric_names().values())
+  """A small text table: headline metrics, their variants (``det/mAP50_agnostic``) and the
+  score in percent (as the challenge reports them), other metrics as they are."""
+  percent = (*metric_names().values(), "score (mean)")
   rows = [(k, v) for k, v in metrics.items() if k != "score"] + [("score (mean)", metrics["score"])]
   width = max(len(k) for k, _ in rows)
   return "\n".join(
-      f"{k:<{width}}  {100 * v:6.2f}" if k in headline or k == "score (mean)"
-      else f"{k:<{width}}  {v:8.4f}" for k, v in rows)
+      f"{k:<{width}}  {100 * v:6.2f}" if k.startswith(percent) else f"{k:<{width}}  {v:8.4f}"
+      for k, v in rows)
