@@ -17,6 +17,9 @@ import ml_collections
 
 from configs import tiny
 from tbgc_jax.data import configs as data_configs
+from tbgc_jax.models.detection import DINOConfig
+from tbgc_jax.models.segmentation import Mask2FormerConfig
+from tbgc_jax.trainer.model_factory import override_fields
 
 
 def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collections.ConfigDict:
@@ -29,15 +32,15 @@ def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collecti
   # instead of 30, so they trace, lower and compile in a time that does not grow with depth
   # (docs/performance.md). Parameters are stored per level with a leading block axis
   # (`internimage.stack_blocks`); converted ImageNet weights load either way.
-  c.model.backbone_overrides = ml_collections.ConfigDict({"scan_blocks": True})
+  c.model.backbone_overrides.scan_blocks = True
   c.model.drop_path_rate = 0.1
   # The paper's sizes: the challenge presets without tiny's size overrides. The heads' layers
   # are stacked and scanned too (DINO's 6 + 6, Mask2Former's 6 + 9 in steps of three; see
   # `stacking`), with the converters `dino.stack_layers` / `head.stack_layers`.
   c.model.det = ml_collections.ConfigDict(
-      {"preset": "challenge", "overrides": {"scan_layers": True}})
+      {"preset": "challenge", "overrides": override_fields(DINOConfig, scan_layers=True)})
   c.model.seg = ml_collections.ConfigDict(
-      {"preset": "challenge", "overrides": {"scan_layers": True}})
+      {"preset": "challenge", "overrides": override_fields(Mask2FormerConfig, scan_layers=True)})
   # Random init is refused unless asked for: pretrained="none" (logged warning).
   c.model.require_pretrained = True
   c.model.cls.hidden_dim = 0  # MLP width = backbone width

@@ -12,7 +12,11 @@ Override any field on the command line, e.g. ``--config.grad.method=vanilla``.
 import ml_collections
 
 from tbgc_jax.data import configs as data_configs
+from tbgc_jax.models.detection import DINOConfig
+from tbgc_jax.models.internimage import InternImageConfig
+from tbgc_jax.models.segmentation import Mask2FormerConfig
 from tbgc_jax.schema import TASKS
+from tbgc_jax.trainer.model_factory import override_fields
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,11 +29,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "tiny"  # InternImage preset: tiny, t, s, b, l, xl
+  # Each preset's every field, None = the preset's: --config.model.det.overrides.loss_class=2.0
+  c.model.backbone_overrides = override_fields(InternImageConfig)
   c.model.drop_path_rate = 0.0  # < 0 keeps the preset's
   c.model.pretrained = ""  # converted InternImage .npz (python -m tbgc_jax.models.convert)
   c.model.require_pretrained = False  # True: refuse random init unless pretrained="none"
-  c.model.det = ml_collections.ConfigDict({"preset": "tiny", "overrides": {"num_queries": 30}})
-  c.model.seg = ml_collections.ConfigDict({"preset": "tiny", "overrides": {}})
+  c.model.det = ml_collections.ConfigDict(
+      {"preset": "tiny", "overrides": override_fields(DINOConfig, num_queries=30)})
+  c.model.seg = ml_collections.ConfigDict(
+      {"preset": "tiny", "overrides": override_fields(Mask2FormerConfig)})
   # ArcFace's margin is 0.4 in the paper (configs/challenge.py), on a pretrained backbone. From
   # random init, a margin makes collapse the easiest way down: every embedding and class centre
   # on one direction (embedding_cos 0.73 -> 0.99 in 100 steps, center_cos 0 -> 0.55, top-1 at

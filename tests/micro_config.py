@@ -23,9 +23,9 @@ DET = {"hidden_dim": 16, "num_queries": 24, "num_denoising": 8, "num_encoder_lay
 def get_config(tasks: str = "seg,cls") -> ml_collections.ConfigDict:
   c = tiny.get_config()
   c.tasks = tuple(tasks.split(","))
-  c.model.backbone_overrides = ml_collections.ConfigDict(BACKBONE)
-  c.model.det.overrides = ml_collections.ConfigDict(DET)
-  c.model.seg.overrides = ml_collections.ConfigDict(SEG)
+  c.model.backbone_overrides.update(BACKBONE)
+  c.model.det.overrides.update(DET)
+  c.model.seg.overrides.update(SEG)
   c.data.det.image_size = (64, 80)
   c.data.det.eval_image_size = (64, 80)
   c.data.det.augment = ml_collections.ConfigDict(

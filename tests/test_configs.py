@@ -13,11 +13,19 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.models.stacking import num_layers
-from tbgc_jax.trainer.model_factory import build_model, det_config, seg_config
+from tbgc_jax.trainer.model_factory import (
+  backbone_config,
+  build_model,
+  det_config,
+  override_fields,
+  seg_config,
+)
 from tbgc_jax.trainer.optim import lr_schedules
 from tbgc_jax.trainer.setup import Setup, validate_config
 from tests import micro_config
@@ -66,7 +74,8 @@ def test_challenge_config_is_the_papers_recipe():
   assert c.grad.method == "tbgc" and c.grad.max_norm == 0.1
   assert c.model.cls.margin == 0.4
   assert c.model.backbone == "t"
-  assert dict(c.model.det.overrides) == dict(c.model.seg.overrides) == {"scan_layers": True}
+  for head in (c.model.det, c.model.seg):
+    assert {k: v for k, v in head.overrides.items() if v is not None} == {"scan_layers": True}
   det = det_config(c)
   assert det.num_queries == 900 and det.num_denoising == 100
 
@@ -138,10 +147,32 @@ def test_head_overrides_replace_preset_fields_and_an_unknown_one_is_named():
   assert det.feature_levels == (1, 2, 3)
   c.model.det.overrides.feature_levels = [2, 3]
   assert det_config(c).feature_levels == (2, 3)
-  c.model.seg.overrides.num_quries = 4
+  c.model.seg.overrides = dict(c.model.seg.overrides, num_quries=4)
   with pytest.raises(ValueError, match=r"config\.model\.seg\.overrides: unknown fields "
                                        r"\['num_quries'\].*'num_queries'"):
     seg_config(c)
   c.model.det.preset = "huge"
   with pytest.raises(ValueError, match=r"config\.model\.det\.preset: unknown preset 'huge'"):
     det_config(c)
+
+
+def test_every_preset_field_overrides_from_the_command_line():
+  # The README's promise: any field, including a preset's that the config file never set.
+  argv = ["train.py", f"--config={CONFIG_DIR / 'tiny.py'}",
+          "--config.model.det.overrides.loss_class=2.5",
+          "--config.model.det.overrides.feature_levels=(2, 3)",
+          "--config.model.seg.overrides.class_weight=3",
+          "--config.model.backbone_overrides.layer_scale=0.5"]
+  values = flags.FlagValues()
+  # As train.py defines it; override flags are found in the argv given here (sys.argv there).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  c = values.config
+  det = det_config(c)
+  assert det.loss_class == 2.5 and det.feature_levels == (2, 3)
+  assert det.num_queries == 30 and det.loss_bbox == 5.0  # the config's, the preset's
+  assert seg_config(c).class_weight == 3.0
+  assert backbone_config(c).layer_scale == 0.5
+  with pytest.raises(ValueError, match=r"DINOConfig has no fields \['loss_clas'\]"):
+    override_fields(type(det), loss_clas=1.0)
