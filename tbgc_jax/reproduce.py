@@ -164,8 +164,8 @@ def run_grid(runs: Iterable[Run], workdir: str, runner: Callable[[Run, str], dic
            "step": metrics.get("step"),
            "metrics": {k: v for k, v in metrics.items() if k != "step"}}
     _append(path, row)
-    log(f"[{i + 1}/{len(runs)}] {run.name}: score {metrics.get('score', float('nan')):.2f} "
-        f"in {wall / 60:.1f} min")
+    log(f"[{i + 1}/{len(runs)}] {run.name}: score "
+        f"{100 * metrics.get('score', float('nan')):.2f} in {wall / 60:.1f} min")
   return read_results(path)
 
 
@@ -328,12 +328,17 @@ def write_report(workdir: str, rows: Sequence[dict], methods: Sequence[str]) -> 
   import jax
 
   wall = sum(r.get("wall_s", 0.0) for r in rows)
+  # The headline metrics and the score are fractions; the tables show them in percent.
+  keys = [k for _, k in _columns(rows)]
+  rows = [dict(r, metrics={k: 100 * v if k in keys else v for k, v in r["metrics"].items()})
+          for r in rows]
   parts = [
       "# Ablations",
       "",
       f"{len(rows)} runs, {wall / 3600:.2f} h of train + eval in total; "
       f"jax {jax.__version__}, device: {jax.devices()[0].device_kind}, "
-      f"config: {rows[0]['config'] if rows else '-'}. Entries: mean ± 95% t-interval over seeds.",
+      f"config: {rows[0]['config'] if rows else '-'}. Entries: mean ± 95% t-interval over seeds, "
+      "in percent.",
       "",
       "## Table 2: gradient methods (plain augmentation)",
       "",

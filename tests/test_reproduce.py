@@ -125,7 +125,8 @@ def test_report_and_figure1_through_the_cli(tmp_path):
   offsets = {("vanilla", "plain"): 0.0, ("tbgc", "plain"): 2.0, ("tbgc", "parallel"): 1.0,
              ("tbgc", "multi_branch"): 1.5}
   with open(tmp_path / "results.jsonl", "w") as f:
-    for row in _rows(offsets, seeds=2):
+    for row in _rows(offsets, seeds=2):  # as train.py reports them: fractions
+      row["metrics"] = {k: v / 100 for k, v in row["metrics"].items()}
       f.write(json.dumps(row) + "\n")
   for m in ("vanilla", "tbgc"):
     _write_metrics_jsonl(str(tmp_path / "runs" / f"{m}-plain-s0" / "metrics.jsonl"))
@@ -138,4 +139,5 @@ def test_report_and_figure1_through_the_cli(tmp_path):
   assert "## Table 2" in report and "## Table 3" in report and "figure1.png" in report
   assert "| multi_branch | 2 |" in report and "multi_branch − parallel" in report
   assert "parallel < multi-branch holds" in report
+  assert "| vanilla | 2 | 50.05 ± " in report  # det mAP50 in percent (50.0 and 50.1)
   assert (tmp_path / "figure1.png").stat().st_size > 1000
