@@ -220,3 +220,23 @@ def test_the_checker_finds_drift(tmp_path):
   assert _check("x", ["python", "train.py", "--config", "configs/nope.py"])
   assert _check("x", ["pip", "install", "-e", ".[no_such_extra]"])
   assert _check("x", ["python", "-m", "tbgc_jax.no_such_module"])
+
+
+def test_every_public_name_is_on_one_api_page():
+  # Read statically, as the site's build does: tbgc_jax/__init__.py's re-exports.
+  import ast
+
+  tree = ast.parse((_ROOT / "tbgc_jax" / "__init__.py").read_text())
+  public = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+            for alias in node.names if not (alias.asname or alias.name).startswith("_")}
+  documented: dict[str, list[str]] = {}
+  for page in sorted((_ROOT / "docs" / "api").glob("*.md")):
+    for name in re.findall(r"^::: tbgc_jax\.(\w+)$", page.read_text(), re.M):
+      documented.setdefault(name, []).append(page.name)
+  missing = sorted(public - set(documented))
+  assert not missing, (f"public names without an API entry: {missing}; add `::: tbgc_jax.NAME` "
+                       "to the page of their family in docs/api/ (and its table in "
+                       "docs/api/index.md)")
+  twice = {n: p for n, p in documented.items() if len(p) > 1}
+  assert not twice, f"names documented on several API pages: {twice}"
+  assert not set(documented) - public, "API pages name objects tbgc_jax does not export"
