@@ -12,6 +12,13 @@ not run in CI.
    one jitted step against TorchJD's ``mtl_backward`` + ``jac_to_grad(trunk, UPGrad())`` +
    ``torch.optim.Adam``, for T = 2, 4, 8.
 
+3. Exactness: every shared deterministic method on random Jacobians (2-4 tasks x 6
+   coordinates, task norms spread over 2 and over 4 decades), both sides in float32, against
+   the float64 solutions of the methods' defining problems in ``tests/mtl_reference.py``:
+   median and max of ||out - reference|| / ||reference||, and for the non-conflicting methods
+   (UPGrad, DualProj, MGDA) the smallest cosine between the update and a task gradient
+   (negative: the update conflicts with that task).
+
 Both sides use 2 CPU threads (torch.set_num_threads; XLA's CPU pool on the 2-core machine).
 Rounds interleave the two sides and the methods so machine noise hits them alike; medians in
 milliseconds and the ratio project / TorchJD are printed, and written as JSON with --out.
@@ -23,19 +30,21 @@ milliseconds and the ratio project / TorchJD are printed, and written as JSON wi
 import argparse
 import importlib.metadata as md
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import torch
-from torchjd import aggregation as tja
-from torchjd.autojac import jac_to_grad, mtl_backward
 
 import tbgc_jax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import mtl_reference as ref  # noqa: E402
 
 LEAF = 1 << 20
 THREADS = 2
@@ -43,6 +52,8 @@ THREADS = 2
 
 def torchjd_aggregators(num_tasks: int) -> dict:
   """The project's method name -> TorchJD's aggregator with the same hyperparameters."""
+  from torchjd import aggregation as tja
+
   return {
       "mean": tja.Mean(), "upgrad": tja.UPGrad(), "dualproj": tja.DualProj(),
       "mgda": tja.MGDA(), "imtl_g": tja.IMTLG(), "aligned_mtl": tja.AlignedMTL(),
@@ -52,11 +63,27 @@ def torchjd_aggregators(num_tasks: int) -> dict:
   }
 
 
-def _median_ms(times):
-  return 1e3 * statistics.median(times)
+def _timed(fn) -> tuple[float, float]:
+  """Wall-clock and process CPU seconds (all threads) of one call."""
+  w0, c0 = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _summary(jax_times, torch_times=None) -> dict:
+  """Medians in ms of wall and CPU time, and the project / TorchJD ratios of both."""
+  j_wall, j_cpu = (1e3 * statistics.median(x) for x in zip(*jax_times, strict=True))
+  row = {"jax_ms": round(j_wall, 2), "jax_cpu_ms": round(j_cpu, 2)}
+  if torch_times:
+    t_wall, t_cpu = (1e3 * statistics.median(x) for x in zip(*torch_times, strict=True))
+    row |= {"torchjd_ms": round(t_wall, 2), "torchjd_cpu_ms": round(t_cpu, 2),
+            "ratio": round(j_wall / t_wall, 3), "cpu_ratio": round(j_cpu / t_cpu, 3)}
+  return row
 
 
 def aggregation(num_tasks: int, millions: int, rounds: int, names) -> dict:
+  import torch
+
   rng = np.random.default_rng(0)
   leaves = millions
   jac = np.empty((num_tasks, leaves * LEAF), np.float32)
@@ -89,17 +116,49 @@ def aggregation(num_tasks: int, millions: int, rounds: int, names) -> dict:
   for r in range(rounds):
     order = list(times) if r % 2 == 0 else list(reversed(times))
     for side, name in order:
-      fn = (jax_fns if side == "jax" else torch_fns)[name]
-      t0 = time.perf_counter()
-      fn()
-      times[(side, name)].append(time.perf_counter() - t0)
+      times[(side, name)].append(_timed((jax_fns if side == "jax" else torch_fns)[name]))
+  return {name: _summary(times[("jax", name)], times.get(("torch", name))) for name in jax_fns}
+
+
+NON_CONFLICTING = ("upgrad", "dualproj", "mgda")
+
+
+def exactness(trials: int, decades: float) -> dict:
+  import torch
+
+  rng = np.random.default_rng(0)
+  names = [n for n in ref.DETERMINISTIC if n in torchjd_aggregators(2)]
+  errors = {(side, n): [] for side in ("jax", "torch") for n in names}
+  worst_cos = {(side, n): 1.0 for side in ("jax", "torch") for n in NON_CONFLICTING}
+  updates = {}
+  for trial in range(trials):
+    num_tasks = (2, 3, 4)[trial % 3]
+    tasks = tuple(f"t{i}" for i in range(num_tasks))
+    scales = 10.0 ** rng.uniform(-decades / 2, decades / 2, size=(num_tasks, 1))
+    jac = (rng.normal(size=(num_tasks, 6)) * scales).astype(np.float32)
+    for name in names:
+      want = ref.DETERMINISTIC[name](jac.astype(np.float64))
+      if (name, num_tasks) not in updates:
+        tx = tbgc_jax.make_method(name, tasks=tasks)
+        updates[name, num_tasks] = (tx, jax.jit(tx.update))
+      tx, update = updates[name, num_tasks]
+      got = {"jax": np.asarray(update({t: jnp.asarray(jac[i]) for i, t in enumerate(tasks)},
+                                      tx.init(jnp.zeros(6)))[0], np.float64),
+             "torch": torchjd_aggregators(num_tasks)[name](torch.from_numpy(jac)).double().numpy()}
+      for side, out in got.items():
+        errors[(side, name)].append(np.linalg.norm(out - want) / np.linalg.norm(want))
+        if name in NON_CONFLICTING and np.linalg.norm(out) > 0:
+          cos = jac.astype(np.float64) @ out / (np.linalg.norm(jac, axis=1) * np.linalg.norm(out))
+          worst_cos[(side, name)] = min(worst_cos[(side, name)], float(cos.min()))
   out = {}
-  for name in jax_fns:
-    j = _median_ms(times[("jax", name)])
-    row = {"jax_ms": round(j, 1)}
-    if name in torch_fns:
-      t = _median_ms(times[("torch", name)])
-      row |= {"torchjd_ms": round(t, 1), "ratio": round(j / t, 3)}
+  for name in names:
+    row = {}
+    for side in ("jax", "torch"):
+      e = errors[(side, name)]
+      row[side] = {"median": float(f"{np.median(e):.2e}"), "max": float(f"{np.max(e):.2e}"),
+                   "over_1e-3": int(sum(x > 1e-3 for x in e))}
+      if name in NON_CONFLICTING:
+        row[side]["min_cosine"] = round(worst_cos[(side, name)], 4)
     out[name] = row
   return out
 
@@ -110,6 +169,10 @@ def _mlp_sizes(d_in: int, width: int, depth: int):
 
 def step(num_tasks: int, rounds: int, batch: int = 256, d_in: int = 256, width: int = 1024,
          depth: int = 3) -> dict:
+  import torch
+  from torchjd import aggregation as tja
+  from torchjd.autojac import jac_to_grad, mtl_backward
+
   rng = np.random.default_rng(num_tasks)
   sizes = _mlp_sizes(d_in, width, depth)
   w0 = [(rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a), np.zeros(b, np.float32))
@@ -187,16 +250,23 @@ def step(num_tasks: int, rounds: int, batch: int = 256, d_in: int = 256, width: 
   times = {"jax": [], "torch": []}
   for r in range(rounds):
     for side in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
-      t0 = time.perf_counter()
-      (run_jax if side == "jax" else run_torch)()
-      times[side].append(time.perf_counter() - t0)
-  j, t = _median_ms(times["jax"]), _median_ms(times["torch"])
-  return {"jax_ms": round(j, 2), "torchjd_ms": round(t, 2), "ratio": round(j / t, 3)}
+      times[side].append(_timed(run_jax if side == "jax" else run_torch))
+  return _summary(times["jax"], times["torch"])
+
+
+def _fmt(row: dict) -> str:
+  text = f"{row['jax_ms']:9.1f} ({row['jax_cpu_ms']:9.1f})"
+  if "ratio" in row:
+    text += (f" {row['torchjd_ms']:9.1f} ({row['torchjd_cpu_ms']:9.1f})"
+             f"  {row['ratio']:6.3f} ({row['cpu_ratio']:6.3f})")
+  return text
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--part", choices=("all", "aggregation", "step"), default="all")
+  parser.add_argument("--part", choices=("all", "aggregation", "step", "exactness"),
+                      default="all")
+  parser.add_argument("--trials", type=int, default=60, help="Jacobians per exactness setting")
   parser.add_argument("--tasks", default="2,4,8", help="T of the multi-task step")
   parser.add_argument("--agg_tasks", type=int, default=3)
   parser.add_argument("--millions", type=int, default=25, help="parameters (x 2^20)")
@@ -205,6 +275,8 @@ def main():
   parser.add_argument("--step_rounds", type=int, default=21)
   parser.add_argument("--out", default="")
   args = parser.parse_args()
+  import torch  # the optional torch environment: only after --help
+
   torch.set_num_threads(THREADS)
   torch.manual_seed(0)
   names = (list(torchjd_aggregators(args.agg_tasks)) if args.methods == "all"
@@ -213,25 +285,40 @@ def main():
       "machine": f"2-core CPU box ({platform.processor() or platform.machine()}), "
                  f"{THREADS} threads each side",
       "versions": {p: md.version(p) for p in ("jax", "jaxlib", "optax", "torch", "torchjd")},
+      "command": "OMP_NUM_THREADS=2 nice -n 10 python benchmarks/vs_torchjd.py "
+                 + " ".join(sys.argv[1:]),
+      "load_average_at_start": [round(x, 1) for x in os.getloadavg()],
   }
   if args.part in ("all", "aggregation"):
     agg = aggregation(args.agg_tasks, args.millions, args.rounds, names)
     result["aggregation"] = {"tasks": args.agg_tasks, "parameters": args.millions * LEAF,
                              "rounds": args.rounds, "methods": agg}
-    print(f"aggregation, {args.agg_tasks} tasks x {args.millions}M float32 parameters "
-          "(median ms; ratio = project / TorchJD):")
+    print(f"aggregation, {args.agg_tasks} tasks x {args.millions}M float32 parameters, median "
+          "ms wall (CPU): project, TorchJD, ratio project / TorchJD")
     for name, row in agg.items():
-      print(f"  {name:12s} {row['jax_ms']:9.1f} {row.get('torchjd_ms', float('nan')):9.1f} "
-            f"{row.get('ratio', float('nan')):6.3f}")
+      print(f"  {name:12s} {_fmt(row)}")
   if args.part in ("all", "step"):
     result["step"] = {"rounds": args.step_rounds, "batch": 256, "d_in": 256, "width": 1024,
                       "depth": 3, "by_tasks": {}}
-    print("multi-task step, MLP trunk 3 x 1024 + T heads, UPGrad + Adam (median ms):")
+    print("multi-task step, MLP trunk 3 x 1024 + T heads, UPGrad + Adam, median ms wall (CPU)")
     for num_tasks in map(int, args.tasks.split(",")):
       row = step(num_tasks, args.step_rounds)
       result["step"]["by_tasks"][str(num_tasks)] = row
-      print(f"  T={num_tasks}: project {row['jax_ms']:8.2f}  TorchJD {row['torchjd_ms']:8.2f}  "
-            f"ratio {row['ratio']:.3f}")
+      print(f"  T={num_tasks:<10d} {_fmt(row)}")
+  if args.part in ("all", "exactness"):
+    result["exactness"] = {"trials": args.trials, "by_decades": {}}
+    for decades in (2.0, 4.0):
+      rows = exactness(args.trials, decades)
+      result["exactness"]["by_decades"][f"{decades:g}"] = rows
+      print(f"exactness, {args.trials} Jacobians (2-4 tasks x 6), norms over {decades:g} "
+            "decades: relative error median / max (project | TorchJD), min cosine")
+      for name, row in rows.items():
+        j, t = row["jax"], row["torch"]
+        extra = (f"   min cos {j['min_cosine']:+.4f} | {t['min_cosine']:+.4f}"
+                 if "min_cosine" in j else "")
+        print(f"  {name:12s} {j['median']:8.1e} {j['max']:8.1e} | {t['median']:8.1e} "
+              f"{t['max']:8.1e}{extra}")
+  result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -40,7 +40,7 @@ def _fences(path: Path) -> list[tuple[int, str, str]]:
 def _commands(body: str) -> list[list[str]]:
   """The simple commands of a shell block: continuations joined, ``NAME=value`` assignments
   (alone on a line, or ``export``-ed) substituted into later lines, ``&&`` lists split,
-  leading ``eval`` and per-command environment assignments dropped."""
+  leading ``eval``, ``nice [-n N]`` and per-command environment assignments dropped."""
   variables: dict[str, str] = {}
   out = []
   for line in body.replace("\\\n", " ").splitlines():
@@ -56,6 +56,8 @@ def _commands(body: str) -> list[list[str]]:
       if token in ("&&", "||", ";"):
         while command and (command[0] == "eval" or re.match(r"^\w+=", command[0])):
           command = command[1:]
+        if command[:1] == ["nice"]:  # nice [-n N] COMMAND
+          command = command[3:] if command[1:2] == ["-n"] else command[1:]
         if command:
           out.append(command)
         command = []
@@ -205,7 +207,7 @@ def test_shell_commands_match_the_code():
     ("python a.py --x=1 \\\n  --y 2  # comment", [["python", "a.py", "--x=1", "--y", "2"]]),
     ('R=/d\nS="--a=1 \\\n --b=2"\neval python t.py --c $R $S',
      [["python", "t.py", "--c", "/d", "--a=1", "--b=2"]]),
-    ("A=1 B=2 python -m m run && pip install -e '.[x]'",
+    ("A=1 nice -n 10 python -m m run && pip install -e '.[x]'",
      [["python", "-m", "m", "run"], ["pip", "install", "-e", ".[x]"]]),
 ])
 def test_shell_command_parsing(body, expected):
