@@ -3,6 +3,7 @@
 from tbgc_jax._src.aggregation import GramianState as GramianState
 from tbgc_jax._src.clipping import TaskClipState as TaskClipState
 from tbgc_jax._src.clipping import all_finite as all_finite
+from tbgc_jax._src.clipping import backbone_clip as backbone_clip
 from tbgc_jax._src.clipping import per_task_clip as per_task_clip
 from tbgc_jax._src.clipping import sum_tasks as sum_tasks
 from tbgc_jax._src.clipping import task_diagnostics as task_diagnostics
