@@ -41,4 +41,19 @@ from tbgc_jax._src.weighting import famo as famo
 from tbgc_jax._src.weighting import rlw as rlw
 from tbgc_jax._src.weighting import uncertainty as uncertainty
 
+# isort: split
+# Scalarizers and LibMTL methods
+from tbgc_jax._src.libmtl import DbMtlState as DbMtlState
+from tbgc_jax._src.libmtl import GradNormState as GradNormState
+from tbgc_jax._src.libmtl import MocoState as MocoState
+from tbgc_jax._src.libmtl import db_mtl as db_mtl
+from tbgc_jax._src.libmtl import gradnorm as gradnorm
+from tbgc_jax._src.libmtl import moco as moco
+from tbgc_jax._src.scalarization import ImtlState as ImtlState
+from tbgc_jax._src.scalarization import geometric_mean as geometric_mean
+from tbgc_jax._src.scalarization import imtl as imtl
+from tbgc_jax._src.scalarization import imtl_l as imtl_l
+from tbgc_jax._src.scalarization import pbi as pbi
+from tbgc_jax._src.scalarization import stch as stch
+
 __version__ = "0.1.0"
