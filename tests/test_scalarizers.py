@@ -198,3 +198,32 @@ def test_registered_with_their_factories_and_bad_hyperparameters():
     tbgc_jax.pbi(tasks=TASKS, preference={"a": -1.0, "b": 1.0, "c": 1.0})
   with pytest.raises(ValueError, match="beta must be in"):
     tbgc_jax.make_method("db_mtl", tasks=TASKS, beta=1.5)
+
+
+# ---------------------------------------------------------------- optional: TorchJD itself
+TORCHJD = {"geometric_mean": ("GeometricMean", {}),
+           "stch": ("STCH", {"mu": 0.5, "weights": [0.5, 0.2, 0.3],
+                             "reference": [0.01, 0.02, 0.0]}),
+           "pbi": ("PBI", {"theta": 2.0, "weights": [0.5, 0.2, 0.3],
+                           "reference": [0.01, 0.02, 0.0]}),
+           "imtl_l": ("IMTLL", {"shape": 3})}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHJD))
+def test_weights_agree_with_torchjd_scalarizers(name):
+  """TorchJD's scalarizer differentiated by torch autograd at the same losses."""
+  torch = pytest.importorskip("torch")
+  scalarization = pytest.importorskip("torchjd.scalarization")
+  cls, kw = TORCHJD[name]
+  kw = {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
+        for k, v in kw.items()}
+  scalarizer = getattr(scalarization, cls)(**kw).double()
+  hparams = SCALARIZATIONS[name][0] if name in SCALARIZATIONS else {}
+  Js, heads, losses = _problem(6, 3)
+  for (_, state), L in zip(_run(name, Js, heads, losses, **hparams), losses, strict=True):
+    values = torch.tensor(L, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(scalarizer(values), values)
+    got = np.array([state.diagnostics.weights[t] for t in TASKS])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-7)
+    if name == "imtl_l":  # TorchJD's scales stay at their initial value here.
+      break
