@@ -163,6 +163,10 @@ def test_moco_is_order_invariant_and_drops_nonfinite_tasks():
   want, _ = jax.jit(tx.update)(zero, tx.init(PARAMS))
   chex.assert_trees_all_equal(got, want)
   assert int(state.diagnostics.num_nonfinite["b"]) == 1
+  # TorchJD's test matrix, first step (docs/methods.md): y = J / 2, lambda = P(0.55, 0.3).
+  tx = tbgc_jax.moco(tasks=("a", "b"))
+  J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
+  np.testing.assert_allclose(tx.update(J, tx.init(J["a"]))[0], [-0.125, 0.5, 0.5], rtol=1e-6)
 
 
 def test_moco_in_chain_without_retrace_and_low_precision():
