@@ -6,6 +6,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import mtl_reference as ref
 import numpy as np
 import optax
@@ -200,6 +201,13 @@ def test_registered_with_their_factories_and_bad_hyperparameters():
     tbgc_jax.stch(tasks=TASKS, preference={"a": 1.0})
   with pytest.raises(ValueError, match="non-negative"):
     tbgc_jax.pbi(tasks=TASKS, preference={"a": -1.0, "b": 1.0, "c": 1.0})
+  config = ml_collections.ConfigDict({"preference": PREFERENCE, "ideal": IDEAL})
+  from_config = tbgc_jax.stch(tasks=TASKS, preference=config.preference, ideal=config.ideal)
+  plain = tbgc_jax.stch(tasks=TASKS, preference=PREFERENCE, ideal=IDEAL)
+  Js, heads, losses = _problem(7, 1)
+  g, L = _grads(Js[0], heads[0]), dict(zip(TASKS, losses[0], strict=True))
+  chex.assert_trees_all_equal(from_config.update(g, from_config.init(PARAMS), losses=L),
+                              plain.update(g, plain.init(PARAMS), losses=L))
   with pytest.raises(ValueError, match="beta must be in"):
     tbgc_jax.make_method("db_mtl", tasks=TASKS, beta=1.5)
 

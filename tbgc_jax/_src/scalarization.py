@@ -40,6 +40,8 @@ def _per_task(values: Mapping[str, float] | None, tasks: tuple[str, ...], defaul
   """A ``{task: value}`` hyperparameter as a float32 vector in ``tasks`` order."""
   if values is None:
     return np.full([len(tasks)], default, np.float32)
+  if hasattr(values, "keys") and not isinstance(values, Mapping):  # an ml_collections.ConfigDict
+    values = {k: values[k] for k in values.keys()}
   if not isinstance(values, Mapping) or set(values) != set(tasks):
     raise ValueError(f"{where}: {name} must map each task of {list(tasks)} to a number, got "
                      f"{values!r}")
