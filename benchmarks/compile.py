@@ -1,8 +1,8 @@
 """Compile time of the train step: lowering vs XLA compile per task function and the update.
 
-  python benchmarks/compile.py --config configs/tiny.py
-  python benchmarks/compile.py --config configs/challenge.py --lower_only   # 2-core CPU
-  python benchmarks/compile.py --config configs/challenge.py --layouts config,unrolled \
+  python -m benchmarks.compile --config configs/tiny.py
+  python -m benchmarks.compile --config configs/challenge.py --lower_only   # 2-core CPU
+  python -m benchmarks.compile --config configs/challenge.py --layouts config,unrolled \
       --noconcurrent   # the scanned layers against the unrolled structure, in one run
 
 Builds the trainer's ``per_task_jit`` step (`tbgc_jax.trainer.step.PerTaskStep`) on abstract
@@ -35,10 +35,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 
 def _define_flags() -> None:
