@@ -7,8 +7,8 @@ machine noise hits them alike; medians in milliseconds and ratios to ``none`` (t
 and to ``tbgc`` are printed. The goal line checks every Gramian method against 1.5x ``tbgc`` at
 3 tasks x 25M parameters (GradDrop, elementwise, is reported beside it).
 
-  python benchmarks/methods.py                        # goal point, task and size sweeps
-  python benchmarks/methods.py --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
+  python -m benchmarks.methods                        # goal point, task and size sweeps
+  python -m benchmarks.methods --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
 """
 
 import argparse
