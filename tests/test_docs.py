@@ -118,8 +118,9 @@ def _check(where: str, argv: list[str]) -> list[str]:
     module, rest = args[1], args[2:]
     if module in _EXTERNAL_MODULES:
       return []
-    if not module.startswith("tbgc_jax") or importlib.util.find_spec(module) is None:
-      return [f"{where}: module {module} does not exist in the package"]
+    if (not module.startswith(("tbgc_jax", "benchmarks."))
+        or importlib.util.find_spec(module) is None):
+      return [f"{where}: module {module} is neither in the package nor in benchmarks/"]
     entry = ("-m", module)
   else:
     script, rest = args[0], args[1:]
@@ -242,3 +243,12 @@ def test_every_public_name_is_on_one_api_page():
   twice = {n: p for n, p in documented.items() if len(p) > 1}
   assert not twice, f"names documented on several API pages: {twice}"
   assert not set(documented) - public, "API pages name objects tbgc_jax does not export"
+
+
+def test_docstring_example_sections_are_named_examples():
+  # Google style, as the API reference's parser reads it: `Examples:` is a section of code;
+  # `Example:` becomes a note whose `>>>` lines render as text (and break the strict build).
+  bad = [f"{path.relative_to(_ROOT)}:{k}" for path in sorted((_ROOT / "tbgc_jax").rglob("*.py"))
+         for k, line in enumerate(path.read_text().splitlines(), 1)
+         if re.fullmatch(r"\s+Example:", line)]
+  assert not bad, f"name these docstring sections `Examples:`: {bad}"
