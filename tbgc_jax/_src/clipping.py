@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tbgc_jax._src.base import check_tasks as _check_tasks
 from tbgc_jax._src.diagnostics import find_state
 from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import POSITIVE, register
@@ -31,14 +32,6 @@ class TaskClipState(NamedTuple):
   backbone_scale: dict[str, jax.Array]  # f32[]: factor applied to its backbone leaves.
   head_scale: dict[str, jax.Array]  # f32[]: factor applied to its other leaves.
   num_nonfinite: dict[str, jax.Array]  # i32[]: updates in which its gradient was non-finite.
-
-
-def _check_tasks(tasks: Sequence[str], where: str) -> tuple[str, ...]:
-  tasks = tuple(tasks)
-  if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
-    raise ValueError(f"{where}: tasks must be a non-empty sequence of distinct names, got {tasks}")
-  # Summing in sorted-name order makes the result bitwise independent of the task order.
-  return tuple(sorted(tasks))
 
 
 def _split_grads(updates: Any, tasks: tuple[str, ...], params: Any, where: str):

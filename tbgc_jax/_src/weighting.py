@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src.aggregation import Step, gramian_method
-from tbgc_jax._src.clipping import _check_tasks
+from tbgc_jax._src.base import check_tasks as _check_tasks
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
 
