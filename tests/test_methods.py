@@ -145,6 +145,26 @@ def test_graddrop_keeps_one_sign_per_coordinate(J, leak):
                                                                          atol=1e-6))
 
 
+def test_graddrop_keeps_the_positive_side_with_probability_p():
+  """P = 0.3 on every coordinate: the kept-positive fraction is Bernoulli(0.3), independently
+  across coordinates, leaves and steps."""
+  tasks = ("t0", "t1")
+  grads = {"t0": {"w": jnp.full((128, 128), 3.0), "v": jnp.full((16384,), 3.0)},
+           "t1": {"w": jnp.full((128, 128), -7.0), "v": jnp.full((16384,), -7.0)}}
+  tx = tbgc_jax.graddrop(tasks=tasks)
+  update = jax.jit(tx.update)
+  state, draws = tx.init(grads["t0"]), []
+  for _ in range(2):
+    out, state = update(grads, state)
+    draws += [np.asarray(out["w"]).ravel() == 3.0, np.asarray(out["v"]) == 3.0]
+  sigma = np.sqrt(0.3 * 0.7 / draws[0].size)
+  for d in draws:
+    assert abs(d.mean() - 0.3) < 5 * sigma
+    assert abs(np.corrcoef(d[:-1], d[1:])[0, 1]) < 5 / np.sqrt(d.size)  # neighbours
+  for a, b in [(0, 1), (0, 2), (1, 3)]:  # other leaf, next step
+    assert abs(np.corrcoef(draws[a], draws[b])[0, 1]) < 5 / np.sqrt(draws[a].size)
+
+
 TORCHJD_MATRIX = np.array([[-4.0, 1.0, 1.0, 0.0, 0.0], [6.0, 1.0, 1.0, 0.0, 0.0]], np.float32)
 # TorchJD's expected outputs on its test matrix (its defaults: reg_eps=1e-4 in UPGrad and
 # DualProj, c=0.5 for CAGrad, alpha=1 for FairGrad, max_norm=1 for NashMTL).
