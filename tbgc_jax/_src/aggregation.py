@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tbgc_jax._src.base import safe_div
 from tbgc_jax._src.clipping import (
     _SMALL_LEAF,
     _check_tasks,
@@ -110,14 +111,10 @@ def gramian(leaves: dict[str, Sequence[jax.Array]], select: Sequence[bool],
                     for a in range(n)])
 
 
-def _safe_div(num, den):
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-
-
 def cosine(gram: jax.Array) -> jax.Array:
   """Pairwise cosine similarity from a Gramian (0 where a norm is 0)."""
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-  return _safe_div(gram, norms[:, None] * norms[None, :])
+  return safe_div(gram, norms[:, None] * norms[None, :])
 
 
 def gramian_method(

@@ -30,10 +30,6 @@ _F32 = jnp.float32
 GT = optax.GradientTransformationExtraArgs
 
 
-def _safe_div(num, den):
-  return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), 0.0)
-
-
 def _orders(key: jax.Array, n: int) -> jax.Array:
   """One random permutation of range(n) per task: i32[n, n]."""
   return jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n))
@@ -246,7 +242,7 @@ def pcgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], seed:
       j = orders[:, k]
       dots = jnp.sum(comb * gram[:, j].T, axis=1)  # <g_i^PC, g_j>
       norm_j = gram[j, j]
-      coef = jnp.where((dots < 0) & (j != rows) & (norm_j > 0), _safe_div(dots, norm_j), 0.0)
+      coef = jnp.where((dots < 0) & (j != rows) & (norm_j > 0), safe_div(dots, norm_j), 0.0)
       return comb - coef[:, None] * jax.nn.one_hot(j, n, dtype=_F32)
 
     return jax.lax.fori_loop(0, n, body, jnp.eye(n, dtype=_F32)), key
@@ -297,7 +293,7 @@ def graddrop(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     outs, sq = [], jnp.zeros([len(bb)], _F32)
     for i, xs in enumerate(zip(*bb.values(), strict=True)):
       total = sum(xs)
-      purity = 0.5 * (1.0 + _safe_div(total, sum(jnp.abs(x) for x in xs)))
+      purity = 0.5 * (1.0 + safe_div(total, sum(jnp.abs(x) for x in xs)))
       u = _hash_uniform(words[i], xs[0].shape)
       kept = [leak + (1.0 - leak) * jnp.where(purity > u, x > 0, x < 0) * 1.0 for x in xs]
       outs.append(sum(m * x for m, x in zip(kept, xs, strict=True)))
@@ -350,7 +346,7 @@ def cagrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], c: fl
     sqrt_phi = c * jnp.sqrt(jnp.maximum(m @ g @ m, 0.0))
 
     w = solvers.cagrad_inner(g, step.active, c)
-    return m + _safe_div(sqrt_phi, jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))) * w
+    return m + safe_div(sqrt_phi, jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))) * w
 
   return gramian_method("cagrad", backbone_mask, tasks, weighting(weights),
                         drop_nonfinite=drop_nonfinite)
@@ -391,7 +387,7 @@ def imtl_g(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     v = jnp.where(step.active,
                   jnp.linalg.pinv(c, hermitian=True) @ step.active.astype(_F32) / d, 0.0)
     total = v.sum()
-    return jnp.where(jnp.abs(total) > 1e-12, v / jnp.where(total != 0, total, 1.0), 0.0)
+    return safe_div(v, total, where=jnp.abs(total) > 1e-12)
 
   return gramian_method("imtl_g", backbone_mask, tasks, weighting(weights),
                         drop_nonfinite=drop_nonfinite)
@@ -484,11 +480,11 @@ def config(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   """
   def weights(step: Step):
     g, s = solvers.normalized(step.gram)
-    inv_norm = _safe_div(1.0, jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0)))
+    inv_norm = safe_div(1.0, jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0)))
     units = inv_norm[:, None] * g * inv_norm[None, :]
     b = inv_norm * (jnp.linalg.pinv(units, hermitian=True) @ step.active.astype(_F32))
     # w = b * (1^T G b) / (b^T G b): x̂ = J^T b / ||J^T b||, length sum_t <g_t, x̂>.
-    return b * _safe_div(jnp.sum(g @ b), b @ g @ b)
+    return b * safe_div(jnp.sum(g @ b), b @ g @ b)
 
   return gramian_method("config", backbone_mask, tasks, weighting(weights),
                         drop_nonfinite=drop_nonfinite)
@@ -561,9 +557,9 @@ def nash_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   """
   def weights(step: Step):
     frob = jnp.sqrt(jnp.sum(jnp.square(step.gram)))
-    w = solvers.power_fixed_point(_safe_div(step.gram, frob), step.active, 1.0)
+    w = solvers.power_fixed_point(safe_div(step.gram, frob), step.active, 1.0)
     norm = jnp.sqrt(jnp.maximum(w @ step.gram @ w, 0.0))
-    clip = jnp.where((max_norm > 0) & (norm > max_norm), _safe_div(max_norm, norm), 1.0)
+    clip = jnp.where((max_norm > 0) & (norm > max_norm), safe_div(max_norm, norm), 1.0)
     return w * clip
 
   return gramian_method("nash_mtl", backbone_mask, tasks, weighting(weights),
@@ -618,11 +614,11 @@ def gradvac(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta
       comb, targets = carry
       j = orders[:, k]
       norm_i = jnp.sqrt(jnp.maximum(jnp.einsum("ts,su,tu->t", comb, gram, comb), 0.0))
-      phi = _safe_div(jnp.sum(comb * gram[:, j].T, axis=1), norm_i * norms[j])
+      phi = safe_div(jnp.sum(comb * gram[:, j].T, axis=1), norm_i * norms[j])
       target = targets[rows, j]
       valid = (j != rows) & step.active & step.active[j]
       sin_t = jnp.sqrt(jnp.maximum(1.0 - target**2, 0.0))
-      coef = _safe_div(norm_i * (target * jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0)) - phi * sin_t),
+      coef = safe_div(norm_i * (target * jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0)) - phi * sin_t),
                        norms[j] * sin_t)
       comb = comb + jnp.where(valid & (phi < target), coef, 0.0)[:, None] * jax.nn.one_hot(
           j, n, dtype=_F32)
