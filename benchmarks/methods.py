@@ -4,8 +4,8 @@ For each configuration (tasks x parameters), every method is jitted on the same 
 gradients (float32; 80% of the parameters in 1M-element backbone leaves, the rest split into one
 head per task, other tasks' heads zero as ``jax.grad`` gives); rounds interleave the methods so
 machine noise hits them alike; medians in milliseconds and ratios to ``none`` (the plain sum)
-and to ``tbgc`` are printed. The goal line checks every Gramian method against 1.5x ``tbgc`` at
-3 tasks x 25M parameters (GradDrop, elementwise, is reported beside it).
+and to ``tbgc`` are printed. At 3 tasks x 25M parameters, two lines compare every Gramian
+method with 1.3x ``tbgc`` and GradDrop (elementwise) with 1.5x ``tbgc``, from the same run.
 
   python benchmarks/methods.py                        # goal point, task and size sweeps
   python benchmarks/methods.py --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
@@ -105,12 +105,14 @@ def main():
       worst = max(gramian, key=lambda n: med[n]) if gramian else None
       if worst:
         ratio = med[worst] / med["tbgc"]
-        print(f"  goal: every Gramian method <= 1.5x tbgc at 3 tasks x 25M: "
-              f"{'met' if ratio <= 1.5 else 'NOT met'} (worst {worst} {ratio:.2f}x)")
+        above = [n for n in gramian if med[n] > 1.3 * med["tbgc"]]
+        print(f"  every Gramian method <= 1.3x tbgc at 3 tasks x 25M: "
+              f"{'yes' if ratio <= 1.3 else 'no'} (worst {worst} {ratio:.2f}x; above: {above})")
       for name in ELEMENTWISE:
         if name in med:
-          print(f"  {name} (elementwise, not a Gramian method): "
-                f"{med[name] / med['tbgc']:.2f}x tbgc")
+          ratio = med[name] / med["tbgc"]
+          print(f"  {name} (elementwise, not a Gramian method): {ratio:.2f}x tbgc "
+                f"({'<=' if ratio <= 1.5 else '>'} 1.5x)")
 
 
 if __name__ == "__main__":
