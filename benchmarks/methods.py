@@ -7,8 +7,8 @@ machine noise hits them alike; medians in milliseconds and ratios to ``none`` (t
 and to ``tbgc`` are printed. At 3 tasks x 25M parameters, two lines compare every Gramian
 method with 1.3x ``tbgc`` and GradDrop (elementwise) with 1.5x ``tbgc``, from the same run.
 
-  python benchmarks/methods.py                        # goal point, task and size sweeps
-  python benchmarks/methods.py --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
+  python -m benchmarks.methods                        # goal point, task and size sweeps
+  python -m benchmarks.methods --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
 """
 
 import argparse
@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import tbgc_jax
 
 LEAF = 1 << 20
-CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc")
-# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate).
-ELEMENTWISE = ("graddrop",)
+CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip")
+# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate);
+# MoCo and DB-MTL update one running estimate per task of the whole backbone gradient.
+ELEMENTWISE = ("graddrop", "moco", "db_mtl")
 
 
 def make_grads(num_tasks: int, millions: float, seed: int = 0):

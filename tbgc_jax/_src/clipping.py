@@ -1,5 +1,6 @@
-"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip), vanilla clip, and the
-plain sum of the task gradients (the ``none`` baseline).
+"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip), the first-place
+code's backbone clip, vanilla clip, and the plain sum of the task gradients (the ``none``
+baseline).
 
 All take, as ``updates``, a mapping ``{task_name: gradient pytree shaped like params}``
 (head leaves a task does not touch hold zeros) and return one summed, params-shaped pytree,
@@ -20,6 +21,8 @@ from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import POSITIVE, register
 
 _F32 = jnp.float32
+# Added to the backbone norm by `backbone_clip`, as in the code it reproduces.
+_BACKBONE_CLIP_EPS = 1e-6
 
 
 class TaskClipState(NamedTuple):
@@ -129,6 +132,12 @@ def _rescale_rule(rescale_heads: bool) -> Rule:
     rescale = safe_div(s, norms.backbone, fallback=clip)
     return rescale, (rescale if rescale_heads else clip)
   return rule
+
+
+def _backbone_clip_rule(norms: _Norms, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The first-place code's step: one factor from the backbone norm alone, never above 1."""
+  c = jnp.minimum(1.0, s / (norms.backbone + _BACKBONE_CLIP_EPS))
+  return c, c
 
 
 def _unit_rule(norms: _Norms, s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -343,6 +352,60 @@ def per_task_clip(
                                 drop_nonfinite=drop_nonfinite, needs_backbone=False))
 
 
+def backbone_clip(
+    max_norm: float | jax.Array = 0.1,
+    backbone_mask: MaskOrFn | None = None,
+    *,
+    tasks: Sequence[str],
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Per-task clip by the backbone norm: the first-place CVPR 2023 challenge code's TBGC.
+
+  For each task ``t``, with ``S = max_norm`` and ``B(.)`` the backbone part of a gradient:
+
+  .. math::
+
+    g_t \leftarrow g_t \min\left(1, \frac{S}{\|B(g_t)\| + 10^{-6}}\right), \qquad
+    \text{update} = \textstyle\sum_t g_t,
+
+  one factor on the whole task gradient (backbone and head leaves). Where every task's
+  backbone norm exceeds ``S`` this is `tbgc` up to the ``1e-6``; a task whose backbone norm
+  is at most ``S`` is left as it is (`tbgc` scales it up to ``S``), and there is no clip by
+  the task's total norm. Same input convention, edge cases, non-finite handling and chain
+  position as `tbgc`.
+
+  Args:
+    max_norm: ``S``, the largest backbone norm a task may contribute. May be traced.
+    backbone_mask: a pytree of bools shaped like params (or a prefix of it), True on
+      backbone leaves, or a callable ``params -> mask`` such as `tbgc_jax.path_mask`.
+    tasks: the task names; ``update`` expects exactly these keys.
+    drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+
+  References:
+    ``optimizer_wrapper.py::_clip_grad`` with ``backbone_based=True``, applied per task in
+    ``distributed.py::train_step``, in the first-place code of the CVPR 2023 Foundation
+    Model Challenge Track 1 (github.com/vaew/CVPR-2023-Track1-, ``track1-huster/openMMLab/
+    mmengine``).
+
+  Example:
+    >>> import jax.numpy as jnp, tbgc_jax
+    >>> tx = tbgc_jax.backbone_clip(1.0, {"backbone": True, "head": False}, tasks=("a", "b"))
+    >>> grads = {"a": {"backbone": jnp.array([3.0, 4.0]), "head": jnp.array([5.0])},
+    ...          "b": {"backbone": jnp.array([0.3, 0.4]), "head": jnp.array([5.0])}}
+    >>> out, _ = tx.update(grads, tx.init(grads["a"]))
+    >>> [round(x, 4) for x in out["backbone"].tolist()], round(float(out["head"][0]), 4)
+    ([0.9, 1.2], 6.0)
+  """
+  if backbone_mask is None:
+    raise ValueError("backbone_clip: backbone_mask is required (the clip is by the backbone "
+                     "norm)")
+  return _sum_then(_scale_tasks("backbone_clip", _backbone_clip_rule, max_norm, backbone_mask,
+                                tasks, drop_nonfinite=drop_nonfinite, needs_backbone=True))
+
+
 def vanilla_clip(
     max_norm: float | jax.Array,
     backbone_mask: MaskOrFn | None = None,
@@ -490,3 +553,4 @@ register("none", sum_tasks)
 register("vanilla", vanilla_clip, checks={"max_norm": POSITIVE})
 register("tbgc_star", per_task_clip, checks={"max_norm": POSITIVE})
 register("tbgc", tbgc, checks={"max_norm": POSITIVE})
+register("backbone_clip", backbone_clip, checks={"max_norm": POSITIVE})
