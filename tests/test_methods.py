@@ -416,17 +416,17 @@ def test_the_clipping_methods_are_their_compositions():
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal(tbgc_jax.task_diagnostics(state),
                                 tbgc_jax.task_diagnostics(want_state))
-  # TBGC* is the clip step alone, summed; vanilla is the sum, clipped by its global norm.
+  # TBGC* is the clip step alone, summed; vanilla is the sum, clipped by its global norm (op by
+  # op: cheaper than four more compiles at these sizes).
   chained = optax.chain(tbgc_jax.task_rescale(0.1, MASK, tasks=TASKS, rescale=False),
                         tbgc_jax.sum_tasks(tasks=TASKS))
   star = tbgc_jax.per_task_clip(0.1, MASK, tasks=TASKS)
-  chex.assert_trees_all_equal(jax.jit(chained.update)(grads, chained.init(grads["t0"]))[0],
-                              jax.jit(star.update)(grads, star.init(grads["t0"]))[0])
+  chex.assert_trees_all_equal(chained.update(grads, chained.init(grads["t0"]))[0],
+                              star.update(grads, star.init(grads["t0"]))[0])
   chained = optax.chain(tbgc_jax.sum_tasks(tasks=TASKS), optax.clip_by_global_norm(0.1))
   vanilla = tbgc_jax.vanilla_clip(0.1, MASK, tasks=TASKS)
-  chex.assert_trees_all_close(jax.jit(chained.update)(grads, chained.init(grads["t0"]))[0],
-                              jax.jit(vanilla.update)(grads, vanilla.init(grads["t0"]))[0],
-                              rtol=1e-6)
+  chex.assert_trees_all_close(chained.update(grads, chained.init(grads["t0"]))[0],
+                              vanilla.update(grads, vanilla.init(grads["t0"]))[0], rtol=1e-6)
 
 
 def test_task_rescale_then_upgrad_projects_the_rescaled_gradients():
