@@ -16,7 +16,8 @@ import optax
 
 from tbgc_jax._src import solvers
 from tbgc_jax._src.aggregation import GramianState, Step, gramian, gramian_method
-from tbgc_jax._src.clipping import _check_tasks, _safe_ratio
+from tbgc_jax._src.base import safe_div
+from tbgc_jax._src.clipping import _check_tasks
 from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, register
 from tbgc_jax._src.weighting import _stack_losses
@@ -121,17 +122,17 @@ def gradnorm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], alp
     losses = _stack_losses(step.losses, tasks, where)
     initial = jnp.where((state.count == 0) & jnp.isfinite(losses), losses, state.initial_losses)
     losses = jnp.where(jnp.isfinite(losses), losses, initial)
-    rate = jnp.maximum(_safe_ratio(losses, initial), 0.0)
+    rate = jnp.maximum(safe_div(losses, initial, fallback=losses), 0.0)
     active = step.active.astype(_F32)
-    mean_rate = _safe_ratio(jnp.sum(rate * active), jnp.sum(active))
+    mean_rate = safe_div(jnp.sum(rate * active), jnp.sum(active))
     norms = jnp.sqrt(jnp.maximum(jnp.diag(step.gram), 0.0))
     g = state.weights * norms
-    target = _safe_ratio(jnp.sum(g * active), jnp.sum(active)) * _safe_ratio(
-        rate, mean_rate) ** alpha
+    target = safe_div(jnp.sum(g * active), jnp.sum(active)) * safe_div(
+        rate, mean_rate, fallback=rate) ** alpha
     grad_w = norms * jnp.sign(g - target) * active
     update, opt_state = opt.update(grad_w, state.weights_opt_state, state.weights)
     w = jnp.maximum(optax.apply_updates(state.weights, update), 0.0)
-    w = jnp.where(jnp.sum(w) > 0, n * _safe_ratio(w, jnp.sum(w)), 1.0)
+    w = jnp.where(jnp.sum(w) > 0, n * safe_div(w, jnp.sum(w)), 1.0)
     return jnp.diag(state.weights), GradNormState(w, opt_state, initial, state.count + 1)
 
   return gramian_method(where, backbone_mask, tasks, combine, init_inner=init_inner,

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import optax
 
+from tbgc_jax._src.base import check_tasks
 from tbgc_jax._src.masks import MaskOrFn
 
 Check = tuple[Callable[[Any], bool], str]
@@ -168,5 +169,6 @@ def make_method(
     [0.1, 0.1, 0.1, 0.1]
   """
   method = check_method(name, hyperparameters)
+  check_tasks(tasks, f"method {name!r}")
   tx = method.factory(backbone_mask=backbone_mask, tasks=tasks, **hyperparameters)
   return optax.with_extra_args_support(tx)

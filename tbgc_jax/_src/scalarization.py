@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from tbgc_jax._src.aggregation import Step, gramian_method
-from tbgc_jax._src.clipping import _check_tasks, _safe_ratio
+from tbgc_jax._src.base import safe_div
+from tbgc_jax._src.clipping import _check_tasks
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.methods import imtl_g_weights
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
@@ -202,7 +203,7 @@ def pbi(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], theta: f
     f = _finite_or(losses, 1.0) - z
     perp = f - jnp.dot(f, direction) * direction
     d2 = jnp.sqrt(jnp.sum(jnp.square(perp)))
-    return direction + theta * _safe_ratio(perp, d2) * (d2 > 0), inner
+    return direction + theta * safe_div(perp, d2), inner
 
   return _loss_weighting(where, backbone_mask, tasks, optax.EmptyState, weights_fn,
                          drop_nonfinite)

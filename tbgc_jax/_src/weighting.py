@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src.aggregation import Step, gramian_method
-from tbgc_jax._src.clipping import _check_tasks
+from tbgc_jax._src.base import check_tasks as _check_tasks
+from tbgc_jax._src.base import safe_div
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
 
@@ -242,7 +243,8 @@ def dwa(
     fallback = jnp.where(state.count >= steps_per_epoch, state.last, 1.0)
     losses = jnp.where(jnp.isfinite(losses), losses, fallback)
     epoch = state.count // steps_per_epoch
-    ratio = state.last / jnp.where(state.before_last != 0, state.before_last, 1.0)
+    ratio = safe_div(state.last, state.before_last, fallback=state.last,
+                     where=state.before_last != 0)
     weights = jnp.where(epoch >= 2, k * jax.nn.softmax(ratio / temperature), jnp.ones([k], _F32))
     loss_sum = state.loss_sum + losses
     ends = (state.count + 1) % steps_per_epoch == 0
