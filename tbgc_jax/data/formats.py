@@ -7,13 +7,14 @@ that decodes records with the task's ``DataSpec.decode``) or a ready random-acce
 (``__len__``, ``__getitem__`` -> example). The built-in formats (``coco``, ``tt100k``,
 ``bdd100k``, ``cls_list``, ``tfds`` in ``tbgc_jax.data.readers``; ``embedded`` in
 ``tbgc_jax.data.embedded``) register themselves on import; a new format is one function and
-one `register_reader` line (docs/data.md, "Adding a format").
+one `register_reader` line (docs/data.md, "Adding a format"); ``like=`` an existing format
+makes every task that reads that one read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tbgc_jax.data.spec import DataSpec
@@ -47,10 +48,19 @@ class ReadContext:
 
 Reader = Callable[[Mapping[str, Any], ReadContext], Any]
 _READERS: dict[str, Reader] = {}
+_LIKE: dict[str, str] = {}
 
 
-def register_reader(name: str, reader: Reader, *, replace: bool = False) -> Reader:
+def register_reader(name: str, reader: Reader, *, like: str | None = None,
+                    replace: bool = False) -> Reader:
   """Registers ``reader`` under the format name ``name``; returns it.
+
+  Args:
+    name: the format's name (``config.data.<task>.source.format``).
+    reader: ``reader(kwargs, ctx) -> RecordSet | source``.
+    like: a format whose records this one's are like (the same record type): every task
+      that reads ``like`` (``DataSpec.formats``) reads ``name`` too.
+    replace: allow replacing a format of the same name.
 
   Raises:
     ValueError: ``name`` is taken (unless ``replace``) or not a non-empty string.
@@ -62,6 +72,9 @@ def register_reader(name: str, reader: Reader, *, replace: bool = False) -> Read
     raise ValueError(f"source format {name!r} is already registered (replace=True to "
                      "replace it)")
   _READERS[name] = reader
+  _LIKE.pop(name, None)
+  if like is not None:
+    _LIKE[name] = like
   return reader
 
 
@@ -70,6 +83,19 @@ def unregister_reader(name: str) -> None:
   if name not in _READERS:
     raise KeyError(f"source format {name!r} is not registered")
   del _READERS[name]
+  _LIKE.pop(name, None)
+
+
+def reads(formats: Sequence[str], name: str) -> bool:
+  """Whether a task reading ``formats`` reads the format ``name`` (itself or, through the
+  ``like`` of its registration, a format like one of them)."""
+  seen = set()
+  while name is not None and name not in seen:
+    if name in formats:
+      return True
+    seen.add(name)
+    name = _LIKE.get(name)
+  return False
 
 
 def get_reader(name: str) -> Reader:

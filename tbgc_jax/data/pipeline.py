@@ -33,7 +33,7 @@ from tbgc_jax.data import embedded, readers  # noqa: F401 - they register their 
 from tbgc_jax.data.augment import build_augment, build_chain
 from tbgc_jax.data.batching import pad_example, padding_example
 from tbgc_jax.data.fields import Fields, as_fields
-from tbgc_jax.data.formats import ReadContext, get_reader
+from tbgc_jax.data.formats import ReadContext, get_reader, reads
 from tbgc_jax.data.records import DataValidationError, RecordSource
 from tbgc_jax.data.spec import DataSpec, RecordSet
 
@@ -65,8 +65,8 @@ def make_source(task_cfg: Any, spec: DataSpec, split: str) -> Any:
   Args:
     task_cfg: a task section (``data.det`` / ``data.seg`` / ``data.cls`` / ...).
     spec: the task's data spec; the format (``task_cfg.source.format``) must be one of its
-      ``formats`` or ``"embedded"``, read by the registered reader
-      (``tbgc_jax.data.formats``).
+      ``formats`` (or registered ``like`` one of them) or ``"embedded"``; the registered
+      reader reads it (``tbgc_jax.data.formats``).
     split: key under ``task_cfg.source`` ("train" or "val").
 
   Returns:
@@ -79,7 +79,7 @@ def make_source(task_cfg: Any, spec: DataSpec, split: str) -> Any:
   task = spec.name
   src = task_cfg["source"]
   fmt = src["format"]
-  if fmt != "embedded" and fmt not in spec.formats:
+  if fmt != "embedded" and not reads(spec.formats, fmt):
     raise ValueError(f"source format {fmt!r} is not available for task {task!r} (its "
                      f"formats: {('embedded', *spec.formats)})")
   kwargs = dict(_get(src, split, None) or {})
