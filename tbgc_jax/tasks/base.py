@@ -22,8 +22,8 @@ Adding a task of a new kind of target is one module (anywhere, e.g. a test modul
 registered with ``tbgc_jax.data.register_reader``), a head, an evaluator, and one
 `register_task` line (docs/data.md, "Adding a task").
 
-This module imports only numpy and the data layer's spec; the built-in specs (and the
-heads, OpenCV and pycocotools they use) load on the first `get_task` / `task_names` call.
+This module imports numpy and the data layer; the built-in specs (and the heads and
+pycocotools they use) load on the first `get_task` / `task_names` call.
 """
 
 from __future__ import annotations
@@ -35,11 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tbgc_jax.data.spec import DataSpec, EmbeddedPool, RecordSet
-
-__all__ = ["DataSpec", "EmbeddedPool", "EvalContext", "EvalSpec", "Evaluator", "HeadSpec",
-           "RecordSet", "TaskSpec", "get_task", "metric_key", "register_task", "task_names",
-           "unregister_task"]
+from tbgc_jax.data.spec import DataSpec
 
 # The built-in tasks' modules, imported (in this order) on the first registry look-up.
 _BUILTIN_MODULES = ("tbgc_jax.tasks.detection", "tbgc_jax.tasks.segmentation",
