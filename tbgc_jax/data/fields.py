@@ -318,7 +318,13 @@ class DenseMap(_Map):
 class Keypoints(Kind):
   """``num_keypoints`` points as float32 [k, 3]: x, y (pixel-edge coordinates) and a
   visibility flag (1 visible, 0 not); ``flip_pairs`` lists the (left, right) indices a
-  horizontal flip swaps. A point moved outside the image becomes invisible (0)."""
+  horizontal flip swaps. A point moved outside the image becomes invisible (0).
+
+  >>> ex = {"kp": np.float32([[2, 1, 1], [5, 1, 1]])}  # left eye, right eye
+  >>> Keypoints(2, flip_pairs=((0, 1),)).hflip(ex, "kp", 8)  # an 8-pixel-wide image
+  >>> ex["kp"].tolist()  # mirrored (8 - x), then swapped: the left eye is still first
+  [[3.0, 1.0, 1.0], [6.0, 1.0, 1.0]]
+  """
 
   num_keypoints: int = 1
   flip_pairs: tuple[tuple[int, int], ...] = ()

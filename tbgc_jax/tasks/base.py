@@ -140,11 +140,6 @@ class TaskSpec(HeadSpec, EvalSpec):
   name: str = ""
   data: DataSpec | None = None
 
-  @property
-  def stream(self) -> int:
-    """The task's random stream (``data.stream``)."""
-    return self.data.stream
-
   def __repr__(self) -> str:
     return f"{type(self).__name__}(name={self.name!r})"
 
