@@ -76,10 +76,11 @@ def task_metrics(config: Any, task: str, predict: Callable[[dict], dict], *,
     ``{name: value}`` as the evaluator computes it (without the ``<task>/`` prefix).
   """
   cfg = config.data[task]
-  source = source if source is not None else pipeline.make_source(cfg, task, split)
+  spec = get_task(task).data
+  source = source if source is not None else pipeline.make_source(cfg, spec, split)
   evaluator = make_evaluator(cfg, task, EvalContext(cfg, source, split, submission,
                                                     seg_png_dir))
-  for batch in pipeline.eval_iterator(cfg, task, split=split, batch_size=batch_size,
+  for batch in pipeline.eval_iterator(cfg, spec, split=split, batch_size=batch_size,
                                       source=source, num_workers=int(config.num_workers)):
     evaluator.update(batch, predict(batch))
   return {k: float(v) for k, v in evaluator.compute().items()}
@@ -150,7 +151,8 @@ class Evaluation:
   def _source(self, task: str, split: str) -> Any:
     """The split's source, read once per `Evaluation`."""
     if (task, split) not in self._sources:
-      self._sources[task, split] = pipeline.make_source(self.config.data[task], task, split)
+      self._sources[task, split] = pipeline.make_source(self.config.data[task],
+                                                        get_task(task).data, split)
     return self._sources[task, split]
 
   def _batch_size(self, task: str) -> int:
@@ -178,8 +180,9 @@ class Evaluation:
     sections = []
     for task in self.tasks:
       spec, cfg = get_task(task), self.config.data[task]
+      fields = pipeline.fields(cfg, spec.data)
       pairs = []
-      for batch in pipeline.eval_iterator(cfg, task, split=split,
+      for batch in pipeline.eval_iterator(cfg, spec.data, split=split,
                                           batch_size=self._batch_size(task),
                                           source=self._source(task, split)):
         preds = self._predict_host(task, params, rest, batch)
@@ -188,7 +191,7 @@ class Evaluation:
           shown = spec.prediction_example(ex, {k: v[i] for k, v in preds.items()})
           if shown is None:
             break
-          truth, pred = (draw(e, task, int(cfg.num_classes)) for e in (ex, shown))
+          truth, pred = (draw(e, fields, int(cfg.num_classes)) for e in (ex, shown))
           gap = np.full((truth.shape[0], 4, 3), 255, np.uint8)
           pairs.append(np.concatenate([truth, gap, pred], axis=1))
         if len(pairs) >= num or not pairs:

@@ -9,10 +9,12 @@ import numpy as np
 from flax import nnx
 
 from tbgc_jax.data import configs as data_configs
+from tbgc_jax.data import pipeline
 from tbgc_jax.data.augment import AUGMENT_MODES
 from tbgc_jax.data.batching import padding_example
+from tbgc_jax.data.fields import pop_counts
 from tbgc_jax.models.rngs import construction_rngs
-from tbgc_jax.tasks import task_names
+from tbgc_jax.tasks import get_task, task_names
 from tbgc_jax.trainer import sharding
 from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import method_hyperparameters
@@ -143,13 +145,15 @@ def train_batch_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
   The fields, shapes and dtypes are those of the data pipeline's padded examples
   (`tbgc_jax.data.batching.padding_example`) at ``config.data.<task>.image_size``, without
-  the pipeline's ``skipped`` counter, which the trainer takes off before the step; a batch
+  the pipeline's ``skipped`` counter and the drop counters (``num_dropped_<field>``), which
+  the trainer takes off before the step; a batch
   has ``config.data.<task>.batch_size`` rows per device of ``mesh``.
   """
   out = {}
   for t in config.tasks:
     d = config.data[t]
-    ex = padding_example(t, d.image_size, int(d.get("max_boxes", 0) or 0))
+    ex = padding_example(pipeline.fields(d, get_task(t).data), d.image_size)
+    pop_counts(ex)
     rows = int(d.batch_size) * mesh.size
     out[t] = {k: jax.ShapeDtypeStruct((rows, *np.shape(v)), np.asarray(v).dtype,
                                       sharding=sharding.data_sharding(mesh))

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 import tbgc_jax
 from tbgc_jax.data import pipeline
+from tbgc_jax.data.fields import pop_counts
 from tbgc_jax.models.multitask import backbone_mask
 from tbgc_jax.tasks import get_task
 from tbgc_jax.trainer import checkpointing, logs, sharding
@@ -121,14 +122,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config = setup.config
   tasks, is_main = setup.tasks, jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  sources = {t: pipeline.make_source(config.data[t], t, "train") for t in tasks}
+  specs = {t: get_task(t).data for t in tasks}
+  sources = {t: pipeline.make_source(config.data[t], specs[t], "train") for t in tasks}
   steps_per_epoch, total_steps = schedule_lengths(setup, sources)
   iterators = {}
   for t in tasks:
     per_host = len(sources[t]) // jax.process_count()
     epochs = math.ceil(total_steps * setup.local_batch_size(t) / per_host) + 1
     iterators[t] = pipeline.train_iterator(
-        config.data[t], t, seed=config.seed + 1000 * (get_task(t).stream + 1), num_epochs=epochs,
+        config.data[t], specs[t], seed=config.seed + 1000 * (specs[t].stream + 1),
+        num_epochs=epochs,
         batch_size=setup.local_batch_size(t), num_workers=int(config.num_workers),
         shard_index=jax.process_index(), shard_count=jax.process_count(), source=sources[t])
 
@@ -168,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # The bar starts after the first step, which compiles: its rate and ETA are the steps'.
   bar = tqdm(total=total_steps, initial=start, disable=True)
-  pending: list[tuple[int, Any, float, dict[str, int]]] = []
+  pending: list[tuple[int, Any, float, dict[str, int], dict[str, int]]] = []
   flush_t = time.perf_counter()
   last_step = min(total_steps, stop_after) if stop_after else total_steps
   if is_main and start < last_step:
@@ -195,15 +198,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     nonlocal flush_t
     if not pending:
       return
-    fetched = jax.device_get([m for _, m, _, _ in pending])
+    fetched = jax.device_get([m for _, m, _, _, _ in pending])
     # Every process's skip counts (the same flush steps on all of them).
     by_process = np.asarray(multihost_utils.process_allgather(
-        np.asarray([[c[t] for t in tasks] for _, _, _, c in pending], np.int64)))
+        np.asarray([[c[t] for t in tasks] for _, _, _, c, _ in pending], np.int64)))
+    # The batches' drop counters (``num_dropped_<field>``), summed over the processes.
+    drop_keys = sorted(pending[0][4])
+    drops = np.zeros((len(pending), 0), np.int64)
+    if drop_keys:
+      drops = np.asarray(multihost_utils.process_allgather(
+          np.asarray([[d[k] for k in drop_keys] for *_, d in pending], np.int64)))
+      drops = drops.reshape(jax.process_count(), len(pending), len(drop_keys)).sum(0)
     by_process = by_process.reshape(jax.process_count(), len(pending), len(tasks))
     now = time.perf_counter()
     wall = (now - flush_t) / len(pending)
     flush_t = now
-    for i, ((step, _, wait, _), metrics) in enumerate(zip(pending, fetched, strict=True)):
+    for i, ((step, _, wait, _, _), metrics) in enumerate(zip(pending, fetched, strict=True)):
       row = {k: float(v) for k, v in metrics.items()}
       dropped = logs.check_nonfinite(step, row, tasks, max_consecutive)
       for t in dropped:
@@ -213,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      row[f"{t}/dropped_total"], max_consecutive)
       row.update({f"{t}/data_skipped": float(by_process[:, i, k].sum())
                   for k, t in enumerate(tasks)})
+      row.update({k: float(v) for k, v in zip(drop_keys, drops[i], strict=True)})
       row.update(step_time=wall, data_wait=wait)
       writer.write(step, row)
     summary["dropped_steps"] = {t: int(row[f"{t}/dropped_total"]) for t in tasks}
@@ -227,13 +238,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       t0 = time.perf_counter()
       host = {t: next(iterators[t]) for t in tasks}
       wait = time.perf_counter() - t0
+      dropped = {}
       for t in tasks:
         skipped[t] += int(np.sum(host[t].pop("skipped")))
+        dropped |= {f"{t}/{k}": v for k, v in pop_counts(host[t]).items()}
       batches = {t: sharding.global_batch(b, setup.data_sharding) for t, b in host.items()}
       if step == start and abstract_batches is not None:
         setup_lib.check_batches(batches, abstract_batches)
       state, metrics = jstep(state, setup.rest, batches)
-      pending.append((step, metrics, wait, dict(skipped)))
+      pending.append((step, metrics, wait, dict(skipped), dropped))
       if step == start:
         bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train",
                    dynamic_ncols=True)
