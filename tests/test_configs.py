@@ -68,7 +68,7 @@ def test_challenge_config_is_the_papers_recipe():
   assert c.optim.weight_decay == 1e-4
   assert c.optim.warmup_epochs == 5 and c.optim.warmup_ratio == 0.001
   assert c.num_epochs == 100 and c.total_steps == 0
-  assert c.grad.method == "tbgc" and c.grad.max_norm == 0.1
+  assert c.grad.method == "tbgc" and dict(c.grad.hparams) == {"max_norm": 0.1}
   assert c.model.cls.margin == 0.4
   assert c.model.backbone == "t"
   for head in (c.model.det, c.model.seg):
