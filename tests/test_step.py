@@ -17,7 +17,8 @@ _TASKS = ("det", "cls")
 class _Toy(nnx.Module):
   """A shared layer and one head per task, with the multi-task model's ``task_loss``."""
 
-  def __init__(self, rngs, extra_head=False):
+  def __init__(self, rngs, extra_head=False, noise=0.1):
+    self.noise = noise
     self.backbone = nnx.Linear(3, 4, rngs=rngs)
     heads = {"det": nnx.Linear(4, 2, rngs=rngs), "cls": nnx.Linear(4, 1, rngs=rngs)}
     if extra_head:  # a head no task of the step uses
@@ -26,15 +27,16 @@ class _Toy(nnx.Module):
 
   def task_loss(self, task, batch, rng):
     y = self.heads[task](jnp.tanh(self.backbone(batch["x"])))
-    noise = jax.random.normal(rng, y.shape) * 0.1
+    noise = jax.random.normal(rng, y.shape) * self.noise
     return jnp.mean((y + noise) ** 2), {"mean": jnp.mean(y)}
 
 
-def _setup(extra_head=False, **fields):
+def _setup(extra_head=False, noise=0.1, rows=2, step_mode="per_task_jit", **fields):
   config = tiny.get_config()
   config.tasks = _TASKS
+  config.grad.step_mode = step_mode
   config.update(fields)
-  model = _Toy(nnx.Rngs(0), extra_head)
+  model = _Toy(nnx.Rngs(0), extra_head, noise)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedules = make_optimizer(config, _TASKS, backbone_mask, 100, 10)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -43,7 +45,7 @@ def _setup(extra_head=False, **fields):
   step = make_train_step(graphdef, _TASKS, tx, schedules, config, backbone_mask, mesh, state,
                          rest)
   rng = np.random.default_rng(0)
-  batches = {t: {"x": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)} for t in _TASKS}
+  batches = {t: {"x": jnp.asarray(rng.normal(size=(rows, 3)), jnp.float32)} for t in _TASKS}
   return step, state, rest, batches
 
 
@@ -99,3 +101,28 @@ def test_a_task_executable_reads_and_differentiates_only_its_own_leaves():
   text = lambda s, st, r: s.task_grads["det"].lower(
       st["params"], r, batches["det"], st["rng"], st["step"]).as_text()
   assert text(step, state, rest) == text(other, other_state, other_rest)
+
+
+@pytest.mark.parametrize("step_mode", ["per_task_jit", "fused"])
+def test_k_micro_batches_give_the_gradients_and_update_of_one_batch_of_k_rows(step_mode):
+  # One batch of 6 rows against 3 micro-batches of 2 (deterministic loss: no noise draw).
+  whole, state, rest, batches = _setup(noise=0.0, rows=6, step_mode=step_mode)
+  accum, state_k, rest_k, _ = _setup(noise=0.0, rows=6, grad_accum_steps=3,
+                                     step_mode=step_mode)
+  micro = jax.tree.map(lambda x: x.reshape(3, 2, *x.shape[1:]), batches)
+  if step_mode == "per_task_jit":
+    for t in _TASKS:
+      args = (state["params"], rest, batches[t], state["rng"], state["step"])
+      (loss, _), grads = whole.task_grads[t](*args)
+      (loss_k, _), grads_k = accum.task_grads[t](*args[:2], micro[t], *args[3:])
+      np.testing.assert_allclose(loss_k, loss, rtol=1e-6)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                   grads_k, grads)
+      assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads_k))
+  want, metrics = whole(state, rest, batches)
+  got, metrics_k = accum(state_k, rest_k, micro)
+  assert int(got["step"]) == int(want["step"]) == 1  # one update for the k micro-batches
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got["params"], want["params"])
+  for key in ("det/loss", "cls/loss", "det/grad_norm", "cls/backbone_grad_norm"):
+    np.testing.assert_allclose(metrics_k[key], metrics[key], rtol=1e-5)

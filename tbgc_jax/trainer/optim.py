@@ -15,13 +15,6 @@ import tbgc_jax
 # config.grad fields: the method, its hyperparameters, and how the step runs.
 GRAD_FIELDS = ("method", "hparams", "step_mode", "sequential")
 
-# Parameter paths without weight decay in the recipes (a regex searched in the "/"-joined
-# path): normalisation scales and biases, level embeddings, and the query embeddings (DINO's
-# ``tgt_embed``, Mask2Former's ``query_feat`` / ``query_pos``). The first-place code and the
-# DINO, Mask2Former and InternImage recipes give decay_mult 0 to ``norm``, ``level_embed``,
-# ``query_embed``, ``query_feat``, ``pos_block``, ``cls_token``, ``posi_embedding``; the
-# last three have no counterpart in these models.
-RECIPE_NO_DECAY = r"norm|level_embed|tgt_embed|query_feat|query_pos"
 
 
 def method_hyperparameters(grad_cfg: Any) -> dict[str, Any]:
@@ -59,7 +52,8 @@ def param_labels(params: Any, backbone_mask: Callable[[Any], Any], no_decay: str
   Args:
     params: the parameters (arrays or ShapeDtypeStructs).
     backbone_mask: ``params -> bool pytree``, True on backbone leaves.
-    no_decay: regex of the paths without weight decay (`RECIPE_NO_DECAY`); "" for none.
+    no_decay: regex of the paths without weight decay (``config.optim.no_decay``, e.g.
+      ``configs/challenge.py``'s ``NO_DECAY``); "" for none.
 
   Returns:
     A tree of strings shaped like ``params``.
