@@ -1,5 +1,8 @@
 """The per-task step compiles its executables concurrently and computes what the jits do."""
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +11,12 @@ from flax import nnx
 
 from configs import tiny
 from tbgc_jax.models.multitask import backbone_mask
+from tbgc_jax.models.rngs import construction_rngs
+from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import make_optimizer
-from tbgc_jax.trainer.step import PerTaskStep, make_train_step
+from tbgc_jax.trainer.setup import train_batch_shapes
+from tbgc_jax.trainer.step import PerTaskStep, make_loss_fns, make_train_step
+from tests import micro_config
 
 _TASKS = ("det", "cls")
 
@@ -126,3 +133,36 @@ def test_k_micro_batches_give_the_gradients_and_update_of_one_batch_of_k_rows(st
                got["params"], want["params"])
   for key in ("det/loss", "cls/loss", "det/grad_norm", "cls/backbone_grad_norm"):
     np.testing.assert_allclose(metrics_k[key], metrics[key], rtol=1e-5)
+
+
+def _matmul_dtypes(jaxpr) -> collections.Counter:
+  """Output dtypes of the matmuls and convolutions of a jaxpr (its sub-jaxprs included)."""
+  ops = re.findall(r"(\w+)\[[\d,]*\] = (?:dot_general|conv_general_dilated)\b", str(jaxpr))
+  return collections.Counter(ops)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_precision_is_the_compute_dtype_and_everything_else_stays_float32(precision):
+  config = micro_config.get_config("cls")
+  config.precision = precision
+  model = nnx.eval_shape(lambda: build_model(config, rngs=construction_rngs(0)))
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = make_loss_fns(graphdef, ("cls",), {"cls": 1.0})["cls"]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  batch = train_batch_shapes(config, mesh)["cls"]
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  args = (params, batch, rest, jax.random.key(0))
+  (value, _), grads = jax.eval_shape(grad_fn, *args)
+  tx, _ = make_optimizer(config, ("cls",), backbone_mask, 10, 5)
+  opt_state = jax.eval_shape(tx.init, params)
+  floats = lambda tree: {x.dtype for x in jax.tree.leaves(tree)
+                         if jnp.issubdtype(x.dtype, jnp.floating)}
+  # Master weights: parameters, gradients, optimizer state and the loss in float32.
+  assert floats(params) == floats(grads) == floats(opt_state) == {jnp.dtype(jnp.float32)}
+  assert value.dtype == jnp.float32
+  dtypes = _matmul_dtypes(jax.make_jaxpr(grad_fn)(*args))
+  if precision == "float32":
+    assert set(dtypes) == {"f32"}
+  else:  # the layers' matmuls and convolutions (forward and backward) in bf16
+    assert dtypes["bf16"] > 20 * dtypes["f32"], dtypes
