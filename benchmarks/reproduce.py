@@ -110,17 +110,27 @@ def _append(path: str, row: Mapping) -> None:
     os.fsync(f.fileno())
 
 
-def subprocess_runner(config: str, overrides: Sequence[str], cache_dir: str
-                      ) -> Callable[[Run, str], dict]:
+def subprocess_runner(config: str, overrides: Sequence[str], cache_dir: str,
+                      hparams: Mapping | None = None) -> Callable[[Run, str], dict]:
   """Runs one grid cell as ``python -m benchmarks.reproduce --train_only ...`` in a new process.
+
+  Each method gets those of ``hparams`` (the config's ``grad.hparams``) that it takes, as its
+  ``--config.grad.hparams``: the grid's methods share ``max_norm`` where they have one.
 
   Returns:
     ``runner(run, run_dir) -> eval metrics`` (raises ``RuntimeError`` on a failed run).
   """
 
+  def method_hparams(method: str) -> dict:
+    import tbgc_jax
+
+    takes = tbgc_jax.get_method(method).hyperparameters
+    return {k: v for k, v in dict(hparams or {}).items() if k in takes}
+
   def runner(run: Run, run_dir: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.reproduce", "--train_only", f"--config={config}",
            f"--workdir={run_dir}", *overrides, f"--config.grad.method={run.method}",
+           f"--config.grad.hparams={method_hparams(run.method)!r}",
            f"--config.augment_mode={run.augment_mode}", f"--config.seed={run.seed}"]
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
@@ -383,7 +393,8 @@ def main(argv: Sequence[str]) -> None:
   if not cfg.report_only.value:
     runs = make_grid(methods, modes, cfg.seeds.value, cfg.grid.value)
     config_arg = config_flags.get_config_filename(config_flag)
-    runner = subprocess_runner(config_arg, overrides, os.path.join(workdir, "jax_cache"))
+    runner = subprocess_runner(config_arg, overrides, os.path.join(workdir, "jax_cache"),
+                               dict(cfg.config.value.grad.get("hparams", None) or {}))
     run_grid(runs, workdir, runner, config_name=" ".join([config_arg, *overrides]))
   rows = read_results(os.path.join(workdir, "results.jsonl"))
   print(f"report: {write_report(workdir, rows, methods)}")

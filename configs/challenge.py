@@ -2,8 +2,9 @@
 
 InternImage + DINO (900 queries, 100 denoising, 6/6 layers) + Mask2Former (100 queries, 9
 layers) + MLP-shortcut/ArcFace(0.4) heads; 100 epochs; AdamW lr 1e-4, weight decay 1e-4,
-backbone lr x0.1; cosine decay with 5 warm-up epochs (ratio 0.001); TBGC with max norm 0.1;
-per-device batch det 2 / seg 2 / cls 8; Table 1 augmentation branches.
+backbone lr x0.1, no decay on norms and embeddings; cosine decay with 5 warm-up epochs (ratio
+0.001); TBGC with max norm 0.1; per-device batch det 2 / seg 2 / cls 8; Table 1 augmentation
+branches.
 
   python train.py --config configs/challenge.py:/data/tt100k,/data/bdd100k,/data/cars \\
       --workdir /ckpt/run1 --config.model.pretrained=/weights/internimage_t.npz
@@ -20,6 +21,14 @@ from tbgc_jax.data import configs as data_configs
 from tbgc_jax.models.detection import DINOConfig
 from tbgc_jax.models.segmentation import Mask2FormerConfig
 from tbgc_jax.presets import override_fields
+
+# Parameter paths without weight decay (a regex searched in the "/"-joined path): normalisation
+# scales and biases, the level embeddings, and the query embeddings (DINO's ``tgt_embed``,
+# Mask2Former's ``query_feat`` / ``query_pos``). The DINO, Mask2Former and InternImage recipes
+# and the first-place code give decay_mult 0 to ``norm``, ``level_embed``, ``query_embed``,
+# ``query_feat``, ``pos_block``, ``cls_token`` and ``posi_embedding``; the last three have no
+# counterpart in these models.
+NO_DECAY = r"norm|level_embed|tgt_embed|query_feat|query_pos"
 
 
 def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collections.ConfigDict:
@@ -47,6 +56,7 @@ def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collecti
   c.model.cls.margin = 0.4  # ArcFace, the paper's margin (the tiny config trains without one)
   c.optim.lr = 1e-4
   c.optim.backbone_lr_mult = 0.1
+  c.optim.no_decay = NO_DECAY  # no decay on norms and embeddings (DINO, Mask2Former)
   c.optim.warmup_epochs = 5
   c.num_epochs = 100
   c.log_every = 50

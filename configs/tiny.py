@@ -50,10 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.grad = ml_collections.ConfigDict()
   c.grad.method = "tbgc"  # any of tbgc_jax.method_names(): none, vanilla, tbgc_star, tbgc, ...
-  # Fields below that the method takes are passed to it; others in `hparams`.
-  c.grad.max_norm = 0.1
-  c.grad.rescale_heads = True  # the paper's formula; False rescales only backbone leaves
-  c.grad.hparams = ml_collections.ConfigDict()  # other hyperparameters of the method
+  # The method's hyperparameters (keywords of its factory, checked against it; an unknown one
+  # is an error). Another method with others: --config.grad.hparams="{'reg_eps': 1e-4}";
+  # with none: --config.grad.hparams='{}'. TBGC's rescale_heads=True (the paper's formula)
+  # is its default.
+  c.grad.hparams = ml_collections.ConfigDict({"max_norm": 0.1})
   # Algorithm 1: "per_task_jit" runs one jitted value_and_grad per task, then the update;
   # "fused" puts everything in one jit (slow to compile on CPU), where `sequential` makes
   # XLA keep one task's activations at a time (tbgc_jax.per_task_value_and_grad).
@@ -68,6 +69,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.warmup_ratio = 0.001
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.final_lr_ratio = 0.0  # the cosine ends at lr * this
+  # Regex of parameter paths without weight decay (optim.RECIPE_NO_DECAY in the recipes'
+  # configs); "" decays every parameter, as the tiny runs in docs/ were trained.
+  c.optim.no_decay = ""
+
+  # "float32", or "bfloat16": activations and matmuls in bf16; parameters, optimizer state,
+  # gradients and the gradient method's norms in float32; losses in float32.
+  c.precision = "float32"
+  # Micro-batches per optimizer update: each task's gradient is the mean over this many
+  # batches of config.data.<task>.batch_size per device, before the gradient method.
+  c.grad_accum_steps = 1
 
   # A task whose loss or gradient is non-finite: "drop_task" leaves it out of that step's
   # update (counted, logged) and stops after `max_consecutive` such steps of one task in a

@@ -8,8 +8,10 @@ test module.
 import functools
 import importlib
 import logging
+import re
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from configs import challenge
 from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.models.stacking import num_layers
 from tbgc_jax.presets import override_fields
@@ -42,7 +45,7 @@ def _abstract_model(name):
 
 
 def test_configs_are_found():
-  assert {"tiny", "challenge"} <= set(CONFIG_NAMES)
+  assert {"tiny", "challenge", "first_place"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -68,7 +71,7 @@ def test_challenge_config_is_the_papers_recipe():
   assert c.optim.weight_decay == 1e-4
   assert c.optim.warmup_epochs == 5 and c.optim.warmup_ratio == 0.001
   assert c.num_epochs == 100 and c.total_steps == 0
-  assert c.grad.method == "tbgc" and c.grad.max_norm == 0.1
+  assert c.grad.method == "tbgc" and dict(c.grad.hparams) == {"max_norm": 0.1}
   assert c.model.cls.margin == 0.4
   assert c.model.backbone == "t"
   for head in (c.model.det, c.model.seg):
@@ -173,3 +176,71 @@ def test_every_preset_field_overrides_from_the_command_line():
   assert backbone_config(c).layer_scale == 0.5
   with pytest.raises(ValueError, match=r"DINOConfig has no fields \['loss_clas'\]"):
     override_fields(type(det), loss_clas=1.0)
+
+
+def test_first_place_config_is_the_winning_codes_recipe():
+  import tbgc_jax
+
+  c = _config("first_place")
+  assert c.model.backbone == "xl" and c.model.backbone_overrides.layer_scale == 1.0
+  assert backbone_config(c).channels == 192 and backbone_config(c).depths == (5, 5, 24, 5)
+  assert c.model.drop_path_rate == 0.4
+  assert [c.data[t].batch_size for t in ("det", "seg", "cls")] == [1, 2, 8]
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.backbone_lr_mult) == (2e-4, 0.005, 0.1)
+  assert c.optim.no_decay == challenge.NO_DECAY
+  assert c.num_epochs == 160 and c.precision == "float32" and c.grad_accum_steps == 1
+  assert c.grad.method == "backbone_clip" and dict(c.grad.hparams) == {"max_norm": 0.1}
+  assert "backbone_clip" in tbgc_jax.method_names()
+  c.model.pretrained = "none"
+  validate_config(c)  # the method and its hyperparameters pass the registry's checks
+  # 5 warm-up epochs from lr x 1e-3, then cosine to lr x 1e-3 at 160 epochs.
+  sched = lr_schedules(c.optim, 160 * 10, 10)["head"]
+  np.testing.assert_allclose([float(sched(s)) for s in (0, 50, 1600)], [2e-7, 2e-4, 2e-7],
+                             rtol=1e-4)
+
+
+def test_recipes_decay_no_norm_and_no_embedding_of_the_challenge_model():
+  from tbgc_jax.models.multitask import backbone_mask
+  from tbgc_jax.trainer.optim import param_labels
+
+  params = nnx.state(_abstract_model("challenge"), nnx.Param)
+  labels = param_labels(params, backbone_mask, challenge.NO_DECAY)
+  groups = {}
+  for path, label in jax.tree_util.tree_leaves_with_path(labels):
+    key = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+    groups.setdefault(label, set()).add(re.sub(r"/\d+", "", key))  # list indices dropped
+  assert set(groups) == {"backbone", "backbone.no_decay", "head", "head.no_decay"}
+  no_decay = groups["backbone.no_decay"] | groups["head.no_decay"]
+  decay = groups["backbone"] | groups["head"]
+  # No decay: every normalisation scale and bias, the level and query embeddings.
+  leaf = lambda paths: {p.rsplit("/", 1)[-1] for p in paths}
+  assert {p for p in no_decay if "norm" not in p} == {
+      "heads/det/level_embed", "heads/det/tgt_embed/embedding",
+      "heads/seg/level_embed", "heads/seg/pixel_decoder/level_embed",
+      "heads/seg/query_feat", "heads/seg/query_pos"}
+  assert leaf({p for p in no_decay if "norm" in p}) == {"scale", "bias"}
+  assert len({p for p in no_decay if "norm" in p}) > 40
+  # Decay: every kernel, the layers' biases, the class centres and the denoising label
+  # embedding; no norm, no level or query embedding among them.
+  assert not any(re.search(challenge.NO_DECAY, p) for p in decay)
+  assert leaf(decay) == {"kernel", "bias", "centers", "embedding"}
+  assert {"heads/cls/centers", "heads/det/label_enc/embedding",
+          "backbone/patch_embed/conv1/kernel", "heads/det/class_embed/bias"} <= decay
+  # The backbone groups are the backbone's paths.
+  assert all(p.startswith("backbone/") for p in groups["backbone"] | groups["backbone.no_decay"])
+
+
+def test_the_papers_global_batch_is_reachable_on_one_device():
+  from tbgc_jax.trainer.setup import train_batch_shapes
+
+  c = _config("challenge")
+  one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  per_update = lambda shapes: {t: int(np.prod(s["image"].shape[:-3])) for t, s in shapes.items()}
+  assert per_update(train_batch_shapes(c, one)) == {"det": 2, "seg": 2, "cls": 8}
+  c.grad_accum_steps = 8  # the paper's 8 GPUs, on one device
+  shapes = train_batch_shapes(c, one)
+  assert shapes["det"]["image"].shape[:2] == (8, 2)  # 8 micro-batches of 2
+  assert per_update(shapes) == {"det": 16, "seg": 16, "cls": 64}
+  if jax.device_count() >= 8:  # the same global batch as 8 devices without accumulation
+    eight = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    assert per_update(train_batch_shapes(_config("challenge"), eight)) == per_update(shapes)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import challenge, tiny
+from configs import challenge, first_place, tiny
 from tbgc_jax.trainer import export
 
 _X = jax.ShapeDtypeStruct((4, 4), jnp.float32)
@@ -45,10 +45,14 @@ def test_tiny_config_lowers_for_cuda_and_tpu():
 
 
 @pytest.mark.slow
-def test_challenge_config_step_lowers_for_cuda_and_tpu_at_its_per_device_batches():
-  config = challenge.get_config()
+@pytest.mark.parametrize("recipe,batches", [
+    (challenge, {"det": 2, "seg": 2, "cls": 8}),  # the paper's per-GPU batches
+    (first_place, {"det": 1, "seg": 2, "cls": 8}),  # the winning code's
+])
+def test_challenge_config_step_lowers_for_cuda_and_tpu_at_its_per_device_batches(recipe, batches):
+  config = recipe.get_config()
   per_device = {t: int(config.data[t].batch_size) for t in config.tasks}
-  assert per_device == {"det": 2, "seg": 2, "cls": 8}  # the paper's per-GPU batches
+  assert per_device == batches
   _check(config, _functions(config.tasks))
 
 

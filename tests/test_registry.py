@@ -130,28 +130,38 @@ def test_every_method_refuses_a_bare_string_of_tasks(name):
     method.factory(backbone_mask=MASK, tasks=("a", "a"), **hparams)
 
 
-def _trainer_config(method, **grad):
+def _trainer_config(method, **hparams):
+  if not hparams and "max_norm" in tbgc_jax.get_method(method).required:
+    hparams = {"max_norm": 0.1}
   c = ml_collections.ConfigDict()
   c.grad = ml_collections.ConfigDict(dict(
-      method=method, max_norm=0.1, rescale_heads=True, step_mode="per_task_jit",
-      sequential=True, hparams=ml_collections.ConfigDict(), **grad))
+      method=method, step_mode="per_task_jit", sequential=True,
+      hparams=ml_collections.ConfigDict(hparams)))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, weight_decay=0.0, backbone_lr_mult=1.0, warmup_epochs=0.0, warmup_ratio=1.0,
       b1=0.9, b2=0.999))
   return c
 
 
-def test_trainer_passes_only_the_fields_each_method_takes():
-  assert method_hyperparameters(_trainer_config("tbgc").grad) == {
-      "max_norm": 0.1, "rescale_heads": True}
+def test_trainer_takes_config_grad_hparams_checked_against_the_method():
+  assert method_hyperparameters(_trainer_config("tbgc", max_norm=0.1, rescale_heads=False).grad
+                                ) == {"max_norm": 0.1, "rescale_heads": False}
   assert method_hyperparameters(_trainer_config("vanilla").grad) == {"max_norm": 0.1}
   assert method_hyperparameters(_trainer_config("none").grad) == {}
   c = _trainer_config("tbgc")
   c.grad.hparams.drop_nonfinite = False
   assert method_hyperparameters(c.grad)["drop_nonfinite"] is False
   c.grad.hparams.bogus = 1
-  with pytest.raises(ValueError, match=r"config\.grad\.bogus is not a hyperparameter"):
+  with pytest.raises(ValueError, match=r"config\.grad\.hparams\.bogus is not a hyperparameter "
+                                       r"of method 'tbgc'"):
     method_hyperparameters(c.grad)
+  # A method's hyperparameter anywhere else in config.grad is named, with where it belongs.
+  c = _trainer_config("tbgc")
+  c.grad.max_norm = 0.1
+  with pytest.raises(ValueError, match=r"config\.grad\.max_norm: .* config\.grad\.hparams"):
+    method_hyperparameters(c.grad)
+  with pytest.raises(ValueError, match=r"config\.grad\.hparams\.max_norm is required"):
+    method_hyperparameters(_trainer_config("tbgc", rescale=False).grad)
 
 
 @pytest.mark.parametrize("method", ["none", "vanilla", "tbgc_star", "tbgc"])

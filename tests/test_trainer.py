@@ -202,7 +202,11 @@ def test_evaluation_is_the_same_on_one_and_eight_devices():
     ("grad.method", "clip", "config.grad.method"),
     ("tasks", ("det", "pose"), "config.tasks"),
     ("augment_mode", "mixed", "config.augment_mode"),
-    ("grad.max_norm", 0.0, "config.grad.max_norm"),
+    ("grad.hparams.max_norm", 0.0, "config.grad.hparams.max_norm"),
+    ("grad.hparams", {"max_norm": 0.1, "reg_eps": 0.1}, "config.grad.hparams.reg_eps"),
+    ("grad.method", "upgrad", "config.grad.hparams.max_norm is not a hyperparameter"),
+    ("precision", "float16", "config.precision"),
+    ("grad_accum_steps", 0, "config.grad_accum_steps"),
     ("grad.step_mode", "eager", "config.grad.step_mode"),
     ("loss_weights.seg", 0.0, "config.loss_weights.seg"),
 ])
@@ -245,7 +249,7 @@ def test_run_summary_says_what_the_run_trains():
   assert "gradient method: tbgc_star (max_norm 0.1)" in lines[3]
   assert lines[4].strip() == "8 steps (0.0266667 epochs of 300), seed 0"
   # A method without a clipping norm shows none.
-  setup = Setup(_config(**{"tasks": ("cls",), "grad.method": "upgrad"}))
+  setup = Setup(_config(**{"tasks": ("cls",), "grad.method": "upgrad", "grad.hparams": {}}))
   text = run_summary(setup, {"cls": [0] * 8}, total_steps=2, steps_per_epoch=2, workdir="/w")
   assert text.splitlines()[0] == "1 task on 1 cpu device(s); workdir /w"
   assert "gradient method: upgrad;" in text and "max_norm" not in text

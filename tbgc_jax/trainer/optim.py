@@ -1,6 +1,7 @@
-"""Optimizer of the paper's recipe: gradient method, then AdamW with a backbone lr multiplier."""
+"""The optimizer: gradient method, then AdamW per parameter group (lr multiplier, weight decay)."""
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -11,29 +12,75 @@ import optax
 
 import tbgc_jax
 
-# config.grad fields that configure the step, not the gradient method.
-_STEP_FIELDS = ("method", "step_mode", "sequential", "hparams")
+# config.grad fields: the method, its hyperparameters, and how the step runs.
+GRAD_FIELDS = ("method", "hparams", "step_mode", "sequential")
+
 
 
 def method_hyperparameters(grad_cfg: Any) -> dict[str, Any]:
-  """The hyperparameters ``config.grad`` gives its method, checked against the registry.
+  """``config.grad.hparams`` as a dict, checked against ``config.grad.method``'s signature.
 
-  The fields of ``config.grad`` that the method takes (e.g. ``max_norm``, ``rescale_heads``),
-  plus everything in the optional ``config.grad.hparams`` (which must all be the method's).
+  ``config.grad`` holds the method's name (``method``), its hyperparameters (``hparams``,
+  each a keyword of the method's factory) and the step's form (``step_mode``,
+  ``sequential``); nothing else.
 
   Raises:
-    ValueError: naming the config field, for an unknown method or an invalid value.
+    ValueError: naming the config field: an unknown method, a hyperparameter the method does
+      not take, a missing required one, an invalid value, or another field in ``config.grad``.
+
+  Example:
+    >>> import ml_collections
+    >>> grad = ml_collections.ConfigDict({"method": "tbgc", "hparams": {"max_norm": 0.1}})
+    >>> method_hyperparameters(grad)
+    {'max_norm': 0.1}
   """
-  takes = tbgc_jax.get_method(grad_cfg.method, where="config.grad.method").hyperparameters
-  hparams = {k: v for k, v in grad_cfg.items() if k in takes and k not in _STEP_FIELDS}
-  hparams.update(dict(grad_cfg.get("hparams", None) or {}))
-  tbgc_jax.check_method(grad_cfg.method, hparams, prefix="config.grad.")
+  tbgc_jax.get_method(grad_cfg.method, where="config.grad.method")
+  extra = sorted(set(grad_cfg.keys()) - set(GRAD_FIELDS))
+  if extra:
+    raise ValueError(f"config.grad.{extra[0]}: config.grad takes only {GRAD_FIELDS}; the "
+                     f"method's hyperparameters go in config.grad.hparams (e.g. "
+                     f"config.grad.hparams.{extra[0]})")
+  hparams = dict(grad_cfg.get("hparams", None) or {})
+  tbgc_jax.check_method(grad_cfg.method, hparams, prefix="config.grad.hparams.")
   return hparams
+
+
+def param_labels(params: Any, backbone_mask: Callable[[Any], Any], no_decay: str = "") -> Any:
+  """The optimizer group of every leaf: ``"backbone"`` or ``"head"``, with ``".no_decay"``
+  appended where ``no_decay`` (a regex) is found in the leaf's "/"-joined path.
+
+  Args:
+    params: the parameters (arrays or ShapeDtypeStructs).
+    backbone_mask: ``params -> bool pytree``, True on backbone leaves.
+    no_decay: regex of the paths without weight decay (``config.optim.no_decay``, e.g.
+      ``configs/challenge.py``'s ``NO_DECAY``); "" for none.
+
+  Returns:
+    A tree of strings shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"backbone": {"norm": {"scale": jnp.ones(2)}, "fc": {"kernel": jnp.ones(2)}},
+    ...           "heads": {"cls": {"kernel": jnp.ones(2)}}}
+    >>> labels = param_labels(params, tbgc_jax.path_mask("^backbone"), "norm")
+    >>> labels["backbone"]["norm"]["scale"], labels["backbone"]["fc"]["kernel"]
+    ('backbone.no_decay', 'backbone')
+  """
+  pattern = re.compile(no_decay) if no_decay else None
+
+  def label(path, is_backbone):
+    name = "backbone" if is_backbone else "head"
+    key = jax.tree_util.keystr(path, simple=True, separator="/")
+    return f"{name}.no_decay" if pattern is not None and pattern.search(key) else name
+
+  return jax.tree_util.tree_map_with_path(label, backbone_mask(params))
 
 
 def lr_schedules(optim_cfg: Any, total_steps: int, steps_per_epoch: int
                  ) -> dict[str, optax.Schedule]:
-  """Cosine decay with linear warm-up from ``lr * warmup_ratio`` (mmcv's 'linear' warm-up).
+  """Cosine decay with linear warm-up from ``lr * warmup_ratio`` (mmcv's 'linear' warm-up) to
+  ``lr * final_lr_ratio`` (default 0; mmengine's CosineAnnealingLR ``eta_min``) at
+  ``total_steps``. Steps are optimizer updates.
 
   Returns:
     ``{"head": schedule, "backbone": schedule * backbone_lr_mult}``.
@@ -41,7 +88,8 @@ def lr_schedules(optim_cfg: Any, total_steps: int, steps_per_epoch: int
   warmup = min(int(round(optim_cfg.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
   head = optax.warmup_cosine_decay_schedule(
       init_value=optim_cfg.lr * optim_cfg.warmup_ratio, peak_value=optim_cfg.lr,
-      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=optim_cfg.lr * float(optim_cfg.get("final_lr_ratio", 0.0)))
   mult = optim_cfg.backbone_lr_mult
   return {"head": head, "backbone": lambda step: head(step) * mult}
 
@@ -182,7 +230,7 @@ def make_optimizer(
     config: Any, tasks: Sequence[str], backbone_mask: Callable[[Any], Any],
     total_steps: int, steps_per_epoch: int,
 ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-  """The gradient method (first link) chained with AdamW at differential learning rates.
+  """The gradient method (first link) chained with AdamW per parameter group.
 
   Args:
     config: the trainer config (uses ``config.grad`` and ``config.optim``).
@@ -192,9 +240,13 @@ def make_optimizer(
     steps_per_epoch: steps in one epoch (for the warm-up length).
 
   The chain is `drop_nonfinite` (the non-finite task policy; counters read by
-  `nonfinite_counters`), the gradient method, then AdamW; with ``config.optim.flat_update``
-  (default True) it runs on one flat vector per leaf group (`flat_groups`), which compiles far
-  faster and gives the same updates up to float rounding of sums over leaves.
+  `nonfinite_counters`), the gradient method, then AdamW, one per group of `param_labels`
+  (``optax.multi_transform``): the backbone at ``lr * config.optim.backbone_lr_mult``, the
+  heads at ``lr``, and the paths matching ``config.optim.no_decay`` without weight decay.
+  With ``config.optim.flat_update`` (default True) it runs on one flat vector per leaf group
+  (`flat_groups`), which compiles far faster and gives the same updates up to float rounding
+  of sums over leaves. Everything here is float32 whatever ``config.precision`` (master
+  weights): parameters, moments, per-task gradients, norms and Gramians.
 
   Returns:
     ``(tx, schedules)``; ``tx.init`` takes the params tree, ``tx.update`` takes
@@ -202,17 +254,21 @@ def make_optimizer(
   """
   hparams = method_hyperparameters(config.grad)
   schedules = lr_schedules(config.optim, total_steps, steps_per_epoch)
-  adamw = {
-      name: optax.adamw(sched, b1=config.optim.b1, b2=config.optim.b2,
-                        weight_decay=config.optim.weight_decay)
-      for name, sched in schedules.items()
-  }
+  no_decay = str(config.optim.get("no_decay", "") or "")
+  adamw = {}
+  for name, sched in schedules.items():
+    adamw[name] = optax.adamw(sched, b1=config.optim.b1, b2=config.optim.b2,
+                              weight_decay=config.optim.weight_decay)
+    if no_decay:  # the group exists only then: the optimizer state has no empty groups
+      adamw[f"{name}.no_decay"] = optax.adamw(sched, b1=config.optim.b1, b2=config.optim.b2,
+                                              weight_decay=0.0)
 
   def labels(params):
-    return jax.tree.map(lambda m: "backbone" if m else "head", backbone_mask(params))
+    return param_labels(params, backbone_mask, no_decay)
 
   def make(group_labels):
-    mask = lambda p: jax.tree.map(lambda name: name == "backbone", group_labels(p))
+    mask = lambda p: jax.tree.map(lambda name: name.split(".")[0] == "backbone",
+                                  group_labels(p))
     method = tbgc_jax.make_method(config.grad.method, mask, tasks=tasks, **hparams)
     return optax.chain(drop_nonfinite(tasks), method, optax.multi_transform(adamw, group_labels))
 

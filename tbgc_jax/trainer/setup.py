@@ -16,7 +16,7 @@ from tbgc_jax.data.fields import pop_counts
 from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.tasks import get_task, task_names
 from tbgc_jax.trainer import sharding
-from tbgc_jax.trainer.model_factory import build_model
+from tbgc_jax.trainer.model_factory import build_model, compute_dtype
 from tbgc_jax.trainer.optim import method_hyperparameters
 from tbgc_jax.trainer.step import STEP_MODES
 
@@ -35,6 +35,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.grad.step_mode not in STEP_MODES:
     raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
                      f"{config.grad.step_mode!r}")
+  compute_dtype(config)  # config.precision
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.grad_accum_steps must be an integer >= 1, got {accum!r}")
   if config.augment_mode not in AUGMENT_MODES:
     raise ValueError(f"config.augment_mode must be one of {AUGMENT_MODES}, got "
                      f"{config.augment_mode!r}")
@@ -111,6 +115,8 @@ class Setup:
     self.mesh = sharding.make_mesh(config)
     self.replicated = sharding.replicated(self.mesh)
     self.data_sharding = sharding.data_sharding(self.mesh)
+    self.grad_accum_steps = int(config.get("grad_accum_steps", 1))
+    self.train_sharding = sharding.train_batch_sharding(self.mesh, self.grad_accum_steps)
 
     def create():
       return build_model(config, rngs=construction_rngs(config.seed))
@@ -137,6 +143,11 @@ class Setup:
     local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
     return int(self.config.data[task].batch_size) * local
 
+  def local_update_size(self, task: str) -> int:
+    """Examples of ``task`` per optimizer update on this host: `local_batch_size` x
+    ``config.grad_accum_steps``."""
+    return self.local_batch_size(task) * self.grad_accum_steps
+
 
 def train_batch_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                        ) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
@@ -146,19 +157,36 @@ def train_batch_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   The fields, shapes and dtypes are those of the data pipeline's padded examples
   (`tbgc_jax.data.batching.padding_example`) at ``config.data.<task>.image_size``, without
   the pipeline's ``skipped`` counter and the drop counters (``num_dropped_<field>``), which
-  the trainer takes off before the step; a batch
-  has ``config.data.<task>.batch_size`` rows per device of ``mesh``.
+  the trainer takes off before the step; a batch has ``config.data.<task>.batch_size`` rows
+  per device of ``mesh``, and with ``config.grad_accum_steps = k > 1`` a leading axis of ``k``
+  such micro-batches.
   """
+  accum = int(config.get("grad_accum_steps", 1))
+  lead = (accum,) if accum > 1 else ()
+  batch_sharding = sharding.train_batch_sharding(mesh, accum)
   out = {}
   for t in config.tasks:
     d = config.data[t]
     ex = padding_example(pipeline.fields(d, get_task(t).data), d.image_size)
     pop_counts(ex)
     rows = int(d.batch_size) * mesh.size
-    out[t] = {k: jax.ShapeDtypeStruct((rows, *np.shape(v)), np.asarray(v).dtype,
-                                      sharding=sharding.data_sharding(mesh))
+    out[t] = {k: jax.ShapeDtypeStruct((*lead, rows, *np.shape(v)), np.asarray(v).dtype,
+                                      sharding=batch_sharding)
               for k, v in ex.items()}
   return out
+
+
+def draw_batch(iterator, grad_accum_steps: int) -> dict:
+  """The host batch of one optimizer update: the iterator's next batch, or with
+  ``grad_accum_steps = k > 1`` its next ``k`` batches stacked on a new leading axis.
+
+  An update draws all its micro-batches at once, so the iterator's state between updates
+  (what a checkpoint saves) is exact across a resume.
+  """
+  if grad_accum_steps == 1:
+    return next(iterator)
+  micro = [next(iterator) for _ in range(grad_accum_steps)]
+  return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
 def check_batches(batches: dict, expected: dict) -> None:
@@ -177,13 +205,14 @@ def check_batches(batches: dict, expected: dict) -> None:
 
 
 def schedule_lengths(setup: Setup, sources: dict) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps): an epoch is one pass over the largest task's data."""
-  per_task = {t: len(sources[t]) // jax.process_count() // setup.local_batch_size(t)
+  """(steps_per_epoch, total_steps): an epoch is one pass over the largest task's data; a step
+  is one optimizer update (``config.grad_accum_steps`` batches per task)."""
+  per_task = {t: len(sources[t]) // jax.process_count() // setup.local_update_size(t)
               for t in setup.tasks}
   for t, n in per_task.items():
     if n < 1:
       raise ValueError(f"task {t!r}: {len(sources[t])} training examples do not fill one "
-                       f"batch of {setup.local_batch_size(t)} per host")
+                       f"update of {setup.local_update_size(t)} per host")
   steps_per_epoch = max(per_task.values())
   cfg = setup.config
   total = int(cfg.total_steps) if cfg.total_steps > 0 else int(cfg.num_epochs) * steps_per_epoch

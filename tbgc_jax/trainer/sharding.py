@@ -10,6 +10,8 @@ import numpy as np
 DATA_AXIS = "data"
 DATA = jax.sharding.PartitionSpec(DATA_AXIS)  # batches: leading dimension split over devices
 REPLICATED = jax.sharding.PartitionSpec()  # parameters, optimizer state, rng, metrics
+# Batches of k micro-batches ``[k, rows, ...]`` (gradient accumulation): rows split.
+MICRO_DATA = jax.sharding.PartitionSpec(None, DATA_AXIS)
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
@@ -26,6 +28,15 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """Rows (the leading dimension) split over the devices of ``mesh``."""
   return jax.sharding.NamedSharding(mesh, DATA)
+
+
+def train_batch_sharding(mesh: jax.sharding.Mesh, grad_accum_steps: int = 1
+                         ) -> jax.sharding.NamedSharding:
+  """The sharding of a training batch: `data_sharding`, or with ``grad_accum_steps`` > 1
+  (batches ``[k, rows, ...]``) the rows (second dimension) split over the devices."""
+  if grad_accum_steps == 1:
+    return data_sharding(mesh)
+  return jax.sharding.NamedSharding(mesh, MICRO_DATA)
 
 
 def global_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:

@@ -59,6 +59,41 @@ def make_loss_fns(graphdef: nnx.GraphDef, tasks: Sequence[str], weights: dict[st
   return {t: make(k, t) for k, t in enumerate(tasks)}
 
 
+def accumulate(fn: Callable[[Any, jax.Array], Any], batch: Any, rng: jax.Array,
+               num: int) -> Any:
+  """The mean of ``fn(micro_batch, key)`` over ``num`` micro-batches, in float32.
+
+  ``num == 1``: ``fn(batch, rng)`` itself (outputs cast to float32). Otherwise ``batch``'s
+  leaves carry a leading axis of ``num`` micro-batches, run one after the other under
+  ``jax.lax.scan`` (one micro-batch's activations alive at a time) with the keys
+  ``fold_in(rng, i)``; every output (losses, metrics, gradients) is summed in float32, then
+  divided by ``num``. For a loss that is a mean over the examples of a micro-batch, the mean
+  gradient is the gradient of the mean loss over all ``num`` micro-batches.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> f = lambda b, key: jax.grad(lambda w: jnp.mean((b * w) ** 2))(2.0)
+    >>> x = jnp.arange(6.0)
+    >>> bool(jnp.allclose(accumulate(f, x.reshape(3, 2), jax.random.key(0), 3),
+    ...                   f(x, None)))
+    True
+  """
+  f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  if num == 1:
+    return f32(fn(batch, rng))
+
+  def body(total, xs):
+    i, micro = xs
+    out = f32(fn(micro, jax.random.fold_in(rng, i)))
+    return jax.tree.map(jnp.add, total, out), None
+
+  first = jax.tree.map(lambda x: x[0], batch)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       jax.eval_shape(fn, first, rng))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(num), batch))
+  return jax.tree.map(lambda x: x / num, total)
+
+
 def _update(state, losses, aux, grads, *, tasks, tx, schedules):
   """Non-finite policy + gradient method + optimizer + metrics; shared by both step forms."""
   params = state["params"]
@@ -170,13 +205,19 @@ def make_train_step(
   over ``mesh``); ``rest`` the model's non-parameter state (rng streams); ``batches``
   ``{task: batch}`` sharded over the mesh's "data" axis. Randomness:
   ``fold_in(state["rng"], step)``. Metrics stay on device (no host sync inside).
+
+  With ``config.grad_accum_steps = k > 1`` each batch leaf has a leading axis of ``k``
+  micro-batches (``sharding.train_batch_sharding``): each task's loss, metrics and gradient
+  are their means over the ``k`` micro-batches (`accumulate`, float32), taken before the
+  gradient method; the step is one optimizer update.
   """
   tasks = tuple(tasks)
   loss_fns = make_loss_fns(graphdef, tasks, {t: float(config.loss_weights[t]) for t in tasks})
   del backbone_mask  # The gradient method in ``tx`` holds it.
   update = jax.tree_util.Partial(_update, tasks=tasks, tx=tx, schedules=schedules)
   replicated = sharding.replicated(mesh)
-  data = sharding.data_sharding(mesh)
+  accum = int(config.get("grad_accum_steps", 1))
+  data = sharding.train_batch_sharding(mesh, accum)
   rep = lambda tree: jax.tree.map(lambda _: replicated, tree)
 
   if config.grad.step_mode == "fused":
@@ -185,7 +226,8 @@ def make_train_step(
 
     def fused(state, rest, batches):
       rng = jax.random.fold_in(state["rng"], state["step"])
-      (losses, aux), grads = grad_fn(state["params"], batches, rest, rng)
+      (losses, aux), grads = accumulate(
+          lambda b, key: grad_fn(state["params"], b, rest, key), batches, rng, accum)
       return update(state, losses, aux, grads)
 
     return jax.jit(fused, in_shardings=(rep(state), rep(rest), data),
@@ -200,8 +242,11 @@ def make_train_step(
     def fn(params, rest, batch, rng, step):
       rng = jax.random.fold_in(rng, step)
       own, other = nnx.split_state(params, keep, ...)
-      loss = lambda own: loss_fns[task](nnx.merge_state(own, other), batch, rest, rng)
-      return jax.value_and_grad(loss, has_aux=True)(own)
+
+      def micro(batch, key):
+        loss = lambda own: loss_fns[task](nnx.merge_state(own, other), batch, rest, key)
+        return jax.value_and_grad(loss, has_aux=True)(own)
+      return accumulate(micro, batch, rng, accum)
     return jax.jit(fn, in_shardings=(rep(state["params"]), rep(rest), data, replicated,
                                      replicated), out_shardings=replicated)
 

@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-import tbgc_jax
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.fields import pop_counts
 from tbgc_jax.models.multitask import backbone_mask
@@ -34,7 +33,7 @@ from tbgc_jax.tasks import get_task
 from tbgc_jax.trainer import checkpointing, logs, sharding
 from tbgc_jax.trainer import evaluate as eval_lib
 from tbgc_jax.trainer import setup as setup_lib
-from tbgc_jax.trainer.optim import make_optimizer
+from tbgc_jax.trainer.optim import make_optimizer, method_hyperparameters
 from tbgc_jax.trainer.setup import Setup, max_consecutive_nonfinite, schedule_lengths
 from tbgc_jax.trainer.step import PerTaskStep, make_train_step
 
@@ -83,15 +82,20 @@ def run_summary(setup: Setup, sources: dict, total_steps: int, steps_per_epoch: 
   config = setup.config
   devices = setup.mesh.devices.size
   params = sum(x.size for x in jax.tree.leaves(setup.params))
-  takes_max_norm = "max_norm" in tbgc_jax.get_method(config.grad.method).hyperparameters
-  grad = config.grad.method + (f" (max_norm {config.grad.max_norm:g})" if takes_max_norm else "")
+  hparams = method_hyperparameters(config.grad)
+  grad = config.grad.method + (
+      " (" + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in hparams.items()) + ")" if hparams else "")
   n = len(setup.tasks)
   lines = [f"{n} task{'s' * (n != 1)} on {devices} {jax.devices()[0].platform} device(s); "
            f"workdir {workdir}"]
+  k = setup.grad_accum_steps
+  micro = f" x {k} micro-batches" if k > 1 else ""
   lines += [f"  {t:5s} {len(sources[t]):,} train examples, {config.data[t].batch_size} per device "
-            f"per step" for t in setup.tasks]
+            f"per step{micro}" for t in setup.tasks]
   lines += [f"  model: InternImage {config.model.backbone!r} + heads, {params / 1e6:.1f} M "
-            f"parameters; gradient method: {grad}; augmentation: {config.augment_mode}",
+            f"parameters ({config.get('precision', 'float32')} compute); gradient method: "
+            f"{grad}; augmentation: {config.augment_mode}",
             f"  {total_steps:,} steps ({total_steps / steps_per_epoch:g} epochs of "
             f"{steps_per_epoch:,}), seed {config.seed}"]
   return "\n".join(lines)
@@ -128,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   iterators = {}
   for t in tasks:
     per_host = len(sources[t]) // jax.process_count()
-    epochs = math.ceil(total_steps * setup.local_batch_size(t) / per_host) + 1
+    epochs = math.ceil(total_steps * setup.local_update_size(t) / per_host) + 1
     iterators[t] = pipeline.train_iterator(
         config.data[t], specs[t], seed=config.seed + 1000 * (specs[t].stream + 1),
         num_epochs=epochs,
@@ -236,13 +240,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for step in range(start, last_step):
       t0 = time.perf_counter()
-      host = {t: next(iterators[t]) for t in tasks}
+      host = {t: setup_lib.draw_batch(iterators[t], setup.grad_accum_steps) for t in tasks}
       wait = time.perf_counter() - t0
       dropped = {}
       for t in tasks:
         skipped[t] += int(np.sum(host[t].pop("skipped")))
         dropped |= {f"{t}/{k}": v for k, v in pop_counts(host[t]).items()}
-      batches = {t: sharding.global_batch(b, setup.data_sharding) for t, b in host.items()}
+      batches = {t: sharding.global_batch(b, setup.train_sharding) for t, b in host.items()}
       if step == start and abstract_batches is not None:
         setup_lib.check_batches(batches, abstract_batches)
       state, metrics = jstep(state, setup.rest, batches)

@@ -488,6 +488,9 @@ class DINOHead(nnx.Module):
     logits, boxes = self._decode(jnp.concatenate([dn_tgt, tgt], 1),
                                  jnp.concatenate([dn_ref, enc_coord_unact], 1),
                                  memory, shapes, masks, ratio, attn_mask)
+    # Losses and matching in float32 whatever the compute dtype.
+    logits, boxes, enc_logits, enc_coord_unact = (
+        x.astype(jnp.float32) for x in (logits, boxes, enc_logits, enc_coord_unact))
     num_layers = logits.shape[0]
     num_boxes = jnp.maximum(tvalid.sum().astype(jnp.float32), 1.0)
     ex_valid = (jnp.asarray(batch["valid"], jnp.float32) if "valid" in batch

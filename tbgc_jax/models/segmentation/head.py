@@ -388,7 +388,8 @@ class Mask2FormerHead(nnx.Module):
            rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Deep-supervised Mask2Former loss on ``batch["label"]`` (255 ignored), see `losses`."""
     out = self(features, batch.get("image_mask"))
-    return mask2former_loss(rng, out["class_logits"], out["mask_logits"], batch["label"],
+    f32 = lambda x: x.astype(jnp.float32)  # losses in float32 whatever the compute dtype
+    return mask2former_loss(rng, f32(out["class_logits"]), f32(out["mask_logits"]), batch["label"],
                             batch["valid"], **self.loss_kwargs)
 
   def predict(self, features: Sequence[jax.Array], batch: dict,
