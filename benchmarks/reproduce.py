@@ -321,7 +321,7 @@ def figure1(workdir: str, rows: Sequence[dict], path: str,
     data = logs.read_jsonl(jsonl)
     steps = np.array([r["step"] for r in data])
     for t in tasks:
-      y = np.array([r.get(f"{t}/{suffix}", np.nan) for r in data], np.float64)
+      y = np.array([r.get(f"task/{t}/{suffix}", np.nan) for r in data], np.float64)
       if np.isfinite(y).any():
         ax.plot(steps, y, label=t, lw=1)
     ax.set(title=title, xlabel="step", yscale="log")

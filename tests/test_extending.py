@@ -46,8 +46,8 @@ def test_a_method_defined_outside_the_package_registers_and_runs_by_name():
     np.testing.assert_allclose(out["backbone"], w @ J, rtol=1e-5)
     np.testing.assert_allclose(out["head"], heads.sum(0), rtol=1e-6)
     assert int(state.inner) == 2
-    diag = tbgc_jax.gradient_diagnostics(state)
-    np.testing.assert_allclose([diag[f"weight/{t}"] for t in TASKS], w, rtol=1e-5)
+    diag = tbgc_jax.method_diagnostics(state)
+    np.testing.assert_allclose([diag[f"task/{t}/weight"] for t in TASKS], w, rtol=1e-5)
   finally:
     tbgc_jax.unregister("softmax_of_inverse_norms")
 

@@ -77,9 +77,9 @@ def test_a_diverging_task_is_dropped_logged_and_stops_the_run_after_k_in_a_row(
   assert train_lib.train_and_evaluate(_config(max_consecutive=2), workdir, stop_after=5) == {}
   rows = logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-  assert [r["seg/dropped"] for r in rows] == [0, 1, 0, 1, 0]
-  assert [r["seg/dropped_total"] for r in rows] == [0, 1, 1, 2, 2]
-  assert all(r["cls/dropped"] == 0 and np.isfinite(r["cls/loss"]) for r in rows)
+  assert [r["task/seg/nonfinite"] for r in rows] == [0, 1, 0, 1, 0]
+  assert [r["task/seg/nonfinite_total"] for r in rows] == [0, 1, 1, 2, 2]
+  assert all(r["task/cls/nonfinite"] == 0 and np.isfinite(r["cls/loss"]) for r in rows)
   assert all(r["params_finite"] == 1 for r in rows)
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   assert summary["step"] == 5 and summary["dropped_steps"] == {"seg": 2, "cls": 0}

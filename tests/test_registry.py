@@ -60,8 +60,9 @@ def test_sum_tasks_is_the_gradient_of_the_summed_loss():
   tx = tbgc_jax.sum_tasks(tasks=TASKS)
   out, state = jax.jit(tx.update)(grads, tx.init(params), params)
   chex.assert_trees_all_close(out, jax.tree.map(jnp.add, grads["a"], grads["b"]), rtol=1e-7)
-  assert tbgc_jax.task_diagnostics(optax.chain(tx, optax.sgd(1.0)).init(params)) == {}
-  assert tbgc_jax.gradient_diagnostics(state) == {}
+  d = tbgc_jax.method_diagnostics(optax.chain(tx, optax.sgd(1.0)).init(params))
+  assert d["task/a/backbone_scale"] == d["task/b/head_scale"] == 1.0
+  assert int(d["task/a/nonfinite_total"]) == 0
   low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads)
   chex.assert_trees_all_equal_dtypes(tx.update(low, state)[0], low["a"])
 
@@ -177,7 +178,8 @@ def test_trainer_optimizer_takes_per_task_grads_and_losses(method):
   # AdamW's first step moves every coordinate by -lr * sign(first link's output).
   np.testing.assert_allclose(np.asarray(updates["heads"]),
                              -1e-3 * np.sign(np.asarray(first["heads"])), rtol=1e-3)
-  assert (tbgc_jax.task_diagnostics(state) == {}) == (method == "none")
+  d = tbgc_jax.method_diagnostics(state)
+  assert {"task/a/backbone_grad_norm", "task/b/nonfinite_streak"} <= set(d)
 
 
 def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
@@ -205,18 +207,23 @@ def test_trainer_update_logs_what_the_method_state_offers(tmp_path):
     out.mkdir()
     written = {p.rsplit("/", 1)[-1] for p in logs.plot_training(str(path), str(out), TASKS)}
     assert ("task_weights.png" in written) == (method == "upgrad")
-  assert {"a/loss", "b/loss", "lr"} <= keys["none"]
-  assert not any(k.startswith("grad/") or "backbone_grad_norm" in k for k in keys["none"])
-  assert {"a/backbone_grad_norm_after", "b/grad_norm"} <= keys["tbgc"]
-  assert {"grad/weight/a", "grad/cosine/a/b", "grad/num_conflicts",
-          "grad/backbone_norm_after/b"} <= keys["upgrad"]
+  assert {"a/loss", "b/loss", "lr", "task/a/nonfinite", "task/b/backbone_grad_norm"
+          } <= keys["none"]
+  assert not any(k.startswith("grad/") or k.endswith("/weight") for k in keys["none"])
+  assert {"task/a/backbone_grad_norm_after", "task/b/grad_norm"} <= keys["tbgc"]
+  assert {"task/a/weight", "grad/cosine/a/b", "grad/num_conflicts",
+          "task/b/backbone_grad_norm_after", "task/b/nonfinite_total"} <= keys["upgrad"]
+  # One reader, one set of names: the step's metrics are the method's diagnostics as they are.
+  for method in keys:
+    assert not any(k.startswith(("a/", "b/")) and k not in ("a/loss", "b/loss")
+                   for k in keys[method]), method
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["tbgc", "upgrad", "pcgrad", "famo"])
 def test_the_flat_update_equals_the_update_on_trees(method):
   """`flat_groups` packs leaves per group; the updates and method state match the tree form."""
-  from tbgc_jax.trainer.optim import FlatLayout, nonfinite_counters
+  from tbgc_jax.trainer.optim import FlatLayout
 
   rng = np.random.default_rng(3)
   params = {"backbone": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(4, jnp.bfloat16)},
@@ -235,10 +242,11 @@ def test_the_flat_update_equals_the_update_on_trees(method):
       u, state = jax.jit(tx.update)(g, state, p, losses={"a": 1.0 + i, "b": 2.0})
       p = optax.apply_updates(p, u)
       steps.append(p)
-    out[flat] = steps, nonfinite_counters(state)
+    out[flat] = steps, tbgc_jax.method_diagnostics(state)
   for a, b in zip(out[False][0], out[True][0], strict=True):
     chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6)
-  assert int(out[True][1].count["b"]) == int(out[False][1].count["b"]) == 1
+  assert int(out[True][1]["task/b/nonfinite_total"]) == 1
+  assert int(out[False][1]["task/b/nonfinite_total"]) == 1
   layout = FlatLayout.of(params, jax.tree.map(lambda m: "backbone" if m else "head",
                                               mask_fn(params)))
   assert layout.groups == (("backbone/bfloat16", (0,)), ("backbone/float32", (1,)),

@@ -18,7 +18,7 @@ from tbgc_jax.data import pipeline
 from tbgc_jax.data.records import RecordSource
 from tbgc_jax.tasks import get_task
 from tbgc_jax.trainer import checkpointing, logs
-from tbgc_jax.trainer.optim import make_optimizer, nonfinite_counters
+from tbgc_jax.trainer.optim import make_optimizer
 from tbgc_jax.trainer.setup import validate_config
 from tbgc_jax.trainer.step import _update
 
@@ -84,26 +84,30 @@ def test_a_nonfinite_task_is_dropped_and_counted_for_every_method(method):
       np.testing.assert_array_equal(a, b, err_msg=f"{method} step {step}")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
     assert metrics["params_finite"] == 1
-    assert metrics["a/dropped"] == int(step in (1, 2))
-    assert metrics["b/dropped"] == 0
+    assert metrics["task/a/nonfinite"] == int(step in (1, 2))
+    assert metrics["task/b/nonfinite"] == 0
   moved = [not np.array_equal(poisoned[s][0]["params"]["backbone"]["w"],
                               poisoned[s - 1][0]["params"]["backbone"]["w"]) for s in (1, 2)]
   assert all(moved), "task b must still train while task a is dropped"
-  streaks = [int(m["a/dropped_streak"]) for _, m in poisoned]
+  streaks = [int(m["task/a/nonfinite_streak"]) for _, m in poisoned]
   assert streaks == [0, 1, 2, 0, 0]
-  assert [int(m["a/dropped_total"]) for _, m in poisoned] == [0, 1, 2, 2, 2]
-  final = nonfinite_counters(poisoned[-1][0]["opt_state"])
-  assert int(final.count["a"]) == 2 and int(final.count["b"]) == 0
+  assert [int(m["task/a/nonfinite_total"]) for _, m in poisoned] == [0, 1, 2, 2, 2]
+  # One mechanism: the method's own counters, in its state (checkpointed with it).
+  final = [x for x in jax.tree.leaves(poisoned[-1][0]["opt_state"],
+                                      is_leaf=lambda x: isinstance(x, tbgc_jax.NonFinite))
+           if isinstance(x, tbgc_jax.NonFinite)]
+  assert len(final) == 1
+  assert int(final[0].total["a"]) == 2 and int(final[0].total["b"]) == 0
 
 
 def test_the_host_check_stops_after_k_in_a_row_and_on_nonfinite_params():
-  row = {"a/dropped": 1, "a/dropped_streak": 2, "a/dropped_total": 4, "a/loss": float("nan"),
-         "b/dropped": 0, "params_finite": 1}
+  row = {"task/a/nonfinite": 1, "task/a/nonfinite_streak": 2, "task/a/nonfinite_total": 4,
+         "a/loss": float("nan"), "task/b/nonfinite": 0, "params_finite": 1}
   assert logs.check_nonfinite(7, row, TASKS, max_consecutive=3) == ["a"]
   with pytest.raises(FloatingPointError, match=r"task 'a'.*2 consecutive steps.*step 7"):
     logs.check_nonfinite(7, row, TASKS, max_consecutive=2)
   with pytest.raises(FloatingPointError, match="non-finite parameters after step 9"):
-    logs.check_nonfinite(9, {**row, "a/dropped": 0, "params_finite": 0}, TASKS, 3)
+    logs.check_nonfinite(9, {**row, "task/a/nonfinite": 0, "params_finite": 0}, TASKS, 3)
 
 
 @pytest.mark.parametrize("policy,k,message", [("skip", 3, "config.nonfinite.policy"),

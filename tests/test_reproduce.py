@@ -116,8 +116,8 @@ def _write_metrics_jsonl(path, tasks=("det", "seg", "cls")):
     for step in range(0, 50, 10):
       row = {"step": step}
       for k, t in enumerate(tasks):
-        row[f"{t}/backbone_grad_norm"] = 10.0 ** k
-        row[f"{t}/backbone_grad_norm_after"] = 0.1
+        row[f"task/{t}/backbone_grad_norm"] = 10.0 ** k
+        row[f"task/{t}/backbone_grad_norm_after"] = 0.1
       f.write(json.dumps(row) + "\n")
 
 

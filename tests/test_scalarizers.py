@@ -164,7 +164,7 @@ def test_moco_is_order_invariant_and_drops_nonfinite_tasks():
   got, state = update(bad, tx.init(PARAMS))
   want, _ = update(zero, tx.init(PARAMS))
   chex.assert_trees_all_equal(got, want)
-  assert int(state.diagnostics.num_nonfinite["b"]) == 1
+  assert int(state.diagnostics.nonfinite.total["b"]) == 1
   # TorchJD's test matrix, first step (docs/methods.md): y = J / 2, lambda = P(0.55, 0.3).
   tx = tbgc_jax.moco(tasks=("a", "b"))
   J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}

@@ -129,7 +129,7 @@ def test_k_micro_batches_give_the_gradients_and_update_of_one_batch_of_k_rows():
   assert int(got["step"]) == int(want["step"]) == 1  # one update for the k micro-batches
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                got["params"], want["params"])
-  for key in ("det/loss", "cls/loss", "det/grad_norm", "cls/backbone_grad_norm"):
+  for key in ("det/loss", "cls/loss", "task/det/grad_norm", "task/cls/backbone_grad_norm"):
     np.testing.assert_allclose(metrics_k[key], metrics[key], rtol=1e-5)
 
 

@@ -77,7 +77,7 @@ def test_train_stop_resume_evaluate_and_eval_cli(tmp_path, cache_dir):
   assert [r["step"] for r in rows] == [0, 1, 2, 3]
   for task in ("det", "seg", "cls"):
     # TBGC: every task's backbone contribution has norm max_norm.
-    assert all(abs(r[f"{task}/backbone_grad_norm_after"] - 0.1) < 1e-5 for r in rows)
+    assert all(abs(r[f"task/{task}/backbone_grad_norm_after"] - 0.1) < 1e-5 for r in rows)
     assert all(np.isfinite(r[f"{task}/loss"]) for r in rows)
   for name in ("loss.png", "backbone_grad_norm.png", "eval_metrics.json"):
     assert os.path.exists(os.path.join(stopped, name)), name

@@ -319,4 +319,4 @@ def test_nonfinite_task_dropped_and_state_stays_finite(method):
     arrays = [x for x in jax.tree.leaves((out, state))
               if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
     assert all(np.all(np.isfinite(x)) for x in arrays)
-  assert int(state.diagnostics.num_nonfinite["b"]) == 3
+  assert int(state.diagnostics.nonfinite.total["b"]) == 3

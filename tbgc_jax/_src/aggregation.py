@@ -25,7 +25,7 @@ from tbgc_jax._src.clipping import (
     _sum_squares,
     _unflatten_cast,
 )
-from tbgc_jax._src.diagnostics import GradientDiagnostics
+from tbgc_jax._src.diagnostics import GradientDiagnostics, NonFinite, finite_tasks
 from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 
 _F32 = jnp.float32
@@ -34,7 +34,7 @@ _F32 = jnp.float32
 class GramianState(NamedTuple):
   """State of a Gramian gradient method (`tbgc_jax.mgda`, `tbgc_jax.upgrad`, ...)."""
 
-  diagnostics: GradientDiagnostics  # of the last update; read with `gradient_diagnostics`.
+  diagnostics: GradientDiagnostics  # of the last update; read with `method_diagnostics`.
   inner: Any  # the method's own state: optax.EmptyState(), a PRNG key, GradVac's targets ...
 
 
@@ -141,7 +141,8 @@ def gramian_method(
     combine: ``combine(Step, inner) -> (C, inner)``, see the module docstring.
     init_inner: builds the method's own initial state.
     elementwise: instead of ``combine``, a rule on the backbone leaves themselves.
-    drop_nonfinite: drop a task whose gradient is non-finite from the update (counted).
+    drop_nonfinite: drop a task whose gradient (or loss, when given) is non-finite from the
+      update; counted in the diagnostics' `NonFinite` either way.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a `GramianState`; ``update`` accepts
@@ -159,7 +160,7 @@ def gramian_method(
         weights=None if elementwise else {t: jnp.zeros([], _F32) for t in tasks},
         norm_before=zeros, norm_after=dict(zeros), cosine=jnp.zeros((n, n), _F32),
         num_conflicts=jnp.zeros([], jnp.int32),
-        num_nonfinite={t: jnp.zeros([], jnp.int32) for t in tasks})
+        nonfinite=NonFinite.zeros(tasks))
     return GramianState(diag, init_inner())
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
@@ -170,7 +171,9 @@ def gramian_method(
       raise ValueError(f"{where}: backbone_mask selects no gradient leaf as backbone")
     raw = gramian(leaves, select, tasks)
     head_sq = jnp.stack([_sum_squares(leaves[t], select, False) for t in tasks])
-    finite = jnp.isfinite(jnp.diag(raw) + head_sq)
+    sums = jnp.diag(raw) + head_sq
+    finite_by_task = finite_tasks({t: sums[k] for k, t in enumerate(tasks)}, losses)
+    finite = jnp.stack([finite_by_task[t] for t in tasks])
     keep = finite if drop_nonfinite else jnp.ones([n], bool)
     gram = jnp.where(keep[:, None] & keep[None, :], raw, 0.0)
     active = keep & (jnp.diag(gram) > 0)
@@ -202,8 +205,7 @@ def gramian_method(
         norm_after={t: norm_after[k] for k, t in enumerate(tasks)},
         cosine=cosine(gram),
         num_conflicts=jnp.sum(upper & (gram < 0)).astype(jnp.int32),
-        num_nonfinite={t: state.diagnostics.num_nonfinite[t] + (~finite[k]).astype(jnp.int32)
-                       for k, t in enumerate(tasks)})
+        nonfinite=state.diagnostics.nonfinite.advance(finite_by_task))
     return _unflatten_cast(treedef, out, leaves, tasks), GramianState(diag, inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -241,7 +243,7 @@ def from_weighting(
   ``jit`` on T x T arrays only, so it costs nothing next to the two passes over the gradients
   (the Gramian, the weighted sum); inactive tasks get weight 0 whatever it returns. The
   transform validates its input, drops non-finite tasks (counted) and keeps the diagnostics
-  that `tbgc_jax.gradient_diagnostics` reads (weights, norms, cosines, conflicts).
+  that `tbgc_jax.method_diagnostics` reads (weights, norms, cosines, conflicts).
 
   Args:
     weighting_fn: ``fn(step) -> w`` (f32[T]); with ``init_state``,

@@ -16,26 +16,13 @@ import optax
 
 from tbgc_jax._src.base import check_tasks as _check_tasks
 from tbgc_jax._src.base import safe_div
-from tbgc_jax._src.diagnostics import find_state
+from tbgc_jax._src.diagnostics import NonFinite, TaskClipState, finite_tasks
 from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import POSITIVE, register
 
 _F32 = jnp.float32
 # Added to the backbone norm by `backbone_clip`, as in the code it reproduces.
 _BACKBONE_CLIP_EPS = 1e-6
-
-
-class TaskClipState(NamedTuple):
-  """Per-task diagnostics of the last update, plus a running count of dropped task gradients.
-
-  Every field maps task name -> scalar. Read them with `tbgc_jax.task_diagnostics`.
-  """
-
-  total_norm: dict[str, jax.Array]  # f32[]: L2 norm of the task's raw gradient.
-  backbone_norm: dict[str, jax.Array]  # f32[]: L2 norm of its backbone leaves (0 if no mask).
-  backbone_scale: dict[str, jax.Array]  # f32[]: factor applied to its backbone leaves.
-  head_scale: dict[str, jax.Array]  # f32[]: factor applied to its other leaves.
-  num_nonfinite: dict[str, jax.Array]  # i32[]: updates in which its gradient was non-finite.
 
 
 def _split_grads(updates: Any, tasks: tuple[str, ...], params: Any, where: str):
@@ -160,10 +147,10 @@ def _scale_tasks(where: str, rule: Rule, max_norm, backbone_mask: MaskOrFn | Non
                  tasks: Sequence[str], *, drop_nonfinite: bool, needs_backbone: bool):
   """The per-task step of the clipping methods: ``g_t -> rule(norms of g_t) * g_t``.
 
-  Pass 1 computes each task's backbone and head sums of squares in float32 (a non-finite one
-  drops the task when ``drop_nonfinite``), pass 2 scales each task's leaves, in float32, by the
-  rule's backbone and head factors. Returns ``(init_fn, scale_fn)`` with
-  ``scale_fn(updates, state, params) -> _Scaled``; the steps after it (`_sum_then`,
+  Pass 1 computes each task's backbone and head sums of squares in float32 (a non-finite one,
+  or a non-finite loss, drops the task when ``drop_nonfinite``), pass 2 scales each task's
+  leaves, in float32, by the rule's backbone and head factors. Returns ``(init_fn, scale_fn)`` with
+  ``scale_fn(updates, state, params, losses) -> _Scaled``; the steps after it (`_sum_then`,
   `_per_task`) form the output, so a float32 sum of the scaled tasks is rounded once.
   """
   tasks = _check_tasks(tasks, where)
@@ -175,9 +162,9 @@ def _scale_tasks(where: str, rule: Rule, max_norm, backbone_mask: MaskOrFn | Non
     ones = {t: jnp.ones([], _F32) for t in tasks}
     return TaskClipState(
         total_norm=zeros, backbone_norm=dict(zeros), backbone_scale=ones, head_scale=dict(ones),
-        num_nonfinite={t: jnp.zeros([], jnp.int32) for t in tasks})
+        nonfinite=NonFinite.zeros(tasks))
 
-  def scale_fn(updates, state, params) -> _Scaled:
+  def scale_fn(updates, state, params, losses) -> _Scaled:
     treedef, leaves = _split_grads(updates, tasks, params, where)
     select = is_backbone(updates[tasks[0]])
     if needs_backbone and not any(select):
@@ -185,7 +172,7 @@ def _scale_tasks(where: str, rule: Rule, max_norm, backbone_mask: MaskOrFn | Non
     s = jnp.asarray(max_norm, _F32)
     bb_sq = {t: _sum_squares(leaves[t], select, True) for t in tasks}
     total_sq = {t: bb_sq[t] + _sum_squares(leaves[t], select, False) for t in tasks}
-    finite = {t: jnp.isfinite(total_sq[t]) for t in tasks}
+    finite = finite_tasks(total_sq, losses)
     keep = finite if drop_nonfinite else {t: jnp.asarray(True) for t in tasks}
     norms = {t: _Norms(jnp.sqrt(total_sq[t]), jnp.sqrt(bb_sq[t])) for t in tasks}
     factors = {t: rule(norms[t], s) for t in tasks}
@@ -199,8 +186,7 @@ def _scale_tasks(where: str, rule: Rule, max_norm, backbone_mask: MaskOrFn | Non
         total_norm={t: norms[t].total for t in tasks},
         backbone_norm={t: norms[t].backbone for t in tasks},
         backbone_scale=bb_scale, head_scale=head_scale,
-        num_nonfinite={
-            t: state.num_nonfinite[t] + (~finite[t]).astype(jnp.int32) for t in tasks})
+        nonfinite=state.nonfinite.advance(finite))
     return _Scaled(treedef, leaves, scaled, new_state)
 
   return init_fn, scale_fn, tasks
@@ -212,27 +198,29 @@ def _sum_then(scaling, then=None) -> optax.GradientTransformation:
   cast to the gradients' dtype."""
   init_fn, scale_fn, tasks = scaling
 
-  def update_fn(updates, state, params=None):
-    sc = scale_fn(updates, state, params)
+  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
+    del extra_args
+    sc = scale_fn(updates, state, params, losses)
     out = _sum_leaves(sc.scaled, tasks)
     new_state = sc.state
     if then is not None:
       out, new_state = then(out, new_state)
     return _unflatten_cast(sc.treedef, out, sc.leaves, tasks), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _per_task(scaling) -> optax.GradientTransformation:
   """`_scale_tasks` with per-task outputs, each cast to its task's gradient dtype."""
   init_fn, scale_fn, tasks = scaling
 
-  def update_fn(updates, state, params=None):
-    sc = scale_fn(updates, state, params)
+  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
+    del extra_args
+    sc = scale_fn(updates, state, params, losses)
     out = {t: _unflatten_cast(sc.treedef, sc.scaled[t], sc.leaves, (t,)) for t in tasks}
     return out, sc.state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _sum_leaves(leaves: Mapping[str, Sequence[jax.Array]], tasks: Sequence[str]
@@ -280,9 +268,10 @@ def tbgc(
 
   Edge cases: a task whose gradient is all zeros adds nothing; a task with a zero backbone
   gradient keeps its clipped gradient. A task whose gradient holds a NaN or inf (detected
-  from its float32 sum of squares, which also flags norms above ~1.8e19) is dropped from this
-  update when ``drop_nonfinite`` (the default), so one exploding task cannot poison the
-  shared backbone, and counted in the state's ``num_nonfinite``; set it to False to let
+  from its float32 sum of squares, which also flags norms above ~1.8e19), or whose loss is
+  non-finite when ``update`` is given ``losses={task: loss}``, is dropped from this update
+  when ``drop_nonfinite`` (the default), so one exploding task cannot poison the shared
+  backbone, and counted in the state's `NonFinite` counters; set it to False to let
   non-finite values through, e.g. to an ``optax.apply_if_finite`` later in the chain.
 
   Norms are computed in float32 whatever the gradient dtype; outputs keep the gradients'
@@ -299,11 +288,11 @@ def tbgc(
     tasks: the task names; ``update`` expects exactly these keys.
     rescale: rescale each task's backbone gradient to norm ``S`` (False: TBGC*).
     rescale_heads: apply the rescale factor to the head leaves too (the paper's formula).
-    drop_nonfinite: drop a task's contribution for this update when its gradient is
-      non-finite.
+    drop_nonfinite: drop a task's contribution for this update when its gradient (or loss)
+      is non-finite.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `TaskClipState`.
 
   References:
     Zhang et al., `Task-level Backbone-oriented Gradient Clip for Multi-Task Foundation
@@ -318,9 +307,9 @@ def tbgc(
     >>> grads = {"a": {"backbone": jnp.full(3, 5.0), "head": jnp.ones(2)},
     ...          "b": {"backbone": jnp.full(3, 1e-3), "head": jnp.zeros(2)}}
     >>> updates, state = tx.update(grads, tx.init(params), params)
-    >>> {t: round(float(d["backbone_norm_after"]), 6)
-    ...  for t, d in tbgc_jax.task_diagnostics(state).items()}
-    {'a': 0.1, 'b': 0.1}
+    >>> d = tbgc_jax.method_diagnostics(state)
+    >>> [round(float(d[f"task/{t}/backbone_grad_norm_after"]), 6) for t in ("a", "b")]
+    [0.1, 0.1]
   """
   rule = _rescale_rule(rescale_heads) if rescale else _clip_rule
   return _sum_then(_scale_tasks("tbgc", rule, max_norm, backbone_mask, tasks,
@@ -346,7 +335,7 @@ def per_task_clip(
     drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `TaskClipState`.
   """
   return _sum_then(_scale_tasks("per_task_clip", _clip_rule, max_norm, backbone_mask, tasks,
                                 drop_nonfinite=drop_nonfinite, needs_backbone=False))
@@ -382,7 +371,7 @@ def backbone_clip(
     drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `TaskClipState`.
 
   References:
     ``optimizer_wrapper.py::_clip_grad`` with ``backbone_based=True``, applied per task in
@@ -426,7 +415,7 @@ def vanilla_clip(
     drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `TaskClipState`.
   """
   return _sum_then(_scale_tasks("vanilla_clip", _unit_rule, max_norm, backbone_mask, tasks,
                                 drop_nonfinite=drop_nonfinite, needs_backbone=False),
@@ -481,19 +470,21 @@ def task_rescale(
                                 drop_nonfinite=drop_nonfinite, needs_backbone=rescale))
 
 
-def sum_tasks(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str]
-              ) -> optax.GradientTransformation:
+def sum_tasks(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
+              drop_nonfinite: bool = True) -> optax.GradientTransformationExtraArgs:
   """The plain multi-task baseline: sums the task gradients (the gradient of the summed loss).
 
   ``update = sum_t g_t``, summed in float32 in sorted-task order and cast back to the
-  gradients' dtype; no clipping, no per-task state (`task_diagnostics` returns ``{}``).
+  gradients' dtype; no clipping. The state is a `TaskClipState` (norms, unit scales and the
+  non-finite counters), like every method's.
 
   Args:
-    backbone_mask: unused (accepted for the common method signature).
+    backbone_mask: optional; only used for the backbone-norm diagnostics in the state.
     tasks: the task names; ``update`` expects exactly these keys.
+    drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
 
   Returns:
-    An ``optax.GradientTransformation`` with an ``optax.EmptyState``.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `TaskClipState`.
 
   Examples:
     >>> import jax.numpy as jnp, tbgc_jax
@@ -502,51 +493,8 @@ def sum_tasks(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str]
     >>> out.tolist()
     [1.0, 2.0]
   """
-  del backbone_mask
-  tasks = _check_tasks(tasks, "sum_tasks")
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    treedef, leaves = _split_grads(updates, tasks, params, "sum_tasks")
-    return _unflatten_cast(treedef, _sum_leaves(leaves, tasks), leaves, tasks), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def task_diagnostics(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
-  """Reads the per-task norms and scales of the last update from an optimizer state.
-
-  Finds the `TaskClipState` anywhere inside ``opt_state`` (a chain, ``inject_hyperparams``
-  or ``MultiSteps`` state) and returns, per task: ``total_norm`` and ``backbone_norm`` of the
-  raw gradient, ``backbone_scale`` and ``head_scale`` (the factors applied; 0 for a dropped
-  task), ``backbone_norm_after`` (= backbone_norm * backbone_scale, the task's backbone
-  contribution; S for every task under TBGC) and ``num_nonfinite``. Works on traced or
-  concrete states; nothing is fetched to the host.
-
-  Args:
-    opt_state: an optimizer state containing at most one `TaskClipState`.
-
-  Returns:
-    ``{task: {name: scalar}}``; ``{}`` for a state without a `TaskClipState` (e.g. of
-    `sum_tasks` or the Gramian methods, whose diagnostics `gradient_diagnostics` reads).
-  """
-  st = find_state(opt_state, TaskClipState, where="task_diagnostics")
-  if st is None:
-    return {}
-  return {
-      t: {
-          "total_norm": st.total_norm[t],
-          "backbone_norm": st.backbone_norm[t],
-          "backbone_norm_after": st.backbone_norm[t] * st.backbone_scale[t],
-          "backbone_scale": st.backbone_scale[t],
-          "head_scale": st.head_scale[t],
-          "num_nonfinite": st.num_nonfinite[t],
-      }
-      for t in st.total_norm
-  }
+  return _sum_then(_scale_tasks("sum_tasks", _unit_rule, 1.0, backbone_mask, tasks,
+                                drop_nonfinite=drop_nonfinite, needs_backbone=False))
 
 
 register("none", sum_tasks)

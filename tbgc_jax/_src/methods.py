@@ -6,7 +6,7 @@ returns one params-shaped update. The method acts on the backbone leaves (every 
 ``backbone_mask`` is None); head leaves get the sum of the tasks' head gradients. Equations are
 written on the Gramian ``G = J J^T`` of the tasks' backbone gradients (rows of ``J``), so each
 method is a small solve plus one weighted sum (see ``aggregation.py``); the state holds the
-diagnostics read by `tbgc_jax.gradient_diagnostics`. The common keyword ``drop_nonfinite``
+diagnostics read by `tbgc_jax.method_diagnostics`. The common keyword ``drop_nonfinite``
 (default True) drops a task whose gradient is non-finite from that update, as `tbgc_jax.tbgc`.
 
 Tasks are processed in sorted-name order; inactive tasks (zero or dropped gradients) get weight

@@ -4,7 +4,7 @@ A scalarization ``s(L_1, ..., L_T)`` turns the losses into one objective; its gr
 ``sum_t (ds/dL_t) g_t``, so each method here is a loss-based weighting ``w_t = ds/dL_t``
 evaluated at the losses of the step, run on the engine of ``weighting.py`` (backbone leaves
 weighted, head leaves summed, non-finite tasks dropped, weights in
-`tbgc_jax.gradient_diagnostics`). IMTL combines the IMTL-L loss scales with IMTL-G on the
+`tbgc_jax.method_diagnostics`). IMTL combines the IMTL-L loss scales with IMTL-G on the
 scaled gradients, so it also reads the Gramian.
 
 Preference vectors and ideal points are mappings ``{task: value}``, so they do not depend on

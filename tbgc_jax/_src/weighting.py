@@ -14,7 +14,7 @@ The transforms are ``optax.GradientTransformationExtraArgs``:
 structure, so they must be the first link of an ``optax.chain``; the chain forwards
 ``losses=`` to them. They run on the engine of the Gramian methods (``aggregation.py``) with
 the combination ``C = diag(w)``, so they share its weighted sum, its non-finite guard and its
-diagnostics (`tbgc_jax.gradient_diagnostics`: weights, norms, cosines); the method's own
+diagnostics (`tbgc_jax.method_diagnostics`: weights, norms, cosines); the method's own
 state is the ``inner`` field of the ``GramianState``.
 """
 
@@ -120,7 +120,7 @@ def famo(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a ``GramianState`` whose ``inner`` is
-    a `FamoState`; the weights are in its diagnostics (`tbgc_jax.gradient_diagnostics`).
+    a `FamoState`; the weights are in its diagnostics (`tbgc_jax.method_diagnostics`).
 
   References:
     Liu, Liu, Stone, Liu, `FAMO: Fast Adaptive Multitask Optimization`, NeurIPS 2023,

@@ -108,8 +108,8 @@ def check_nonfinite(step: int, metrics: Mapping[str, float], tasks: Sequence[str
 
   Args:
     step: the step of ``metrics`` (0-based).
-    metrics: that step's scalars (``<task>/dropped``, ``<task>/dropped_streak``,
-      ``<task>/dropped_total``, ``params_finite``, ``<task>/loss``).
+    metrics: that step's scalars (``task/<task>/nonfinite``, ``task/<task>/nonfinite_streak``
+      of `tbgc_jax.method_diagnostics`, ``params_finite``, ``<task>/loss``).
     tasks: task names.
     max_consecutive: stop once a task was dropped in this many steps in a row.
 
@@ -124,9 +124,9 @@ def check_nonfinite(step: int, metrics: Mapping[str, float], tasks: Sequence[str
     raise FloatingPointError(
         f"non-finite parameters after step {step}: stopping before they are checkpointed; "
         "the last checkpoint is intact. Lower the learning rate or check the data.")
-  dropped = [t for t in tasks if metrics.get(f"{t}/dropped", 0)]
+  dropped = [t for t in tasks if metrics.get(f"task/{t}/nonfinite", 0)]
   for task in dropped:
-    streak = int(metrics[f"{task}/dropped_streak"])
+    streak = int(metrics[f"task/{task}/nonfinite_streak"])
     if streak >= max_consecutive:
       raise FloatingPointError(
           f"task {task!r}: non-finite loss or gradient in {streak} consecutive steps (up to "
@@ -175,11 +175,11 @@ def plot_training(jsonl_path: str, out_dir: str, tasks: Sequence[str]) -> list[s
   plt.close(fig)
   written.append(path)
 
-  if any(f"{t}/backbone_grad_norm" in rows[-1] for t in tasks):
+  if any(f"task/{t}/backbone_grad_norm" in rows[-1] for t in tasks):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for t in tasks:
-      axes[0].plot(steps, series(f"{t}/backbone_grad_norm"), label=t)
-      axes[1].plot(steps, series(f"{t}/backbone_grad_norm_after"), label=t)
+      axes[0].plot(steps, series(f"task/{t}/backbone_grad_norm"), label=t)
+      axes[1].plot(steps, series(f"task/{t}/backbone_grad_norm_after"), label=t)
     axes[0].set(xlabel="step", ylabel="backbone gradient norm", yscale="log",
                 title="Per-task backbone gradient norm (raw)")
     axes[1].set(xlabel="step", yscale="log", title="... after the gradient method")
@@ -189,12 +189,12 @@ def plot_training(jsonl_path: str, out_dir: str, tasks: Sequence[str]) -> list[s
     plt.close(fig)
     written.append(path)
 
-  # Per-task weights of a Gramian gradient method (tbgc_jax.gradient_diagnostics, logged as
-  # grad/weight/<task>).
-  if any(f"grad/weight/{t}" in rows[-1] for t in tasks):
+  # Per-task weights of a Gramian gradient method (tbgc_jax.method_diagnostics'
+  # task/<task>/weight).
+  if any(f"task/{t}/weight" in rows[-1] for t in tasks):
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in tasks:
-      ax.plot(steps, series(f"grad/weight/{t}"), label=t)
+      ax.plot(steps, series(f"task/{t}/weight"), label=t)
     ax.set(xlabel="step", ylabel="weight", title="Per-task weight of the gradient method")
     ax.legend()
     path = os.path.join(out_dir, "task_weights.png")

@@ -3,7 +3,7 @@
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,52 +180,6 @@ def flat_groups(make_inner: Callable[[Callable[[Any], Any]], optax.GradientTrans
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-class NonFiniteState(NamedTuple):
-  """Counters of `drop_nonfinite`: ``count`` (steps dropped), ``streak`` (latest in a row),
-  ``kept`` (whether each task was kept in the last update); ``{task: scalar}`` each."""
-
-  count: dict[str, jax.Array]
-  streak: dict[str, jax.Array]
-  kept: dict[str, jax.Array]
-
-
-def drop_nonfinite(tasks: Sequence[str]) -> optax.GradientTransformationExtraArgs:
-  """The trainer's policy for a diverging task, as the first link before any gradient method.
-
-  A task whose loss (``losses`` extra argument) or gradient has a NaN or Inf contributes a
-  zero gradient to this update (the other tasks still train); its counters advance.
-  """
-  tasks = tuple(tasks)
-
-  def init_fn(params):
-    del params
-    zeros = lambda dtype: {t: jnp.zeros([], dtype) for t in tasks}
-    return NonFiniteState(zeros(jnp.int32), zeros(jnp.int32), {t: jnp.ones([], bool)
-                                                                   for t in tasks})
-
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
-    ok = {t: tbgc_jax.all_finite(updates[t]) for t in tasks}
-    if losses is not None:
-      ok = {t: ok[t] & jnp.isfinite(losses[t]) for t in tasks}
-    updates = {t: jax.tree.map(lambda g, keep=ok[t]: jnp.where(keep, g, jnp.zeros_like(g)),
-                               updates[t]) for t in tasks}
-    bad = {t: (~ok[t]).astype(jnp.int32) for t in tasks}
-    return updates, NonFiniteState({t: state.count[t] + bad[t] for t in tasks},
-                                   {t: (state.streak[t] + 1) * bad[t] for t in tasks}, ok)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def nonfinite_counters(opt_state: Any) -> NonFiniteState:
-  """The `NonFiniteState` inside an optimizer state built by `make_optimizer`."""
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, NonFiniteState))
-           if isinstance(s, NonFiniteState)]
-  if len(found) != 1:
-    raise ValueError(f"expected one NonFiniteState in the optimizer state, found {len(found)}")
-  return found[0]
-
-
 def make_optimizer(
     config: Any, tasks: Sequence[str], backbone_mask: Callable[[Any], Any],
     total_steps: int, steps_per_epoch: int,
@@ -239,8 +193,9 @@ def make_optimizer(
     total_steps: number of optimizer steps of the run.
     steps_per_epoch: steps in one epoch (for the warm-up length).
 
-  The chain is `drop_nonfinite` (the non-finite task policy; counters read by
-  `nonfinite_counters`), the gradient method, then AdamW, one per group of `param_labels`
+  The chain is the gradient method (which drops a task whose loss or gradient is non-finite
+  from the update and counts it: `tbgc_jax.NonFinite`, read by `tbgc_jax.method_diagnostics`),
+  then AdamW, one per group of `param_labels`
   (``optax.multi_transform``): the backbone at ``lr * config.optim.backbone_lr_mult``, the
   heads at ``lr``, and the paths matching ``config.optim.no_decay`` without weight decay.
   With ``config.optim.flat_update`` (default True) it runs on one flat vector per leaf group
@@ -270,7 +225,7 @@ def make_optimizer(
     mask = lambda p: jax.tree.map(lambda name: name.split(".")[0] == "backbone",
                                   group_labels(p))
     method = tbgc_jax.make_method(config.grad.method, mask, tasks=tasks, **hparams)
-    return optax.chain(drop_nonfinite(tasks), method, optax.multi_transform(adamw, group_labels))
+    return optax.chain(method, optax.multi_transform(adamw, group_labels))
 
   if not config.optim.get("flat_update", True):
     return make(labels), schedules

@@ -24,7 +24,6 @@ from flax import nnx
 import tbgc_jax
 from tbgc_jax.models.multitask import task_filter
 from tbgc_jax.trainer import sharding
-from tbgc_jax.trainer.optim import nonfinite_counters
 
 STEP_MODES = ("per_task_jit", "fused")
 
@@ -95,21 +94,12 @@ def accumulate(fn: Callable[[Any, jax.Array], Any], batch: Any, rng: jax.Array,
 
 
 def _update(state, losses, aux, grads, *, tasks, tx, schedules):
-  """Non-finite policy + gradient method + optimizer + metrics; shared by both step forms."""
+  """Gradient method (with its non-finite policy) + optimizer + metrics; shared by both step
+  forms. The method's diagnostics are `tbgc_jax.method_diagnostics`' ``task/<task>/...`` and
+  ``grad/...`` entries."""
   params = state["params"]
-  metrics = {}
   updates, opt_state = tx.update(grads, state["opt_state"], params, losses=losses)
-  nonfinite = nonfinite_counters(opt_state)
-  for t in tasks:
-    metrics[f"{t}/dropped"] = (~nonfinite.kept[t]).astype(jnp.int32)
-    metrics[f"{t}/dropped_total"] = nonfinite.count[t]
-    metrics[f"{t}/dropped_streak"] = nonfinite.streak[t]
-  for t, d in tbgc_jax.task_diagnostics(opt_state).items():
-    metrics[f"{t}/backbone_grad_norm"] = d["backbone_norm"]
-    metrics[f"{t}/backbone_grad_norm_after"] = d["backbone_norm_after"]
-    metrics[f"{t}/grad_norm"] = d["total_norm"]
-    metrics[f"{t}/num_nonfinite"] = d["num_nonfinite"]
-  metrics.update({f"grad/{k}": v for k, v in tbgc_jax.gradient_diagnostics(opt_state).items()})
+  metrics = tbgc_jax.method_diagnostics(opt_state)
   for t in tasks:
     metrics[f"{t}/loss"] = losses[t]
     metrics.update({f"{t}/{k}": jnp.asarray(v, jnp.float32) for k, v in aux[t].items()})

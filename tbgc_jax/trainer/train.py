@@ -223,14 +223,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       for t in dropped:
         _log.warning("step %d: task %r has a non-finite loss or gradient (loss %s): dropped "
                      "from this update (%d dropped steps in a row, %d in all; stop at %d)",
-                     step, t, row[f"{t}/loss"], row[f"{t}/dropped_streak"],
-                     row[f"{t}/dropped_total"], max_consecutive)
+                     step, t, row[f"{t}/loss"], row[f"task/{t}/nonfinite_streak"],
+                     row[f"task/{t}/nonfinite_total"], max_consecutive)
       row.update({f"{t}/data_skipped": float(by_process[:, i, k].sum())
                   for k, t in enumerate(tasks)})
       row.update({k: float(v) for k, v in zip(drop_keys, drops[i], strict=True)})
       row.update(step_time=wall, data_wait=wait)
       writer.write(step, row)
-    summary["dropped_steps"] = {t: int(row[f"{t}/dropped_total"]) for t in tasks}
+    summary["dropped_steps"] = {t: int(row[f"task/{t}/nonfinite_total"]) for t in tasks}
     summary["data_skipped"] = {t: int(by_process[:, -1, k].sum()) for k, t in enumerate(tasks)}
     summary["skipped_by_process"] = {t: by_process[:, -1, k].tolist()
                                      for k, t in enumerate(tasks)}
