@@ -88,10 +88,11 @@ def main():
     if first is None:
       first = {t: float(v) for t, v in losses.items()}
     if i % max(1, args.steps // 6) == 0 or i == args.steps - 1:
-      diag = tbgc_jax.task_diagnostics(opt_state)
+      diag = tbgc_jax.method_diagnostics(opt_state)
       cells = "  ".join(
-          f"{t}: loss {float(losses[t]):9.4f} trunk |g| {float(diag[t]['backbone_norm']):9.3g}"
-          f" -> {float(diag[t]['backbone_norm_after']):.3g}" for t in TASKS)
+          f"{t}: loss {float(losses[t]):9.4f} trunk |g| "
+          f"{float(diag[f'task/{t}/backbone_grad_norm']):9.3g}"
+          f" -> {float(diag[f'task/{t}/backbone_grad_norm_after']):.3g}" for t in TASKS)
       print(f"step {i:4d}  {cells}")
   last = {t: float(v) for t, v in losses.items()}
   print("loss first -> last: " + ", ".join(f"{t} {first[t]:.4g} -> {last[t]:.4g}" for t in TASKS))
