@@ -194,22 +194,30 @@ def recorded(directory: str, step: int) -> tuple[dict | None, dict | None]:
   except (OSError, ValueError):
     pass
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      leaves = leaves_by_path(ckptr.metadata(os.path.join(step_dir, "state")).item_metadata)
+    leaves = leaves_by_path(_state_metadata(directory, step))
   except Exception:  # noqa: BLE001 - unreadable metadata: the restore tries and reports
     pass
   return config, leaves
 
 
+def _state_metadata(directory: str, step: int):
+  """The tree of array metadata (shape, dtype) of a step's "state" item."""
+  from etils import epath
+
+  return ocp.StandardCheckpointHandler().metadata(
+      epath.Path(os.path.join(str(directory), str(step), "state")))
+
+
 def _mismatch(what: str, step: int, directory: str, diffs: dict, tree: str | None,
               hint: str) -> ConfigError:
-  shown = [f"{k}: {a!r} in the checkpoint, {b!r} here" for k, (a, b) in diffs.items()][:6]
-  parts = [f"the checkpoint of step {step} in {directory} {what}"]
+  shown = [f"{k} is {a!r} there, {b!r} here" for k, (a, b) in diffs.items()][:6]
+  parts = []
   if shown:
-    parts.append("config " + "; ".join(shown) + ("; ..." if len(diffs) > 6 else ""))
+    parts.append("; ".join(shown) + ("; ..." if len(diffs) > 6 else ""))
   if tree:
-    parts.append(tree)
-  return ConfigError(". ".join(parts) + f". {hint}")
+    parts.append(f"first differing array: {tree}")
+  return ConfigError(f"the checkpoint of step {step} in {directory} {what} ("
+                     + "; ".join(parts) + f"). {hint}")
 
 
 def check_resumable(mngr: ocp.CheckpointManager, config, abstract_state, workdir: str) -> None:
@@ -353,9 +361,8 @@ def load_init_from(setup: Setup, spec: str, parts: str, abstract_opt_state=None
 
 
 def _abstract_from_metadata(directory: str, step: int, key: str):
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(os.path.join(directory, str(step), "state")).item_metadata
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(meta)[key])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                      dict(_state_metadata(directory, step))[key])
 
 
 def leaves_by_value(tree) -> dict[tuple[str, ...], Any]:
