@@ -100,9 +100,6 @@ class StopSignals:
     self._previous = {}
 
 
-Preemption = StopSignals
-
-
 def _write_summary(workdir: str, step: int, summary: dict) -> None:
   """``<workdir>/summary.json``: the run's counts (dropped steps, skipped records) at ``step``."""
   path = os.path.join(workdir, "summary.json")
