@@ -89,5 +89,4 @@ def one_line_errors(log_file: str | None = None, *, errors: tuple[type, ...] = (
     fail(_message(e))
   except KeyboardInterrupt as e:
     _to_log(log_file, e)
-    fail("aborted (Ctrl-C twice): the work since the last checkpoint is lost",
-         EXIT_INTERRUPTED)
+    fail("aborted by Ctrl-C: nothing since the last checkpoint was saved", EXIT_INTERRUPTED)

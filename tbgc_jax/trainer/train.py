@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from tqdm import tqdm
 
 import tbgc_jax
 from tbgc_jax.data import pipeline
@@ -344,41 +345,26 @@ def _train(setup: Setup, workdir: str, *, stop_after: int | None, evaluate: bool
   iterators = train_iterators(setup, sources, total_steps)
   tx, schedules = make_optimizer(config, tasks, backbone_mask, total_steps, steps_per_epoch)
   mngr = checkpointing.checkpoint_manager(workdir, config)
+  writer, signals = None, None
+  # The bar starts after the first step, which compiles: its rate and ETA are the steps'.
+  bar = tqdm(total=0, disable=True)
   try:
     state, skipped = initial_state(setup, tx, mngr, iterators, workdir)
-  except BaseException:
-    mngr.close()
-    raise
-  start = int(state["step"])
-  last_step = min(total_steps, stop_after) if stop_after else total_steps
-  jstep = make_train_step(setup.graphdef, tasks, tx, schedules, config, backbone_mask,
-                          setup.mesh, state, setup.rest)
-  writer = logs.MetricWriter(workdir, enabled=is_main, resume_step=start)
-  log = TrainLog(writer, tasks, max_consecutive_nonfinite(config))
-  evals = PeriodicEvals(eval_lib.Evaluation(config, setup.eval_graphdef, setup.mesh),
-                        eval_lib.eval_specs(config), writer)
-  from tqdm import tqdm
-
-  # The bar starts after the first step, which compiles: its rate and ETA are the steps'.
-  bar = tqdm(total=total_steps, initial=start, disable=True)
-  signals = None
-  try:
+    start = int(state["step"])
+    last_step = min(total_steps, stop_after) if stop_after else total_steps
+    jstep = make_train_step(setup.graphdef, tasks, tx, schedules, config, backbone_mask,
+                            setup.mesh, state, setup.rest)
+    writer = logs.MetricWriter(workdir, enabled=is_main, resume_step=start)
+    log = TrainLog(writer, tasks, max_consecutive_nonfinite(config))
+    evals = PeriodicEvals(eval_lib.Evaluation(config, setup.eval_graphdef, setup.mesh),
+                          eval_lib.eval_specs(config), writer)
     if is_main and start < last_step:
       print(run_summary(setup, sources, total_steps, steps_per_epoch, workdir), flush=True)
       print("compiling the train step (a later run in this workdir loads it from jax_cache/)...",
             flush=True)
-    # Compile before the first batch is drawn: the data pipeline's read threads would
-    # otherwise run beside the compile (and its Python tracing) on the same cores.
     abstract_batches = None
     if start < last_step:
-      t0 = time.perf_counter()
-      abstract_batches = setup_lib.train_batch_shapes(config, setup.mesh)
-      if isinstance(jstep, PerTaskStep):
-        jstep.warm_up(state, setup.rest, abstract_batches)
-      else:
-        jstep = jstep.lower(state, setup.rest, abstract_batches).compile()
-      if is_main:
-        print(f"compiled the train step in {time.perf_counter() - t0:.0f} s", flush=True)
+      jstep, abstract_batches = compile_step(jstep, state, setup)
     signals = StopSignals(mngr)
     for step in range(start, last_step):
       t0 = time.perf_counter()
@@ -424,17 +410,41 @@ def _train(setup: Setup, workdir: str, *, stop_after: int | None, evaluate: bool
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   done = int(state["step"])
   if signals is not None and signals.reason == "sigint":
     raise Interrupted(done)
   if done < total_steps:
     return {}
+  return finish(setup, state, workdir, log, evals if evaluate else None)
+
+
+def compile_step(jstep, state: dict, setup: Setup):
+  """Compiles the train step for `setup_lib.train_batch_shapes` before the first batch is
+  drawn (the data pipeline's read threads would otherwise run beside the compile and its
+  Python tracing on the same cores). Returns the step and the batch shapes."""
+  t0 = time.perf_counter()
+  abstract_batches = setup_lib.train_batch_shapes(setup.config, setup.mesh)
+  if isinstance(jstep, PerTaskStep):
+    jstep.warm_up(state, setup.rest, abstract_batches)
+  else:
+    jstep = jstep.lower(state, setup.rest, abstract_batches).compile()
+  if jax.process_index() == 0:
+    print(f"compiled the train step in {time.perf_counter() - t0:.0f} s", flush=True)
+  return jstep, abstract_batches
+
+
+def finish(setup: Setup, state: dict, workdir: str, log: TrainLog,
+           evals: PeriodicEvals | None) -> dict[str, float]:
+  """The end of a run that reached its last step: ``summary.json``, the plots, and (with
+  ``evals``) the final evaluations, written to ``eval_metrics.json`` and printed."""
+  done, is_main = int(state["step"]), jax.process_index() == 0
   if is_main:
     _write_summary(workdir, done, log.summary)
-  if is_main and os.path.exists(writer.path):
-    logs.plot_training(writer.path, workdir, tasks)
-  if not evaluate:
+    if os.path.exists(log.writer.path):
+      logs.plot_training(log.writer.path, workdir, setup.tasks)
+  if evals is None:
     return {}
   metrics = evals.final(state, setup.rest, done)
   if is_main:
