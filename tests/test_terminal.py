@@ -72,6 +72,7 @@ def interrupted(tmp_path_factory, cache_dir):
   return workdir, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(interrupted):
   workdir, result = interrupted
   assert result.returncode == 130, result.stderr[-3000:]
@@ -94,6 +95,7 @@ def _error_line(result):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_mistakes_at_the_command_line_print_one_line(interrupted, tmp_path, cache_dir):
   """Each case is one process; they run side by side and stop before any compile."""
   workdir, _ = interrupted
@@ -201,10 +203,12 @@ def test_a_second_ctrl_c_aborts_at_once():
   assert exit_info.value.code == cli.EXIT_INTERRUPTED
 
 
-def test_init_from_takes_the_parameters_that_exist_and_lists_the_others(interrupted):
+@pytest.mark.slow
+def test_init_from_takes_the_parameters_that_exist_and_lists_the_others(interrupted, tmp_path):
   workdir, _ = interrupted
   step = int(next(d for d in os.listdir(workdir / "checkpoints") if d.isdigit()))
-  source = Setup(_micro_cls())
+  # Restoring (what eval.py does) never initialises parameters nor reads the pretrained file.
+  source = Setup(_micro_cls(**{"model.pretrained": str(tmp_path / "missing.npz")}))
   want, _ = checkpointing.restore_params(source, str(workdir))
   # A new run with another classification head (a hidden layer): the backbone comes from
   # the source, the head's new layers keep their initialisation.
