@@ -252,3 +252,19 @@ def test_the_flat_update_equals_the_update_on_trees(method):
   assert layout.groups == (("backbone/bfloat16", (0,)), ("backbone/float32", (1,)),
                            ("head", (2, 3)))
   chex.assert_trees_all_equal(layout.unravel(layout.ravel(grads[0]["a"])), grads[0]["a"])
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_no_decay_paths_and_the_backbone_lr_multiplier(flat):
+  params = {"backbone": {"norm": {"scale": jnp.ones(2)}, "fc": {"kernel": jnp.ones((2, 2))}},
+            "heads": {"norm": {"bias": jnp.ones(2)}, "out": {"kernel": jnp.ones(3)}}}
+  zero = {t: jax.tree.map(jnp.zeros_like, params) for t in TASKS}
+  c = _trainer_config("none")
+  c.optim.update(weight_decay=0.5, backbone_lr_mult=0.1, no_decay="norm", flat_update=flat)
+  tx, _ = make_optimizer(c, TASKS, tbgc_jax.path_mask("^backbone"), 10, 5)
+  updates, _ = jax.jit(tx.update)(zero, tx.init(params), params, losses={"a": 1.0, "b": 1.0})
+  # A zero gradient leaves only AdamW's decay: -lr * mult * wd * p, and 0 on the no-decay paths.
+  np.testing.assert_allclose(updates["backbone"]["fc"]["kernel"], -1e-3 * 0.1 * 0.5, rtol=1e-5)
+  np.testing.assert_allclose(updates["heads"]["out"]["kernel"], -1e-3 * 0.5, rtol=1e-5)
+  assert not np.any(updates["backbone"]["norm"]["scale"])
+  assert not np.any(updates["heads"]["norm"]["bias"])
