@@ -37,9 +37,11 @@ def _toy_params():
 
 
 def _run_updates(method, losses_and_grads):
-  """Runs the trainer's update (non-finite policy + method + AdamW) over given steps."""
+  """Runs the trainer's update (method with its non-finite policy + AdamW) over given steps."""
   config = tiny.get_config()
   config.grad.method = method
+  if "max_norm" not in tbgc_jax.get_method(method).hyperparameters:
+    del config.grad.hparams["max_norm"]
   tx, schedules = make_optimizer(config, TASKS, _mask, total_steps=10, steps_per_epoch=5)
   params = _toy_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
