@@ -10,6 +10,7 @@ Override any field on the command line, e.g. ``--config.grad.method=vanilla``.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from tbgc_jax.data import configs as data_configs
 from tbgc_jax.models.detection import DINOConfig
@@ -81,6 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Micro-batches per optimizer update: each task's gradient is the mean over this many
   # batches of config.data.<task>.batch_size per device, before the gradient method.
   c.grad_accum_steps = 1
+  # Compile workarounds (tbgc_jax.trainer.backend; docs/accelerators.md), each "auto" (on for
+  # the CPU back-end only), True or False (e.g. --config.backend.flat_update=False).
+  c.backend = ml_collections.ConfigDict({
+      name: config_dict.FieldReference("auto", field_type=object)
+      for name in ("flat_update", "own_head_grads", "dw_conv_by_shifts")})
 
   # A task whose loss or gradient is non-finite: "drop_task" leaves it out of that step's
   # update (counted, logged) and stops after `max_consecutive` such steps of one task in a

@@ -235,7 +235,7 @@ def test_the_flat_update_equals_the_update_on_trees(method):
   out = {}
   for flat in (False, True):
     c = _trainer_config(method)
-    c.optim.flat_update = flat
+    c.backend = ml_collections.ConfigDict({"flat_update": flat})
     tx, _ = make_optimizer(c, TASKS, mask_fn, 10, 5)
     state, p, steps = tx.init(params), params, []
     for i, g in enumerate(grads):

@@ -49,6 +49,11 @@ class InternImageConfig:
     scan_blocks: run each level's blocks as one stacked module under ``jax.lax.scan``
       (parameters ``levels/i/blocks/...`` with a leading block axis; see `stack_blocks`):
       the traced and compiled program holds one block per level whatever the depth.
+    dw_conv_by_shifts: with ``scan_blocks``, compute the scanned blocks' depthwise conv as a
+      sum of shifted products (`DCNv3`'s ``dw_conv_by_shifts``; same parameters, same values
+      up to float rounding) instead of a grouped conv. A compile-time choice for XLA:CPU,
+      which runs the kernel gradient of a grouped conv inside a loop 18 times slower; the
+      trainer sets it per back-end (``tbgc_jax.trainer.backend``).
   """
 
   channels: int
@@ -61,6 +66,7 @@ class InternImageConfig:
   drop_path_rate: float = 0.1
   dw_kernel_size: int | None = None
   scan_blocks: bool = False
+  dw_conv_by_shifts: bool = False
 
 
 # Official settings, from OpenGVLab/InternImage classification/configs/
@@ -213,7 +219,7 @@ class InternImageLayer(nnx.Module):
 
   def __call__(
       self, x: jax.Array, drop_path: tuple[jax.Array, jax.Array] | None = None,
-      scanned: bool = False,
+      dw_conv_by_shifts: bool = False,
   ) -> jax.Array:
     """Applies the block.
 
@@ -221,9 +227,8 @@ class InternImageLayer(nnx.Module):
       x: NHWC input.
       drop_path: ``(rate, key)`` of a scanned block (a traced rate; the key is split between
         the two residual branches), used instead of the block's own drop path.
-      scanned: the block runs inside ``jax.lax.scan``: on the CPU back-end its depthwise
-        conv is computed as a sum of shifted products (`DCNv3`'s ``dw_conv_by_shifts``;
-        XLA:CPU runs the kernel gradient of a grouped conv inside a loop 18 times slower).
+      dw_conv_by_shifts: compute the depthwise conv as a sum of shifted products (`DCNv3`'s
+        ``dw_conv_by_shifts``; `InternImageConfig.dw_conv_by_shifts` of a scanned level).
 
     Returns:
       The NHWC output, shaped like ``x``.
@@ -232,9 +237,8 @@ class InternImageLayer(nnx.Module):
     if drop_path is not None:
       rate, key = drop_path
       drops = tuple((rate, k) for k in jax.random.split(key))
-    # The shifted-products form is an XLA:CPU workaround; other back-ends keep the conv.
-    by_shifts = scanned and jax.default_backend() == "cpu"
-    dcn = functools.partial(self.dcn, dw_conv_by_shifts=True) if by_shifts else self.dcn
+    dcn = (functools.partial(self.dcn, dw_conv_by_shifts=True) if dw_conv_by_shifts
+           else self.dcn)
     x = self._residual(x, dcn, self.norm1, self.gamma1, drops[0])
     return self._residual(x, self.mlp, self.norm2, self.gamma2, drops[1])
 
@@ -273,6 +277,7 @@ class _Level(nnx.Module):
       self.drop_path_rates = tuple(float(r) for r in drop_paths)
       self.drop_path_rngs = stream
       self.deterministic = False
+      self.dw_conv_by_shifts = bool(cfg.dw_conv_by_shifts)
     else:
       self.blocks = nnx.List(blocks)
     self.norm = None if cfg.post_norm else nnx.LayerNorm(channels, epsilon=1e-6, rngs=rngs)
@@ -281,11 +286,11 @@ class _Level(nnx.Module):
   def _scan_blocks(self, x: jax.Array) -> jax.Array:
     if self.deterministic or self.drop_path_rngs is None:
       def step(block, x, _):
-        return block(x, scanned=True), None
+        return block(x, dw_conv_by_shifts=self.dw_conv_by_shifts), None
       xs = None
     else:
       def step(block, x, drop):
-        return block(x, drop_path=drop, scanned=True), None
+        return block(x, drop_path=drop, dw_conv_by_shifts=self.dw_conv_by_shifts), None
       keys = jax.random.split(self.drop_path_rngs(), len(self.drop_path_rates))
       xs = (jnp.asarray(self.drop_path_rates, jnp.float32), keys)
     return stacking.scan(self.blocks, step, x, xs)[0]

@@ -26,7 +26,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tbgc_jax.trainer import backend as backend_lib
+
 PLATFORMS = ("cuda", "tpu")
+# The back-end whose compile workarounds the exported functions take (`backend.workarounds`):
+# an accelerator's, so the CPU-only workarounds are off, as where the functions run.
+BACKEND = "gpu"
 
 # Custom-call targets that only the CPU runtime provides, and host callbacks (which tie the
 # step to the host: a transfer and a Python call per step).
@@ -79,15 +84,20 @@ def lower(fn: Callable[..., Any], args: Sequence[Any], platforms: str | Sequence
   return Lowering(name, platform, op_count(text), tuple(sorted(set(_CUSTOM_CALL.findall(text)))))
 
 
-def abstract_model(config: Any) -> nnx.Module:
-  """The config's multi-task model with ShapeDtypeStruct parameters (`nnx.eval_shape`)."""
+def abstract_model(config: Any, workarounds: Any = None) -> nnx.Module:
+  """The config's multi-task model with ShapeDtypeStruct parameters (`nnx.eval_shape`), built
+  with ``workarounds`` (`tbgc_jax.trainer.backend.Workarounds`; None: this back-end's)."""
   from tbgc_jax.models.rngs import construction_rngs
   from tbgc_jax.trainer.model_factory import build_model
-  return nnx.eval_shape(lambda: build_model(config, rngs=construction_rngs(config.seed)))
+  return nnx.eval_shape(lambda: build_model(config, rngs=construction_rngs(config.seed),
+                                            workarounds=workarounds))
 
 
-def abstract_step(config: Any):
+def abstract_step(config: Any, backend: str = BACKEND):
   """The trainer's per-task step on abstract state, and abstract inputs of each function.
+
+  The step, optimizer and model take the compile workarounds ``config.backend`` resolves to
+  on ``backend`` (`tbgc_jax.trainer.backend.workarounds`): what runs there.
 
   Returns:
     ``(step, state, rest, batches, outs)``: a `tbgc_jax.trainer.step.PerTaskStep`,
@@ -101,31 +111,33 @@ def abstract_step(config: Any):
   from tbgc_jax.trainer.step import make_train_step
 
   tasks = tuple(config.tasks)
-  model = abstract_model(config)
+  workarounds = backend_lib.workarounds(config, backend)
+  model = abstract_model(config, workarounds)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx, schedules = make_optimizer(config, tasks, backbone_mask, 1000, 100)
+  tx, schedules = make_optimizer(config, tasks, backbone_mask, 1000, 100, workarounds)
   state = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params),
            "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
   mesh = make_mesh(config)
   batches = train_batch_shapes(config, mesh)
   step = make_train_step(graphdef, tasks, tx, schedules, config, backbone_mask, mesh, state,
-                         rest)
+                         rest, workarounds)
   outs = {t: jax.eval_shape(step.task_grads[t], params, rest, batches[t], state["rng"],
                             state["step"]) for t in tasks}
   return step, state, rest, batches, outs
 
 
-def trainer_functions(config: Any) -> dict[str, tuple[Callable[..., Any], tuple]]:
-  """``{name: (jitted function, abstract args)}`` of what ``train.py`` and ``eval.py`` run:
-  ``grad[<task>]`` and ``update`` of the per-task step, ``predict[<task>]`` of evaluation
-  (at ``config.data.<task>.eval_image_size``)."""
+def trainer_functions(config: Any, backend: str = BACKEND
+                      ) -> dict[str, tuple[Callable[..., Any], tuple]]:
+  """``{name: (jitted function, abstract args)}`` of what ``train.py`` and ``eval.py`` run on
+  ``backend`` (its compile workarounds): ``grad[<task>]`` and ``update`` of the per-task step,
+  ``predict[<task>]`` of evaluation (at ``config.data.<task>.eval_image_size``)."""
   from tbgc_jax.trainer.evaluate import make_predict_fn
   from tbgc_jax.trainer.setup import train_batch_shapes
   from tbgc_jax.trainer.sharding import make_mesh
 
-  step, state, rest, batches, outs = abstract_step(config)
+  step, state, rest, batches, outs = abstract_step(config, backend)
   fns = {f"grad[{t}]": (step.task_grads[t], (state["params"], rest, batches[t], state["rng"],
                                               state["step"])) for t in step.tasks}
   fns["update"] = (step.update, (state, outs))
@@ -134,7 +146,7 @@ def trainer_functions(config: Any) -> dict[str, tuple[Callable[..., Any], tuple]
     evaluation.data[t].image_size = evaluation.data[t].eval_image_size
   mesh = make_mesh(config)
   eval_batches = train_batch_shapes(evaluation, mesh)
-  model = abstract_model(config)
+  model = abstract_model(config, backend_lib.workarounds(config, backend))
   model.eval()
   graphdef, params, eval_rest = nnx.split(model, nnx.Param, ...)
   for t in step.tasks:
@@ -143,11 +155,12 @@ def trainer_functions(config: Any) -> dict[str, tuple[Callable[..., Any], tuple]
   return fns
 
 
-def export_trainer(config: Any, platforms: Sequence[str] = PLATFORMS) -> list[Lowering]:
-  """Lowers every function of `trainer_functions` for ``platforms``, all in one module each
-  (every platform's custom calls appear in it)."""
+def export_trainer(config: Any, platforms: Sequence[str] = PLATFORMS,
+                   backend: str = BACKEND) -> list[Lowering]:
+  """Lowers every function of `trainer_functions` (with ``backend``'s compile workarounds) for
+  ``platforms``, all in one module each (every platform's custom calls appear in it)."""
   return [lower(fn, args, platforms, name)
-          for name, (fn, args) in trainer_functions(config).items()]
+          for name, (fn, args) in trainer_functions(config, backend).items()]
 
 
 def table(lowerings: Sequence[Lowering]) -> str:

@@ -11,6 +11,7 @@ from tbgc_jax.models import internimage
 from tbgc_jax.models.multitask import MultiTaskModel
 from tbgc_jax.presets import preset, with_overrides
 from tbgc_jax.tasks import get_task
+from tbgc_jax.trainer import backend
 
 # config.precision: the compute dtype of activations and matmuls. Parameters stay float32.
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,26 +51,32 @@ def compute_dtype(config: Any) -> Any:
   return PRECISIONS[precision]
 
 
-def backbone_config(config: Any) -> internimage.InternImageConfig:
-  """``config.model.backbone``'s preset, its ``backbone_overrides`` and ``drop_path_rate``."""
+def backbone_config(config: Any, workarounds: backend.Workarounds | None = None
+                    ) -> internimage.InternImageConfig:
+  """``config.model.backbone``'s preset, its ``backbone_overrides`` and ``drop_path_rate``,
+  with ``dw_conv_by_shifts`` from the back-end's ``workarounds`` (None:
+  ``backend.workarounds(config)``)."""
   m = config.model
   cfg = with_overrides(preset(internimage.PRESETS, m.backbone, "config.model.backbone"),
                        m.get("backbone_overrides", None), "config.model.backbone_overrides")
   if m.drop_path_rate >= 0:
     cfg = dataclasses.replace(cfg, drop_path_rate=float(m.drop_path_rate))
-  return cfg
+  workarounds = backend.workarounds(config) if workarounds is None else workarounds
+  return dataclasses.replace(cfg, dw_conv_by_shifts=workarounds.dw_conv_by_shifts)
 
 
-def build_model(config: Any, *, rngs: nnx.Rngs) -> MultiTaskModel:
+def build_model(config: Any, *, rngs: nnx.Rngs,
+                workarounds: backend.Workarounds | None = None) -> MultiTaskModel:
   """The shared backbone and one head per task of ``config.tasks``.
 
   Uses ``config.model`` (``backbone``, optional ``backbone_overrides`` of the preset's
   fields, ``drop_path_rate``) for the backbone; each task's spec builds its head from
   ``config.model.<task>`` and ``config.data.<task>.num_classes`` (``TaskSpec.build_head``);
   ``config.precision`` (default "float32") sets the layers' compute dtype
-  (`set_compute_dtype`).
+  (`set_compute_dtype`); ``workarounds`` (None: ``backend.workarounds(config)``) the
+  back-end's compile workarounds (`backbone_config`).
   """
-  backbone = internimage.InternImage(backbone_config(config), rngs=rngs)
+  backbone = internimage.InternImage(backbone_config(config, workarounds), rngs=rngs)
   heads = {task: get_task(task).build_head(config, backbone.out_channels, rngs=rngs)
            for task in config.tasks}
   model = MultiTaskModel(backbone, heads)

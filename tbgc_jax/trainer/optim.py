@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 import tbgc_jax
+from tbgc_jax.trainer import backend
 
 # config.grad fields: the method, its hyperparameters, and how the step runs.
 GRAD_FIELDS = ("method", "hparams", "step_mode", "sequential")
@@ -182,7 +183,7 @@ def flat_groups(make_inner: Callable[[Callable[[Any], Any]], optax.GradientTrans
 
 def make_optimizer(
     config: Any, tasks: Sequence[str], backbone_mask: Callable[[Any], Any],
-    total_steps: int, steps_per_epoch: int,
+    total_steps: int, steps_per_epoch: int, workarounds: backend.Workarounds | None = None,
 ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
   """The gradient method (first link) chained with AdamW per parameter group.
 
@@ -192,16 +193,18 @@ def make_optimizer(
     backbone_mask: ``params -> bool pytree``, True on backbone leaves.
     total_steps: number of optimizer steps of the run.
     steps_per_epoch: steps in one epoch (for the warm-up length).
+    workarounds: the back-end's `backend.Workarounds` (None: ``backend.workarounds(config)``).
 
   The chain is the gradient method (which drops a task whose loss or gradient is non-finite
   from the update and counts it: `tbgc_jax.NonFinite`, read by `tbgc_jax.method_diagnostics`),
   then AdamW, one per group of `param_labels`
   (``optax.multi_transform``): the backbone at ``lr * config.optim.backbone_lr_mult``, the
   heads at ``lr``, and the paths matching ``config.optim.no_decay`` without weight decay.
-  With ``config.optim.flat_update`` (default True) it runs on one flat vector per leaf group
-  (`flat_groups`), which compiles far faster and gives the same updates up to float rounding
-  of sums over leaves. Everything here is float32 whatever ``config.precision`` (master
-  weights): parameters, moments, per-task gradients, norms and Gramians.
+  With the ``flat_update`` workaround (``config.backend.flat_update``, default "auto": on the
+  CPU back-end) it runs on one flat vector per leaf group (`flat_groups`), which compiles far
+  faster on XLA:CPU and gives the same updates up to float rounding of sums over leaves.
+  Everything here is float32 whatever ``config.precision`` (master weights): parameters,
+  moments, per-task gradients, norms and Gramians.
 
   Returns:
     ``(tx, schedules)``; ``tx.init`` takes the params tree, ``tx.update`` takes
@@ -227,6 +230,7 @@ def make_optimizer(
     method = tbgc_jax.make_method(config.grad.method, mask, tasks=tasks, **hparams)
     return optax.chain(method, optax.multi_transform(adamw, group_labels))
 
-  if not config.optim.get("flat_update", True):
+  workarounds = backend.workarounds(config) if workarounds is None else workarounds
+  if not workarounds.flat_update:
     return make(labels), schedules
   return flat_groups(make, labels), schedules

@@ -23,7 +23,7 @@ from flax import nnx
 
 import tbgc_jax
 from tbgc_jax.models.multitask import task_filter
-from tbgc_jax.trainer import sharding
+from tbgc_jax.trainer import backend, sharding
 
 STEP_MODES = ("per_task_jit", "fused")
 
@@ -127,7 +127,8 @@ class PerTaskStep:
   Attributes:
     tasks: task order of a step.
     task_grads: ``{task: jit((params, rest, batch, rng, step) -> ((loss, aux), grads))}``;
-      ``grads`` holds the leaves of ``task_filter(task)`` only (the backbone and that head).
+      ``grads`` holds the leaves of ``task_filter(task)`` only (the backbone and that head)
+      with the ``own_head_grads`` workaround, every parameter otherwise.
     update: ``jit((state, {task: task_grads output}) -> (state, metrics))``, donating state.
     compiler_options: XLA options of that first compile (None: XLA's defaults).
   """
@@ -183,6 +184,7 @@ def make_train_step(
     graphdef: nnx.GraphDef, tasks: Sequence[str], tx: optax.GradientTransformation,
     schedules: dict[str, optax.Schedule], config: Any, backbone_mask: Callable[[Any], Any],
     mesh: jax.sharding.Mesh, state: dict, rest: Any,
+    workarounds: backend.Workarounds | None = None,
 ) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
   """Builds the jitted ``step(state, rest, batches) -> (state, metrics)``.
 
@@ -200,8 +202,14 @@ def make_train_step(
   micro-batches (``sharding.train_batch_sharding``): each task's loss, metrics and gradient
   are their means over the ``k`` micro-batches (`accumulate`, float32), taken before the
   gradient method; the step is one optimizer update.
+
+  ``workarounds`` (None: ``backend.workarounds(config)``): with ``own_head_grads`` (on the
+  CPU back-end by default) each task's executable differentiates the backbone and its own head
+  only and the update fills zeros for the other heads; otherwise it differentiates the whole
+  parameter tree.
   """
   tasks = tuple(tasks)
+  workarounds = backend.workarounds(config) if workarounds is None else workarounds
   loss_fns = make_loss_fns(graphdef, tasks, {t: float(config.loss_weights[t]) for t in tasks})
   del backbone_mask  # The gradient method in ``tx`` holds it.
   update = jax.tree_util.Partial(_update, tasks=tasks, tx=tx, schedules=schedules)
@@ -223,11 +231,14 @@ def make_train_step(
     return jax.jit(fused, in_shardings=(rep(state), rep(rest), data),
                    out_shardings=(rep(state), replicated), donate_argnums=0)
 
+  own_head = workarounds.own_head_grads
+
   def task_grad(task):
-    # The gradient of the leaves this task reads (backbone + its head) only: the other heads'
-    # parameters are unused inputs, which jit drops, so the executable is the same whatever
-    # the other tasks are (the compilation cache shares it) and returns no zeros for them.
-    keep = task_filter(task)
+    # With own_head_grads: the gradient of the leaves this task reads (backbone + its head)
+    # only; the other heads' parameters are unused inputs, which jit drops, so the executable
+    # is the same whatever the other tasks are (the compilation cache shares it) and returns
+    # no zeros for them. Otherwise: the gradient of the whole parameter tree.
+    keep = task_filter(task) if own_head else ...
 
     def fn(params, rest, batch, rng, step):
       rng = jax.random.fold_in(rng, step)
@@ -243,8 +254,11 @@ def make_train_step(
   def apply(state, outs):
     losses = {t: outs[t][0][0] for t in tasks}
     aux = {t: outs[t][0][1] for t in tasks}
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads = {t: nnx.merge_state(zeros, outs[t][1]) for t in tasks}
+    if own_head:
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      grads = {t: nnx.merge_state(zeros, outs[t][1]) for t in tasks}
+    else:
+      grads = {t: outs[t][1] for t in tasks}
     return update(state, losses, aux, grads)
 
   options = config.get("xla_cpu_options") if jax.default_backend() == "cpu" else None
