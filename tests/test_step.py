@@ -164,3 +164,23 @@ def test_precision_is_the_compute_dtype_and_everything_else_stays_float32(precis
     assert set(dtypes) == {"f32"}
   else:  # the layers' matmuls and convolutions (forward and backward) in bf16
     assert dtypes["bf16"] > 20 * dtypes["f32"], dtypes
+
+
+def test_without_own_head_grads_each_task_differentiates_the_whole_tree_to_the_same_update():
+  """The natural form (accelerators' default) and the CPU workaround give the same step."""
+  import ml_collections
+  runs = {}
+  for own in (True, False):
+    backend = ml_collections.ConfigDict({"own_head_grads": own, "flat_update": False})
+    step, state, rest, batches = _setup(extra_head=True, backend=backend)
+    (_, _), grads = step.task_grads["det"](state["params"], rest, batches["det"], state["rng"],
+                                           state["step"])
+    runs[own] = step(state, rest, batches), grads
+  # Natural form: the whole parameter tree, zeros on the heads det does not read.
+  full = runs[False][1]
+  assert jax.tree.structure(full) == jax.tree.structure(runs[True][0][0]["params"])
+  assert all(not jnp.any(g) for g in jax.tree.leaves(full["heads"]["pose"]))
+  assert set(runs[True][1]["heads"].keys()) == {"det"}
+  (got, got_m), (want, want_m) = runs[False][0], runs[True][0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               (got["params"], got_m), (want["params"], want_m))
