@@ -5,8 +5,10 @@ jaxlib included); compiling still needs the device. `export_trainer` lowers what
 and ``eval.py`` run for a config (each task's ``value_and_grad`` of the per-task step, the
 update, each task's evaluation forward) on abstract parameters and padded batches (nothing is
 allocated, no data is read, no pretrained file is loaded) and reports, per function and
-platform, the StableHLO op count and the custom-call targets. A function is *portable* when it
-lowers and holds no host callback and no CPU-only custom call (LAPACK, DUCC FFT, ...):
+platform, the StableHLO op count and the custom-call targets. The functions take the compile
+workarounds of an accelerator back-end (`BACKEND`; `tbgc_jax.trainer.backend`), as they run
+there. A function is *portable* when it lowers and holds no host callback and no CPU-only
+custom call (LAPACK, DUCC FFT, ...):
 
   python -m tbgc_jax.trainer.export --config configs/tiny.py [--platforms cuda,tpu]
   python -m tbgc_jax.trainer.export --config configs/challenge.py
