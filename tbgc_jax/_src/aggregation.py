@@ -172,7 +172,7 @@ def gramian_method(
     raw = gramian(leaves, select, tasks)
     head_sq = jnp.stack([_sum_squares(leaves[t], select, False) for t in tasks])
     sums = jnp.diag(raw) + head_sq
-    finite_by_task = finite_tasks({t: sums[k] for k, t in enumerate(tasks)}, losses)
+    finite_by_task = finite_tasks({t: sums[k] for k, t in enumerate(tasks)}, losses, where)
     finite = jnp.stack([finite_by_task[t] for t in tasks])
     keep = finite if drop_nonfinite else jnp.ones([n], bool)
     gram = jnp.where(keep[:, None] & keep[None, :], raw, 0.0)

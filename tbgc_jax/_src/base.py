@@ -1,6 +1,7 @@
 """Helpers shared by every gradient method: the task-name check and the one safe division."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,17 @@ def check_tasks(tasks: Sequence[str], where: str) -> tuple[str, ...]:
   if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
     raise ValueError(f"{where}: tasks must be a non-empty sequence of distinct names, got {tasks}")
   return tuple(sorted(tasks))
+
+
+def check_losses(losses: Any, tasks: Sequence[str], where: str) -> None:
+  """Raises, naming ``where``, unless ``losses`` maps exactly the names ``tasks`` to losses
+  (the ``losses={task: loss}`` extra argument of a method's ``update``)."""
+  if not isinstance(losses, Mapping):
+    raise TypeError(
+        f"{where}: pass the per-task losses as update(..., losses={{task: loss}}), got "
+        f"{type(losses).__name__}")
+  if set(losses) != set(tasks):
+    raise ValueError(f"{where}: got losses for tasks {sorted(losses)}, expected {list(tasks)}")
 
 
 def safe_div(num, den, *, fallback=0.0, where=None) -> jax.Array:

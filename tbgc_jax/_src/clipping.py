@@ -172,7 +172,7 @@ def _scale_tasks(where: str, rule: Rule, max_norm, backbone_mask: MaskOrFn | Non
     s = jnp.asarray(max_norm, _F32)
     bb_sq = {t: _sum_squares(leaves[t], select, True) for t in tasks}
     total_sq = {t: bb_sq[t] + _sum_squares(leaves[t], select, False) for t in tasks}
-    finite = finite_tasks(total_sq, losses)
+    finite = finite_tasks(total_sq, losses, where)
     keep = finite if drop_nonfinite else {t: jnp.asarray(True) for t in tasks}
     norms = {t: _Norms(jnp.sqrt(total_sq[t]), jnp.sqrt(bb_sq[t])) for t in tasks}
     factors = {t: rule(norms[t], s) for t in tasks}

@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tbgc_jax._src.base import check_losses
+
 
 class NonFinite(NamedTuple):
   """Per-task counters of non-finite task gradients (or losses), shared by every method.
@@ -38,12 +40,14 @@ class NonFinite(NamedTuple):
                      {t: (self.streak[t] + 1) * b for t, b in bad.items()})
 
 
-def finite_tasks(sums: Mapping[str, jax.Array], losses: Mapping[str, jax.Array] | None
-                 ) -> dict[str, jax.Array]:
+def finite_tasks(sums: Mapping[str, jax.Array], losses: Mapping[str, jax.Array] | None,
+                 where: str) -> dict[str, jax.Array]:
   """``{task: bool[]}``: the task's sum over its gradient (e.g. of squares) is finite, and so is
-  its loss when ``losses`` is given (a method's ``losses`` extra argument)."""
+  its loss when ``losses`` is given (a method's ``losses`` extra argument, checked to name
+  the tasks; errors name ``where``)."""
   ok = {t: jnp.isfinite(s) for t, s in sums.items()}
   if losses is not None:
+    check_losses(losses, tuple(sums), where)
     ok = {t: v & jnp.all(jnp.isfinite(losses[t])) for t, v in ok.items()}
   return ok
 

@@ -18,7 +18,7 @@ diagnostics (`tbgc_jax.method_diagnostics`: weights, norms, cosines); the method
 state is the ``inner`` field of the ``GramianState``.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src.aggregation import Step, gramian_method
+from tbgc_jax._src.base import check_losses, safe_div
 from tbgc_jax._src.base import check_tasks as _check_tasks
-from tbgc_jax._src.base import safe_div
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
 
@@ -37,12 +37,7 @@ GT = optax.GradientTransformationExtraArgs
 
 def _stack_losses(losses: Any, tasks: tuple[str, ...], where: str) -> jax.Array:
   """The losses as a float32 vector in ``tasks`` order, after checking the task names."""
-  if not isinstance(losses, Mapping):
-    raise TypeError(
-        f"{where}: pass the per-task losses as update(..., losses={{task: loss}}), got "
-        f"{type(losses).__name__}")
-  if set(losses) != set(tasks):
-    raise ValueError(f"{where}: got losses for tasks {sorted(losses)}, expected {list(tasks)}")
+  check_losses(losses, tasks, where)
   return jnp.stack([jnp.asarray(losses[t], _F32).reshape(()) for t in tasks])
 
 
