@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import tbgc_jax
 
 LEAF = 1 << 20
-CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc")
-# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate).
-ELEMENTWISE = ("graddrop",)
+CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip")
+# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate);
+# MoCo and DB-MTL update one running estimate per task of the whole backbone gradient.
+ELEMENTWISE = ("graddrop", "moco", "db_mtl")
 
 
 def make_grads(num_tasks: int, millions: float, seed: int = 0):
