@@ -46,6 +46,7 @@ from benchmarks.problem import Problem
 BENCHMARKS = ("qm9", "embedded3")
 DEFAULT_STEPS = {"qm9": 1000, "embedded3": 400}
 MAX_NORM = 0.1  # S of the clipping methods (the paper's value).
+CLIPPING_METHODS = ("vanilla", "tbgc_star", "tbgc", "backbone_clip")
 _RUNS: dict[tuple, Callable] = {}  # compiled training runs, see `train`.
 BACKBONE = tbgc_jax.path_mask("^backbone/")
 
@@ -63,13 +64,13 @@ def make_problem(name: str) -> Problem:
 def method_hyperparameters(problem: Problem, name: str, seed: int) -> dict[str, Any]:
   """The hyperparameters this benchmark gives registered method ``name``.
 
-  Every method runs with its defaults, except: ``max_norm`` where required (the clipping
-  methods) is the paper's ``MAX_NORM``; ``steps_per_epoch`` (DWA) is the benchmark's epoch;
-  ``seed`` (random methods) is the run's seed.
+  Every method runs with its defaults, except: ``max_norm`` of the clipping methods
+  (``CLIPPING_METHODS``) is the paper's ``MAX_NORM``; ``steps_per_epoch`` (DWA) is the
+  benchmark's epoch; ``seed`` (random methods) is the run's seed.
   """
   method = tbgc_jax.get_method(name)
   hp = {}
-  if "max_norm" in method.required:
+  if name in CLIPPING_METHODS:
     hp["max_norm"] = MAX_NORM
   if "steps_per_epoch" in method.hyperparameters:
     hp["steps_per_epoch"] = problem.steps_per_epoch
@@ -239,9 +240,17 @@ def summarize(records: Sequence[Mapping[str, Any]], higher_better: Mapping[str, 
       methods = [m for m in per_seed if rows[m]["delta_m"].n > 0]
       for m, p in zip(methods, stats.holm([rows[m]["delta_m"].p for m in methods]), strict=True):
         rows[m]["p_holm"] = float(p)
-      ranks = stats.bootstrap_ranks({m: per_seed[m] for m in methods}, single, hb)
-      for m, r in ranks.items():
-        rows[m]["rank"] = r
+      # Ranked together: the methods that have every seed most methods have, on those seeds.
+      base_seeds = set.intersection(*(set(v) for v in single.values()))
+      common = {s for s in base_seeds
+                if 2 * sum(s in per_seed[m] for m in methods) >= len(methods)}
+      ranked = [m for m in methods if common <= set(per_seed[m])]
+      if common and ranked:
+        ranks = stats.bootstrap_ranks(
+            {m: {s: per_seed[m][s] for s in common} for m in ranked}, single, hb)
+        for m, r in ranks.items():
+          rows[m]["rank"] = r
+      summary["rank_seeds"] = len(common)
       seed_dm = {m: {s: stats.delta_m(v, base, hb) for s, v in per_seed[m].items()}
                  for m in methods}
       summary["vs_plain"] = _family({(m, PLAIN_SUM): None for m in methods if m != PLAIN_SUM},
@@ -292,7 +301,8 @@ def benchmark_markdown(bench: str, s: Mapping[str, Any]) -> str:
         f"baselines' mean spreads by ± {sp.half:.2f} over {sp.n} seeds). p: t-test of "
         f"Δm% = 0, Holm-corrected over the {n_tests} methods. Rank by mean Δm% (1 = best) "
         f"with its 95% bootstrap interval ({stats.BOOTSTRAP_RESAMPLES:,} resamples of the "
-        f"seeds all methods share, RNG seed {stats.BOOTSTRAP_SEED}). Tasks: mean ± 95% "
+        f"{s['rank_seeds']} seeds most methods have, RNG seed {stats.BOOTSTRAP_SEED}; methods "
+        f"missing one of them are not ranked). Tasks: mean ± 95% "
         f"t-interval.", ""]
   lines += ["| method | seeds | Δm% | p (Holm) | rank | " + " | ".join(tasks) + " |",
             "|---|---|---|---|---|" + "---|" * len(tasks)]
@@ -399,9 +409,48 @@ def figure_stamp(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any
                     "method); grey band: one single-task seed's spread.")
 
 
-def doc_blocks(summary: Mapping[str, Any]) -> dict[str, str]:
-  """The generated blocks of docs/comparison.md (one per benchmark) and README.md."""
+TASK_METHODS = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip", "fairgrad", "nash_mtl",
+                "mgda", "famo")
+
+
+def task_changes(summary: Mapping[str, Any], bench: str, methods: Sequence[str]) -> str:
+  """Per task, the relative change (%) of a method's mean metric against the single-task mean."""
+  rows = summary[bench]["rows"]
+  if "single" not in rows:
+    return ""
+  base = {t: iv.mean for t, iv in rows["single"]["tasks"].items()}
+  lines = ["| method | " + " | ".join(base) + " |", "|---|" + "---|" * len(base)]
+  for m in methods:
+    if m in rows:
+      cells = [f"{100 * (rows[m]['tasks'][t].mean - b) / b:+.1f}" for t, b in base.items()]
+      lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def runs_table(records: Sequence[Mapping[str, Any]]) -> str:
+  """What the results file holds: runs, seeds and wall time per benchmark."""
+  lines = ["| benchmark | steps | runs | methods | seeds per method | single-task runs | "
+           "wall time, h | median s per run |", "|---|---|---|---|---|---|---|---|"]
+  for bench in sorted({r["benchmark"] for r in records}):
+    recs = [r for r in records if r["benchmark"] == bench]
+    methods = {r["method"] for r in recs} - {"single"}
+    seeds = sorted({sum(r["method"] == m for r in recs) for m in methods})
+    span = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    secs = [r["seconds"] for r in recs]
+    steps = sorted({r["steps"] for r in recs})
+    lines.append(f"| {bench} | {', '.join(map(str, steps))} | {len(recs)} | {len(methods)} | "
+                 f"{span} | {sum(r['method'] == 'single' for r in recs)} | "
+                 f"{sum(secs) / 3600:.2f} | {float(np.median(secs)):.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def doc_blocks(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
+               ) -> dict[str, str]:
+  """The generated blocks of docs/comparison.md and README.md."""
   blocks = {f"compare {b}": benchmark_markdown(b, s) for b, s in summary.items() if s["rows"]}
+  blocks.update({f"compare {b} tasks": task_changes(summary, b, TASK_METHODS)
+                 for b, s in summary.items() if s["rows"]})
+  blocks["compare runs"] = runs_table(records)
   blocks["compare readme"] = readme_table(summary, README_METHODS)
   return blocks
 
@@ -442,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot(summary, args.plot, caption)
     grid.write_stamp(args.plot, caption)
   for doc in filter(None, args.docs.split(",")):
-    grid.update_blocks(doc, doc_blocks(summary))
+    grid.update_blocks(doc, doc_blocks(records, summary))
 
 
 if __name__ == "__main__":

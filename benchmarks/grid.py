@@ -164,3 +164,33 @@ def update_blocks(path: str, blocks: Mapping[str, str]) -> list[str]:
   with open(path, "w") as f:
     f.write(text)
   return found
+
+
+def stamp_blocks(figures: str) -> dict[str, str]:
+  """``{"stamp figures/<name>": stamp}`` for every ``<name>.txt`` stamp beside a figure in
+  ``figures``: the captions the docs show under each figure."""
+  blocks = {}
+  for name in sorted(os.listdir(figures)):
+    stem, ext = os.path.splitext(name)
+    if ext == ".txt" and os.path.exists(os.path.join(figures, stem + ".png")):
+      with open(os.path.join(figures, name)) as f:
+        blocks[f"stamp figures/{stem}"] = f"*{f.read().strip()}*\n"
+  return blocks
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m benchmarks.grid DOC.md ...``: rewrites the figure-stamp blocks of the docs
+  (``<!-- begin: stamp figures/<name> -->``) from the stamps in docs/figures."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+  parser.add_argument("docs", nargs="+")
+  parser.add_argument("--figures", default=os.path.join("docs", "figures"))
+  args = parser.parse_args(argv)
+  blocks = stamp_blocks(args.figures)
+  for doc in args.docs:
+    print(doc, update_blocks(doc, blocks))
+
+
+if __name__ == "__main__":
+  main()

@@ -397,6 +397,7 @@ def write_report(workdir: str, rows: Sequence[dict], methods: Sequence[str],
   env = grid.environment()
   steps = sorted({r.get("step") for r in rows if r.get("step") is not None})
   blocks = report_blocks(rows, methods)
+  blocks = {k: v for k, v in blocks.items() if not k.endswith("readme")}
   parts = [
       "# Ablations",
       "",
@@ -430,7 +431,8 @@ def write_report(workdir: str, rows: Sequence[dict], methods: Sequence[str],
   return out
 
 
-def report_blocks(rows: Sequence[dict], methods: Sequence[str]) -> dict[str, str]:
+def report_blocks(rows: Sequence[dict], methods: Sequence[str], prefix: str = "ablation"
+                  ) -> dict[str, str]:
   """The generated blocks of the report and of docs/ablations.md: both tables with verdicts.
 
   ``rows`` in percent. Table 2 tests every method against ``vanilla`` and each step of the
@@ -447,7 +449,29 @@ def report_blocks(rows: Sequence[dict], methods: Sequence[str]) -> dict[str, str
   t3 = [("tbgc", "parallel"), ("tbgc", "multi_branch")]
   table3, s3 = ablation_table(rows, t3, "augment_mode", [(t3[1], t3[0])])
   v3 = ordering_verdict(s3, t3, ["parallel", "multi-branch"])
-  return {"ablation table2": f"{table2}\n\n{v2}\n", "ablation table3": f"{table3}\n\n{v3}\n"}
+  return {f"{prefix} table2": f"{table2}\n\n{v2}\n", f"{prefix} table3": f"{table3}\n\n{v3}\n",
+          f"{prefix} readme": _overview(s2, methods)}
+
+
+def _overview(s2: Mapping, methods: Sequence[str]) -> str:
+  """README's view of Table 2: overall score per method and its paired difference to vanilla."""
+  present = [m for m in methods if (m, "plain") in s2]
+  lines = ["| | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+  n = {s2[(m, "plain")]["overall"].n for m in present}
+  lines.append(f"| overall, mean ± 95% t-interval ({'/'.join(map(str, sorted(n)))} seeds) | "
+               + " | ".join(stats.fmt_interval(*s2[(m, "plain")]["overall"][:2]) for m in present)
+               + " |")
+  cells = []
+  for m in present:
+    d = s2.get(("diff", (m, "plain"), (BASELINE, "plain")))
+    if d is None:
+      cells.append("-")
+      continue
+    diff, p = d["overall"]
+    cells.append(f"{stats.fmt_interval(diff.mean, diff.half, signed=True)} "
+                 f"({stats.fmt_signs(diff)}, Holm p {stats.fmt_p(p)})")
+  lines.append(f"| − {BASELINE}, paired by seed (above/below 0) | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -475,8 +499,11 @@ def main(argv: Sequence[str]) -> None:
     runner = subprocess_runner(config_arg, overrides, os.path.join(workdir, "jax_cache"))
     run_grid(runs, workdir, runner, config_name=" ".join([config_arg, *overrides]))
   rows = grid.read_results(os.path.join(workdir, "results.jsonl"))
-  command = grid.command_line("benchmarks.reproduce", [a for a in sys.argv[1:]])
+  command = grid.command_line("benchmarks.reproduce", list(sys.argv[1:]))
   print(f"report: {write_report(workdir, rows, methods, command)}")
+  blocks = report_blocks(in_percent(rows), methods, cfg.docs_prefix.value)
+  for doc in filter(None, cfg.docs.value.split(",")):
+    grid.update_blocks(doc, blocks)
 
 
 class _Flags:
@@ -496,6 +523,11 @@ class _Flags:
                                              "Augmentation modes for --grid=full.")
     self.grid = flags.DEFINE_enum("grid", "paper", ["paper", "full"], "Which cells to run.")
     self.report_only = flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+    self.docs = flags.DEFINE_string(
+        "docs", "", "Comma-separated markdown files whose generated blocks "
+        "(<!-- begin: <docs_prefix> table2 -->, table3, readme) are rewritten.")
+    self.docs_prefix = flags.DEFINE_string("docs_prefix", "ablation",
+                                           "Name prefix of those blocks.")
     self.train_only = flags.DEFINE_bool("train_only", False,
                                         "Internal: train + eval one run in --workdir.")
     flags.mark_flags_as_required(["config", "workdir"])
