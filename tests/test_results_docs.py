@@ -11,7 +11,8 @@ from benchmarks import compare, grid, reproduce
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DOCS = ["README.md", *(os.path.join("docs", f) for f in
                         sorted(os.listdir(os.path.join(_ROOT, "docs"))) if f.endswith(".md"))]
-_ABLATIONS = {"ablation": "docs/results/ablation", "ablation-cw1": "docs/results/ablation_classweight1"}
+_ABLATIONS = {"ablation": "docs/results/ablation",
+              "ablation-cw1": "docs/results/ablation_classweight1"}
 
 
 def _text(path):
