@@ -297,8 +297,8 @@ def benchmark_markdown(bench: str, s: Mapping[str, Any]) -> str:
     sp = s["single_spread"]
     lines += [
         f"Δm%: mean ± 95% t-interval over seeds, with the single-task baselines' seed noise "
-        f"included (delta method, paired by seed; one single-task seed's Δm% against the "
-        f"baselines' mean spreads by ± {sp.half:.2f} over {sp.n} seeds). p: t-test of "
+        f"included (delta method, paired by seed; the single-task runs' own Δm% against "
+        f"their mean has a 95% t-interval of ± {sp.half:.2f} over {sp.n} seeds). p: t-test of "
         f"Δm% = 0, Holm-corrected over the {n_tests} methods. Rank by mean Δm% (1 = best) "
         f"with its 95% bootstrap interval ({stats.BOOTSTRAP_RESAMPLES:,} resamples of the "
         f"{s['rank_seeds']} seeds most methods have, RNG seed {stats.BOOTSTRAP_SEED}; methods "
@@ -352,6 +352,9 @@ def readme_table(summary: Mapping[str, Any], methods: Sequence[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+OFF_SCALE = -30.0  # Δm% below which the plot's axis stops
+
+
 def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
   """One panel per benchmark: Δm% per method with its 95% interval; ``caption`` is the stamp."""
   import matplotlib
@@ -360,7 +363,9 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
   import matplotlib.pyplot as plt
 
   benches = [b for b in summary if any(r["delta_m"] for r in summary[b]["rows"].values())]
-  fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 4.6), squeeze=False)
+  most = max(len(summary[b]["rows"]) for b in benches)
+  fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 1.8 + 0.2 * most),
+                           squeeze=False)
   for ax, bench in zip(axes[0], benches, strict=True):
     rows = {m: r for m, r in summary[bench]["rows"].items() if r["delta_m"] is not None}
     order = sorted(rows, key=lambda m: rows[m]["delta_m"].mean)
@@ -370,6 +375,14 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
               for m in order]
     labels = [f"{m} ({rows[m]['seeds']})" for m in order]
     ax.barh(labels, mu, xerr=half, color=colors, capsize=3)
+    # A method that diverged would hide every other bar: the axis stops at OFF_SCALE and the
+    # bars beyond it carry their value.
+    lo = min(-1.0, *(m - h for m, h in zip(mu, half, strict=True) if m - h > OFF_SCALE))
+    hi = max(1.0, *(m + h for m, h in zip(mu, half, strict=True)))
+    ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    for y, m in enumerate(mu):
+      if m - half[y] <= OFF_SCALE:
+        ax.text(lo, y, f" {m:+.0f} ◀", va="center", ha="left", fontsize=7, color="w")
     ax.axvline(0, color="k", lw=0.8)
     if "single_spread" in summary[bench]:
       sp = summary[bench]["single_spread"].half
@@ -377,7 +390,7 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
     ax.set_title(f"{bench}: {summary[bench]['steps']} steps")
     ax.set_xlabel("Δm% vs single-task (higher is better); (n) = seeds")
   grid.draw_stamp(fig, caption)
-  fig.tight_layout(rect=(0, 0.12, 1, 1))
+  fig.tight_layout(rect=(0, 0.5 / (1.8 + 0.2 * most), 1, 1))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -406,7 +419,7 @@ def figure_stamp(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any
     steps.append(f"{bench} {s['steps']}")
   return grid.stamp(env, command, "; ".join(seeds), ", ".join(steps),
                     "Bars: Δm% mean and 95% t-interval with the baselines' seed noise (delta "
-                    "method); grey band: one single-task seed's spread.")
+                    "method); grey band: the single-task runs' own 95% interval.")
 
 
 TASK_METHODS = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip", "fairgrad", "nash_mtl",

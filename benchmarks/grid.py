@@ -166,28 +166,30 @@ def update_blocks(path: str, blocks: Mapping[str, str]) -> list[str]:
   return found
 
 
-def stamp_blocks(figures: str) -> dict[str, str]:
-  """``{"stamp figures/<name>": stamp}`` for every ``<name>.txt`` stamp beside a figure in
-  ``figures``: the captions the docs show under each figure."""
+def stamp_blocks(docs: str) -> dict[str, str]:
+  """``{"stamp <path>": stamp}`` for every figure ``<path>.png`` under ``docs`` with its stamp
+  ``<path>.txt`` beside it (``<path>`` relative to ``docs``): the captions the docs show."""
   blocks = {}
-  for name in sorted(os.listdir(figures)):
-    stem, ext = os.path.splitext(name)
-    if ext == ".txt" and os.path.exists(os.path.join(figures, stem + ".png")):
-      with open(os.path.join(figures, name)) as f:
-        blocks[f"stamp figures/{stem}"] = f"*{f.read().strip()}*\n"
+  for folder, _, files in sorted(os.walk(docs)):
+    for name in sorted(files):
+      stem, ext = os.path.splitext(name)
+      if ext == ".txt" and stem + ".png" in files:
+        with open(os.path.join(folder, name)) as f:
+          rel = os.path.relpath(os.path.join(folder, stem), docs).replace(os.sep, "/")
+          blocks[f"stamp {rel}"] = f"*{f.read().strip()}*\n"
   return blocks
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   """``python -m benchmarks.grid DOC.md ...``: rewrites the figure-stamp blocks of the docs
-  (``<!-- begin: stamp figures/<name> -->``) from the stamps in docs/figures."""
+  (``<!-- begin: stamp figures/<name> -->``) from the stamps beside the figures in docs/."""
   import argparse
 
   parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
   parser.add_argument("docs", nargs="+")
-  parser.add_argument("--figures", default=os.path.join("docs", "figures"))
+  parser.add_argument("--root", default="docs", help="folder the stamp names are relative to")
   args = parser.parse_args(argv)
-  blocks = stamp_blocks(args.figures)
+  blocks = stamp_blocks(args.root)
   for doc in args.docs:
     print(doc, update_blocks(doc, blocks))
 

@@ -431,14 +431,18 @@ def write_report(workdir: str, rows: Sequence[dict], methods: Sequence[str],
   return out
 
 
-def report_blocks(rows: Sequence[dict], methods: Sequence[str], prefix: str = "ablation"
-                  ) -> dict[str, str]:
+def report_blocks(rows: Sequence[dict], methods: Sequence[str], prefix: str = "ablation",
+                  norms: Sequence[dict] = ()) -> dict[str, str]:
   """The generated blocks of the report and of docs/ablations.md: both tables with verdicts.
 
-  ``rows`` in percent. Table 2 tests every method against ``vanilla`` and each step of the
-  paper's chain (``tbgc - tbgc_star``, and ``backbone_clip - tbgc`` where run); Table 3
-  ``multi_branch - parallel``.
+  ``rows`` in percent. Table 2 has ``methods``, then any other method run under ``plain``; it
+  tests every method against ``vanilla`` and each step of the paper's chain
+  (``tbgc - tbgc_star``, and ``backbone_clip - tbgc`` where run); Table 3
+  ``multi_branch - parallel``. With ``norms`` (lines of ``grad_norms.jsonl``), also Figure 1's
+  table of median raw backbone gradient norms under vanilla.
   """
+  methods = [*methods, *sorted({r["method"] for r in rows if r["augment_mode"] == "plain"}
+                               - set(methods))]
   t2 = [(m, "plain") for m in methods]
   pairs = [((m, "plain"), (BASELINE, "plain")) for m in methods if m != BASELINE]
   pairs += [(("tbgc", "plain"), ("tbgc_star", "plain")),
@@ -449,8 +453,11 @@ def report_blocks(rows: Sequence[dict], methods: Sequence[str], prefix: str = "a
   t3 = [("tbgc", "parallel"), ("tbgc", "multi_branch")]
   table3, s3 = ablation_table(rows, t3, "augment_mode", [(t3[1], t3[0])])
   v3 = ordering_verdict(s3, t3, ["parallel", "multi-branch"])
-  return {f"{prefix} table2": f"{table2}\n\n{v2}\n", f"{prefix} table3": f"{table3}\n\n{v3}\n",
-          f"{prefix} readme": _overview(s2, methods)}
+  blocks = {f"{prefix} table2": f"{table2}\n\n{v2}\n", f"{prefix} table3": f"{table3}\n\n{v3}\n",
+            f"{prefix} readme": _overview(s2, methods)}
+  if norms:
+    blocks[f"{prefix} norms"] = norm_medians(norms)
+  return blocks
 
 
 def _overview(s2: Mapping, methods: Sequence[str]) -> str:
@@ -501,7 +508,8 @@ def main(argv: Sequence[str]) -> None:
   rows = grid.read_results(os.path.join(workdir, "results.jsonl"))
   command = grid.command_line("benchmarks.reproduce", list(sys.argv[1:]))
   print(f"report: {write_report(workdir, rows, methods, command)}")
-  blocks = report_blocks(in_percent(rows), methods, cfg.docs_prefix.value)
+  norms = grid.read_results(os.path.join(workdir, "grad_norms.jsonl"))
+  blocks = report_blocks(in_percent(rows), methods, cfg.docs_prefix.value, norms)
   for doc in filter(None, cfg.docs.value.split(",")):
     grid.update_blocks(doc, blocks)
 

@@ -37,9 +37,10 @@ def expected():
   blocks = compare.doc_blocks(records, compare.summarize(records, compare._higher_better()))
   for prefix, folder in _ABLATIONS.items():
     rows = grid.read_results(os.path.join(_ROOT, folder, "results.jsonl"))
+    norms = grid.read_results(os.path.join(_ROOT, folder, "grad_norms.jsonl"))
     blocks.update(reproduce.report_blocks(reproduce.in_percent(rows), reproduce.PAPER_METHODS,
-                                          prefix))
-  blocks.update(grid.stamp_blocks(os.path.join(_ROOT, "docs", "figures")))
+                                          prefix, norms))
+  blocks.update(grid.stamp_blocks(os.path.join(_ROOT, "docs")))
   return blocks
 
 
@@ -56,10 +57,10 @@ def test_every_generated_block_recomputes_from_the_results(expected):
 def test_every_figure_the_docs_show_carries_its_stamp():
   found = _blocks_in_docs()
   for doc in _DOCS:
-    for fig in re.findall(r"!\[[^\]]*\]\((?:docs/)?figures/([\w.-]+)\.png\)", _text(doc)):
-      stamp = os.path.join(_ROOT, "docs", "figures", f"{fig}.txt")
-      assert os.path.exists(stamp), f"{doc}: figures/{fig}.png has no stamp {stamp}"
-      assert any(d == doc for d, _ in found.get(f"stamp figures/{fig}", [])), (
-          f"{doc} shows figures/{fig}.png without its stamp block")
+    for fig in re.findall(r"!\[[^\]]*\]\((?:docs/)?([\w./-]+)\.png\)", _text(doc)):
+      stamp = os.path.join(_ROOT, "docs", f"{fig}.txt")
+      assert os.path.exists(stamp), f"{doc}: {fig}.png has no stamp {stamp}"
+      assert any(d == doc for d, _ in found.get(f"stamp {fig}", [])), (
+          f"{doc} shows {fig}.png without its stamp block")
       text = _text(stamp)
       assert "jax " in text and "Command: python" in text and "seed" in text
