@@ -14,12 +14,15 @@ Each method is the first link of ``optax.chain(method, optax.adam(lr))`` fed per
 gradients (and losses); the single-task baselines train one model per task with Adam. The
 score is LibMTL's :math:`\Delta_m\% = \frac{100}{T}\sum_t (-1)^{l_t}
 (M_{m,t} - M_{b,t}) / M_{b,t}`, ``l_t = 1`` where lower is better, against the single-task
-metrics averaged over seeds; reported as mean and 95% t-interval over seeds.
+metrics averaged over seeds. The report (`benchmarks.stats`) gives Δm% with a 95% interval
+that includes the single-task runs' seed noise (delta method, paired by seed), its
+Holm-corrected test against 0, each method's rank with a bootstrap interval, and seed-paired,
+Holm-corrected differences against the plain sum and between the clipping variants.
 
   python -m benchmarks.compare run --out results/compare.jsonl \
       [--benchmarks qm9,embedded3] [--methods all] [--seeds 0,1,2,3,4] [--steps 0]
   python -m benchmarks.compare report --results results/compare.jsonl \
-      --plot docs/figures/comparison.png
+      --plot docs/figures/comparison.png [--docs docs/comparison.md,README.md]
 
 ``run`` appends one JSON line per finished (benchmark, method, task, seed, steps, config)
 and skips those already in the file, so an interrupted grid resumes where it stopped.
@@ -314,6 +317,8 @@ def benchmark_markdown(bench: str, s: Mapping[str, Any]) -> str:
       dm, rank = "n/a", "-"
     else:
       dm = stats.fmt_interval(r["delta_m"].mean, r["delta_m"].half, signed=True)
+      if r["delta_m"].n != r["seeds"]:  # only the seeds the single-task runs have count
+        dm += f" ({r['delta_m'].n} seeds)"
       rank = "-" if r["rank"] is None else (
           f"{r['rank'].rank:g} [{r['rank'].low:g}, {r['rank'].high:g}]")
     cells = [_cell(iv) for iv in r["tasks"].values()]

@@ -7,9 +7,13 @@ own process (``<workdir>/runs/<method>-<augment>-s<seed>``) with one persistent 
 cache shared by all runs, and appends one row per finished run to ``<workdir>/results.jsonl``.
 A run already in the results file is skipped, and an interrupted run resumes from its own
 latest checkpoint, so the command can be re-run after a crash. Then it writes
-``<workdir>/report.md`` (one table per ablation: mean and 95% interval per task and overall,
-and the paired difference of each method against ``vanilla``), and ``<workdir>/figure1.png``
-(per-task backbone gradient norm over training: raw under vanilla, and after each method).
+``<workdir>/report.md`` (one table per ablation: mean and 95% interval per task and overall;
+seed-paired differences against ``vanilla`` and along the paper's orderings, Holm-corrected,
+with a verdict per ordering; `benchmarks.stats`), ``<workdir>/grad_norms.jsonl`` (every run's
+per-task backbone gradient norms) and ``<workdir>/figure1.png`` with its stamp
+``figure1.txt`` (per-task backbone gradient norm over training, median and range over seeds:
+raw under vanilla, and after each method). ``--docs`` rewrites the generated tables of the
+named markdown files.
 
 Grids:
 - ``paper`` (default): Table 2 is every ``--methods`` entry under ``plain`` augmentation (the
