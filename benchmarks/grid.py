@@ -176,7 +176,7 @@ def stamp_blocks(docs: str) -> dict[str, str]:
       if ext == ".txt" and stem + ".png" in files:
         with open(os.path.join(folder, name)) as f:
           rel = os.path.relpath(os.path.join(folder, stem), docs).replace(os.sep, "/")
-          blocks[f"stamp {rel}"] = f"*{f.read().strip()}*\n"
+          blocks[f"stamp {rel}"] = f"Stamp: {f.read().strip()}\n"
   return blocks
 
 

@@ -64,3 +64,12 @@ def test_every_figure_the_docs_show_carries_its_stamp():
           f"{doc} shows {fig}.png without its stamp block")
       text = _text(stamp)
       assert "jax " in text and "Command: python" in text and "seed" in text
+
+
+def test_update_blocks_rewrites_only_marked_blocks(tmp_path):
+  doc = tmp_path / "page.md"
+  doc.write_text("intro\n<!-- begin: t -->\nold\n<!-- end: t -->\nafter\n")
+  assert grid.update_blocks(str(doc), {"t": "| a |\n", "missing": "x"}) == ["t"]
+  text = doc.read_text()
+  assert text == "intro\n<!-- begin: t -->\n| a |\n<!-- end: t -->\nafter\n"
+  assert grid.read_block(text, "t") == "| a |\n" and grid.read_block(text, "missing") is None
