@@ -378,7 +378,7 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
     half = [np.nan_to_num(rows[m]["delta_m"].half) for m in order]
     colors = ["tab:red" if m.startswith("tbgc") or m == "backbone_clip" else "tab:blue"
               for m in order]
-    labels = [f"{m} ({rows[m]['seeds']})" for m in order]
+    labels = [f"{m} ({rows[m]['delta_m'].n})" for m in order]
     ax.barh(labels, mu, xerr=half, color=colors, capsize=3)
     # A method that diverged would hide every other bar: the axis stops at OFF_SCALE and the
     # bars beyond it carry their value.
@@ -393,7 +393,7 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
       sp = summary[bench]["single_spread"].half
       ax.axvspan(-sp, sp, color="0.85", zorder=0)
     ax.set_title(f"{bench}: {summary[bench]['steps']} steps")
-    ax.set_xlabel("Δm% vs single-task (higher is better); (n) = seeds")
+    ax.set_xlabel("Δm% vs single-task (higher is better); (n) = seeds of Δm%")
   grid.draw_stamp(fig, caption)
   fig.tight_layout(rect=(0, 0.5 / (1.8 + 0.2 * most), 1, 1))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
