@@ -40,4 +40,10 @@ from tbgc_jax._src.weighting import famo as famo
 from tbgc_jax._src.weighting import rlw as rlw
 from tbgc_jax._src.weighting import uncertainty as uncertainty
 
+# isort: split
+# Methods after TorchJD 0.18
+from tbgc_jax._src.robust import constant as constant
+from tbgc_jax._src.robust import krum as krum
+from tbgc_jax._src.robust import trimmed_mean as trimmed_mean
+
 __version__ = "0.1.0"

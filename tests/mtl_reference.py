@@ -185,8 +185,35 @@ def gradvac(J, orders, targets, beta=0.5):
   return np.sum(out, 0), targets
 
 
+def constant(J, weights):
+  return np.asarray(weights, np.float64) @ J
+
+
+def krum(J, n_byzantine, n_selected=1):
+  """Blanchard et al. 2017, Sec. 4: score(i) = sum of the squared distances to the
+  T - f - 2 nearest other rows; Multi-Krum (El Mhamdi et al. 2018) averages the n_selected rows
+  of lowest score (ties: the first rows)."""
+  n = len(J)
+  scores = []
+  for i in range(n):
+    d = sorted(np.sum((J[i] - J[j]) ** 2) for j in range(n) if j != i)
+    scores.append(sum(d[:n - n_byzantine - 2]))
+  chosen = np.argsort(scores, kind="stable")[:n_selected]
+  return J[chosen].mean(0)
+
+
+def trimmed_mean(J, trim_number):
+  """Yin et al. 2018, Definition 2: per coordinate, the mean without the b largest and b
+  smallest values."""
+  return np.sort(J, axis=0)[trim_number:len(J) - trim_number].mean(0)
+
+
 DETERMINISTIC = {
     "mean": mean, "mgda": mgda, "upgrad": upgrad, "dualproj": dualproj, "cagrad": cagrad,
     "imtl_g": imtl_g, "aligned_mtl": aligned_mtl, "config": config, "fairgrad": fairgrad,
     "nash_mtl": nash_mtl,
+    # With the hyperparameters tests/test_methods.py gives them on three tasks.
+    "constant": lambda J: constant(J, [0.5, 1.0, 2.0]),
+    "krum": lambda J: krum(J, 0, 2),
+    "trimmed_mean": lambda J: trimmed_mean(J, 1),
 }

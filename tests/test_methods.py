@@ -19,15 +19,27 @@ from tbgc_jax._src import solvers
 
 TASKS = ("t0", "t1", "t2")
 METHODS = ("mean", "mgda", "upgrad", "dualproj", "pcgrad", "graddrop", "cagrad", "imtl_g",
-           "aligned_mtl", "config", "fairgrad", "nash_mtl", "gradvac")
+           "aligned_mtl", "config", "fairgrad", "nash_mtl", "gradvac", "constant", "krum",
+           "trimmed_mean")
 NON_CONFLICTING = ("mgda", "upgrad", "dualproj")
 RANDOM = ("pcgrad", "graddrop", "gradvac")
+ELEMENTWISE = ("graddrop", "trimmed_mean")  # no per-task weights
+# Not invariant to the order of the tasks by design (per-task hyperparameters).
+ORDERED = ("constant",)
 # update(c J) = c^k update(J) for c > 0 (nash_mtl without its clip).
 SCALE_EXPONENT = {m: 1.0 for m in METHODS} | {"fairgrad": 0.0}
 # ||ours - reference|| / ||reference|| on the random Jacobians below (measured: docs/methods.md).
 TOLERANCE = {m: 1e-3 for m in ref.DETERMINISTIC} | {"cagrad": 1e-2, "aligned_mtl": 2e-3,
                                                      "imtl_g": 2e-3, "config": 2e-3}
 MASK = {"bb": True, "head": False}
+
+
+def _required(name, tasks):
+  """The hyperparameters the tests give a method that requires some (by the number of tasks)."""
+  n = len(tasks)
+  return {"constant": {"weights": tuple(0.5 * 2.0**k for k in range(n))},
+          "krum": {"n_byzantine": 0, "n_selected": 2},
+          "trimmed_mean": {"trim_number": (n - 1) // 2}}.get(name, {})
 
 
 def _tree(row, head):
@@ -48,7 +60,7 @@ def _backbone(out):
 @functools.cache
 def _method(name, tasks=TASKS, jit=True, **hparams):
   """One transform and one jitted update per method and task set, shared by all examples."""
-  tx = tbgc_jax.make_method(name, MASK, tasks=tasks, **hparams)
+  tx = tbgc_jax.make_method(name, MASK, tasks=tasks, **(_required(name, tasks) | hparams))
   return tx, (jax.jit(tx.update) if jit else tx.update)
 
 
@@ -156,6 +168,46 @@ def test_exact_projections_differ_from_torchjds_regularized_ones_as_documented()
     np.testing.assert_allclose(_backbone(out)[:2], exact, atol=1e-4)
 
 
+def _pad(J):
+  return np.pad(np.asarray(J, np.float32), ((0, 0), (0, 5 - len(J[0]))))
+
+
+@pytest.mark.parametrize("name,hparams,J,expected", [
+    ("constant", {"weights": (1.0, 2.0)}, [[-4, 1, 1], [6, 1, 1]], [8.0, 3.0, 3.0]),
+    ("krum", {"n_byzantine": 1, "n_selected": 4},
+     [[1, 1, 1], [1, 0, 1], [75, -666, 23], [1, 2, 3], [2, 0, 1]], [1.25, 0.75, 1.5]),
+    ("trimmed_mean", {"trim_number": 1}, [[1e11, 3], [1, -1e11], [-1e10, 1e10], [2, 2]],
+     [1.5, 2.5]),
+])
+def test_torchjd_published_values_of_the_robust_aggregators(name, hparams, J, expected):
+  """TorchJD's test_values.py: its Constant, Krum and TrimmedMean on its matrices."""
+  tasks = tuple(f"t{i}" for i in range(len(J)))
+  tx, update = _method(name, tasks, **hparams)
+  grads = _grads(_pad(J), tasks)
+  out, _ = update(grads, tx.init(grads["t0"]))
+  np.testing.assert_allclose(_backbone(out)[:len(expected)], expected, atol=1e-4)
+  want = getattr(ref, name)(_pad(J).astype(np.float64), *hparams.values())
+  np.testing.assert_allclose(_backbone(out), want, atol=1e-4)
+
+
+def test_robust_aggregators_refuse_too_few_tasks_or_bad_weights():
+  with pytest.raises(ValueError, match="krum: needs at least n_byzantine"):
+    tbgc_jax.krum(tasks=TASKS, n_byzantine=1)
+  with pytest.raises(ValueError, match="krum: n_selected must be in"):
+    tbgc_jax.krum(tasks=TASKS, n_byzantine=0, n_selected=4)
+  with pytest.raises(ValueError, match="trimmed_mean: needs at least"):
+    tbgc_jax.trimmed_mean(tasks=("a", "b"), trim_number=1)
+  with pytest.raises(ValueError, match="weights must have one entry per task"):
+    tbgc_jax.constant(tasks=("a", "b"), weights={"a": 1.0})
+  with pytest.raises(ValueError, match=r"weights\['b'\] must be finite"):
+    tbgc_jax.constant(tasks=("a", "b"), weights=(1.0, float("nan")))
+  # A sequence follows the order of ``tasks`` as given; the update does not depend on it.
+  grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
+  for tasks, weights in ((("a", "b"), (2.0, 3.0)), (("b", "a"), (3.0, 2.0))):
+    tx = tbgc_jax.constant(tasks=tasks, weights=weights)
+    np.testing.assert_array_equal(tx.update(grads, tx.init(grads["a"]))[0], [2.0, 3.0])
+
+
 # ---------------------------------------------------------------- properties
 @pytest.mark.parametrize("name", METHODS)
 @settings(max_examples=4, deadline=None)
@@ -168,7 +220,7 @@ def test_properties(name, J, data):
     # <g_t, update> >= 0 for every task (up to float32 rounding).
     slack = 1e-5 * np.linalg.norm(J, axis=1) * np.linalg.norm(got)
     assert np.all(J.astype(np.float64) @ got >= -slack), J @ got
-  if name not in RANDOM:
+  if name not in RANDOM + ORDERED:
     perm = data.draw(st.permutations(range(3)))
     permuted = _backbone(_run(name, J[list(perm)])[0])
     assert _rel_err(permuted, got) < max(1e-3, TOLERANCE.get(name, 0.0))
@@ -196,7 +248,8 @@ def test_zero_and_nonfinite_tasks(name):
   out, state = update(grads, state)
   heads_zero = heads.copy()
   heads_zero[1] = 0.0
-  want, _ = _run(name, zero, heads=heads_zero)
+  want, want_state = _run(name, zero, heads=heads_zero)  # two steps, as for the stateful methods
+  want, _ = _run(name, zero, heads=heads_zero, state=want_state)
   chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-7)
   d = tbgc_jax.gradient_diagnostics(state)
   assert [int(d[f"num_nonfinite/{t}"]) for t in TASKS] == [0, 2, 0]
@@ -206,7 +259,7 @@ def test_zero_and_nonfinite_tasks(name):
     assert not np.all(np.isfinite(_backbone(out)))
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS if m != "graddrop"])
+@pytest.mark.parametrize("name", [m for m in METHODS if m not in ELEMENTWISE])
 def test_a_zero_task_gets_weight_zero(name):
   rng = np.random.default_rng(12)
   J = rng.normal(size=(3, 5)).astype(np.float32)
@@ -281,7 +334,7 @@ class VariantsTest(chex.TestCase):
     rng = np.random.default_rng(5)
     J = (rng.normal(size=(3, 5)) * 300.0).astype(np.float32)  # squares overflow float16
     grads = jax.tree.map(lambda x: x.astype(jnp.float16), _grads(J))
-    tx = tbgc_jax.make_method(name, MASK, tasks=TASKS)
+    tx, _ = _method(name)
     out, _ = self.variant(tx.update)(grads, tx.init(grads["t0"]))
     chex.assert_trees_all_equal_dtypes(out, grads["t0"])
     chex.assert_tree_all_finite(out)
@@ -312,8 +365,8 @@ def test_sharded_gradients_give_the_same_results():
   sharded = jax.device_put(
       grads, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   # The engine (Gramian, guard, weighted sum, elementwise path) is shared: one method per path.
-  for name in ("mean", "upgrad", "pcgrad", "graddrop"):
-    tx = tbgc_jax.make_method(name, MASK, tasks=TASKS)
+  for name in ("mean", "upgrad", "pcgrad", "graddrop", "trimmed_mean"):
+    tx = tbgc_jax.make_method(name, MASK, tasks=TASKS, **_required(name, TASKS))
     update = jax.jit(tx.update)
     want, want_state = update(grads, tx.init(grads["t0"]))
     got, got_state = update(sharded, tx.init(grads["t0"]))
@@ -407,7 +460,10 @@ def test_solver_accuracy_on_ill_conditioned_gramians():
 TORCHJD = {"mean": ("Mean", {}), "upgrad": ("UPGrad", {}), "dualproj": ("DualProj", {}),
            "imtl_g": ("IMTLG", {}), "aligned_mtl": ("AlignedMTL", {}), "config": ("ConFIG", {}),
            "cagrad": ("CAGrad", {"c": 0.5}), "fairgrad": ("FairGrad", {"alpha": 1.0}),
-           "mgda": ("MGDA", {"epsilon": 1e-7, "max_iters": 10000})}
+           "mgda": ("MGDA", {"epsilon": 1e-7, "max_iters": 10000}),
+           # TorchJD's Krum sums distances, not squares: the same with one neighbour (T = 3).
+           "krum": ("Krum", {"n_byzantine": 0, "n_selected": 2}),
+           "trimmed_mean": ("TrimmedMean", {"trim_number": 1}), "constant": ("Constant", None)}
 
 
 @pytest.mark.parametrize("name", sorted(TORCHJD))
@@ -415,7 +471,11 @@ def test_agrees_with_torchjd_on_random_jacobians(name):
   torch = pytest.importorskip("torch")
   aggregation_lib = pytest.importorskip("torchjd.aggregation")
   cls, kw = TORCHJD[name]
-  agg = getattr(aggregation_lib, cls)(**kw)
+  if kw is not None:
+    agg = getattr(aggregation_lib, cls)(**kw)
+  else:  # per-task values
+    agg = getattr(aggregation_lib, cls)(torch.tensor(_required(name, TASKS)["weights"],
+                                                     dtype=torch.float64))
   hp = {"reg_eps": 1e-4} if name in ("upgrad", "dualproj") else {}
   rng = np.random.default_rng(10)
   for _ in range(5):
