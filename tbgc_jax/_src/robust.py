@@ -27,7 +27,8 @@ def task_vector(values: Mapping[str, float] | Sequence[float], given: Sequence[s
   """Per-task numbers in sorted-task order, from ``{task: value}`` or a sequence in the order of
   ``given`` (the ``tasks`` argument as passed); a ValueError naming ``name`` otherwise."""
   given = tuple(given)
-  if isinstance(values, Mapping):
+  if isinstance(values, Mapping) or hasattr(values, "items"):  # also an ml_collections dict
+    values = dict(values.items())
     if set(values) != set(given):
       raise ValueError(f"{where}: {name} must have one entry per task {sorted(given)}, got "
                        f"{sorted(values)}")

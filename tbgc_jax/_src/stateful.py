@@ -359,7 +359,8 @@ def pcd(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], primary:
     raise ValueError(f"{where}: primary must be one of the tasks {list(names)}, got {primary!r}")
   p = names.index(primary)
   secondary = [k for k in range(n) if k != p]
-  if isinstance(tau, Mapping):
+  if isinstance(tau, Mapping) or hasattr(tau, "items"):  # also an ml_collections dict
+    tau = dict(tau.items())
     if set(tau) != {names[k] for k in secondary}:
       raise ValueError(f"{where}: tau must have one entry per secondary task "
                        f"{[names[k] for k in secondary]}, got {sorted(tau)}")
