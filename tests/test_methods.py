@@ -571,3 +571,39 @@ def test_agrees_with_torchjd_on_random_jacobians(name):
     want = agg(torch.tensor(J, dtype=torch.float64)).numpy()
     got = _backbone(_run(name, J, **hp)[0])
     assert _rel_err(got, want) < 2e-3, (name, got, want)
+
+
+# TorchJD's stateful weightings, called on the Gramian (or the Jacobian) step after step.
+TORCHJD_STATEFUL = {
+    "modo": ("MoDoWeighting", {"gamma": 0.1, "rho": 0.1}, {}, "gramian"),
+    "sdmgrad": ("SDMGradWeighting", {}, {"learning_rate": 10.0}, "gramian"),
+    "pcd": ("PCDWeighting", {"tau": 0.3, "beta": 0.9}, {"tau": 0.3, "beta": 0.9}, "gramian"),
+    # TorchJD uses the raw first estimate when n_warmup_steps = 0 (docs/methods.md).
+    "excess_mtl": ("ExcessMTLWeighting", {"n_warmup_steps": 1}, {"n_warmup_steps": 1},
+                   "jacobian"),
+    "crmogm": ("CRMOGMWeighting", {"alpha": 0.7}, {"inner": "upgrad", "alpha": 0.7,
+                                                   "inner_hparams": (("reg_eps", 1e-4),)},
+               "gramian"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHJD_STATEFUL))
+def test_stateful_weightings_agree_with_torchjd_over_steps(name):
+  torch = pytest.importorskip("torch")
+  aggregation_lib = pytest.importorskip("torchjd.aggregation")
+  cls, kw, hp, stat = TORCHJD_STATEFUL[name]
+  if name == "crmogm":
+    weighting = aggregation_lib.CRMOGMWeighting(aggregation_lib.UPGradWeighting(), **kw)
+    hp = hp | {"inner_hparams": dict(hp["inner_hparams"])}
+  else:
+    weighting = getattr(aggregation_lib, cls)(**kw)
+  tx = tbgc_jax.make_method(name, MASK, tasks=TASKS, **(_required(name, TASKS) | hp))
+  update, state = jax.jit(tx.update), None
+  rng = np.random.default_rng(17)
+  for step in range(4):
+    J = (rng.normal(size=(3, 5)) * 10.0 ** rng.uniform(-1, 1, size=(3, 1))).astype(np.float32)
+    J64 = torch.tensor(J, dtype=torch.float64)
+    w = weighting(J64 @ J64.T if stat == "gramian" else J64).numpy()
+    grads = _grads(J)
+    out, state = update(grads, tx.init(grads["t0"]) if state is None else state)
+    assert _rel_err(_backbone(out), w @ J) < 2e-3, (name, step, _backbone(out), w @ J)
