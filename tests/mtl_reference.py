@@ -212,11 +212,20 @@ DETERMINISTIC = {
     "mean": mean, "mgda": mgda, "upgrad": upgrad, "dualproj": dualproj, "cagrad": cagrad,
     "imtl_g": imtl_g, "aligned_mtl": aligned_mtl, "config": config, "fairgrad": fairgrad,
     "nash_mtl": nash_mtl,
-    # With the hyperparameters tests/test_methods.py gives them on three tasks.
-    "constant": lambda J: constant(J, [0.5, 1.0, 2.0]),
-    "krum": lambda J: krum(J, 0, 2),
-    "trimmed_mean": lambda J: trimmed_mean(J, 1),
+    # With the hyperparameters of `hyperparameters` below.
+    "constant": lambda J: constant(J, **hyperparameters("constant", len(J))),
+    "krum": lambda J: krum(J, **hyperparameters("krum", len(J))),
+    "trimmed_mean": lambda J: trimmed_mean(J, **hyperparameters("trimmed_mean", len(J))),
 }
+
+
+def hyperparameters(name, n):
+  """What the tests and benchmarks/accuracy.py give the methods that require hyperparameters
+  (per task, or naming a task), for ``n`` tasks named t0, t1, ... (Krum needs n >= 3)."""
+  return {"constant": {"weights": tuple(0.5 * 2.0**k for k in range(n))},
+          "krum": {"n_byzantine": 0, "n_selected": 2},
+          "trimmed_mean": {"trim_number": (n - 1) // 2},
+          "pcd": {"primary": "t0", "tau": 0.3}}.get(name, {})
 
 
 # ------------------------------------------------------------- methods with state across steps
