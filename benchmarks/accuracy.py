@@ -3,21 +3,17 @@
 Random Jacobians (T tasks x 6 coordinates) with per-task norms spread over ``--decades``
 decades; prints, per method, the median and maximum of ||ours - reference|| / ||reference||.
 
-  python benchmarks/accuracy.py [--trials 60] [--decades 2]
+  python -m benchmarks.accuracy [--trials 60] [--decades 2]
 """
 
 import argparse
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import tbgc_jax
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-import mtl_reference as ref  # noqa: E402
+from tests import mtl_reference as ref
 
 
 def main():

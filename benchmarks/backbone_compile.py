@@ -1,6 +1,6 @@
 """Compile and step time of the InternImage backbone alone: unrolled vs scanned blocks.
 
-  python benchmarks/backbone_compile.py [--preset t] [--size 224] [--batch 1] [--rounds 5]
+  python -m benchmarks.backbone_compile [--preset t] [--size 224] [--batch 1] [--rounds 5]
 
 For each layout of the same preset (``scan_blocks`` False, then True; the scanned parameters
 are `stack_blocks` of the unrolled ones), the gradient with respect to the parameters of the
@@ -21,17 +21,14 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks.compile import hlo_ops, stablehlo_ops  # noqa: E402
-from tbgc_jax.models.internimage import PRESETS, InternImage, stack_blocks  # noqa: E402
+from benchmarks.compile import hlo_ops, stablehlo_ops
+from tbgc_jax.models.internimage import PRESETS, InternImage, stack_blocks
 
 
 def _grad_fn(graphdef):

@@ -1,8 +1,8 @@
 """Compile time of the train step: lowering vs XLA compile per task function and the update.
 
-  python benchmarks/compile.py --config configs/tiny.py
-  python benchmarks/compile.py --config configs/challenge.py --lower_only   # 2-core CPU
-  python benchmarks/compile.py --config configs/challenge.py --layouts config,unrolled \
+  python -m benchmarks.compile --config configs/tiny.py
+  python -m benchmarks.compile --config configs/challenge.py --lower_only   # 2-core CPU
+  python -m benchmarks.compile --config configs/challenge.py --layouts config,unrolled \
       --noconcurrent   # the scanned layers against the unrolled structure, in one run
 
 Builds the trainer's ``per_task_jit`` step (`tbgc_jax.trainer.step.PerTaskStep`) on abstract
@@ -29,16 +29,15 @@ depend less on the other load.
 """
 
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from tbgc_jax.trainer.export import abstract_step, op_count
 
 
 def _define_flags() -> None:
@@ -78,46 +77,9 @@ def unrolled_layout(config):
   return c
 
 
-def abstract_step(config):
-  """The trainer's per-task step on abstract state, and abstract inputs of each function.
-
-  Returns:
-    ``(step, state, rest, batches, outs)``: a `PerTaskStep`, ShapeDtypeStruct trees of the
-    train state, the model's rng state, ``{task: batch}`` of the config's training shapes and
-    ``{task: task_grads output}``.
-  """
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from tbgc_jax.models.multitask import backbone_mask
-  from tbgc_jax.models.rngs import construction_rngs
-  from tbgc_jax.trainer.model_factory import build_model
-  from tbgc_jax.trainer.optim import make_optimizer
-  from tbgc_jax.trainer.setup import train_batch_shapes
-  from tbgc_jax.trainer.sharding import make_mesh
-  from tbgc_jax.trainer.step import make_train_step
-
-  tasks = tuple(config.tasks)
-  model = nnx.eval_shape(lambda: build_model(config, rngs=construction_rngs(config.seed)))
-  model.train()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx, schedules = make_optimizer(config, tasks, backbone_mask, 1000, 100)
-  state = {"step": jax.ShapeDtypeStruct((), np.int32), "params": params,
-           "opt_state": jax.eval_shape(tx.init, params),
-           "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-  mesh = make_mesh(config)
-  batches = train_batch_shapes(config, mesh)
-  step = make_train_step(graphdef, tasks, tx, schedules, config, backbone_mask, mesh, state,
-                         rest)
-  outs = {t: jax.eval_shape(step.task_grads[t], params, rest, batches[t], state["rng"],
-                            state["step"]) for t in tasks}
-  return step, state, rest, batches, outs
-
-
 def stablehlo_ops(lowered) -> int:
   """Number of ops of a lowered function's StableHLO module (``jit(f).lower(...)``)."""
-  return sum(1 for line in lowered.as_text().splitlines() if re.search(r"= \S+\.\S+", line))
+  return op_count(lowered.as_text())
 
 
 def hlo_ops(compiled) -> int:

@@ -1,7 +1,7 @@
 r"""Host data-pipeline throughput per task at the paper's resolutions, vs one training step.
 
 Usage:
-  python benchmarks/data.py [--num_images 12] [--repeats 3] [--step_time 0.5]
+  python -m benchmarks.data [--num_images 12] [--repeats 3] [--step_time 0.5]
                             [--devices_per_host 1] [--workers 0]
 
 Writes small datasets in the real on-disk formats at the challenge's image sizes (TT100K

@@ -6,7 +6,7 @@ channels, same projections), i.e. a ConvNeXt-style block of the same size. Times
 over interleaved repeats of one jitted ``value_and_grad`` step (parameters and input);
 memory is XLA's compiled ``memory_analysis().temp_size_in_bytes``.
 
-  python benchmarks/dcnv3.py [--batch 8] [--repeats 7]
+  python -m benchmarks.dcnv3 [--batch 8] [--repeats 7]
 """
 
 import argparse

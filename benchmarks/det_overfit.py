@@ -6,7 +6,7 @@ extractor is a STAND-IN small conv pyramid defined here (strides 4-32), not Inte
 Trains with optax adamw for a wall-clock budget and reports mAP50 (pycocotools) on the
 training scenes.
 
-  python benchmarks/det_overfit.py --seconds 120
+  python -m benchmarks.det_overfit --seconds 120
 """
 
 import argparse

@@ -10,7 +10,7 @@ exits 0. It then compares with an uninterrupted run: the final parameters, optim
 step, rng and counters (bitwise), the grain data-iterator states and the run counters
 (byte for byte), and ``metrics.jsonl`` (each step once, the same values).
 
-  python benchmarks/kill_resume.py --trials 10 --kills 3 --workdir /tmp/kill_resume [--tasks cls]
+  python -m benchmarks.kill_resume --trials 10 --kills 3 --workdir /tmp/kill_resume [--tasks cls]
 
 All runs share one persistent compilation cache (``<workdir>/jax_cache``): restarts load
 the executables the first run compiled, as a restarted production job would.

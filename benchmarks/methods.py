@@ -7,8 +7,8 @@ machine noise hits them alike; medians in milliseconds and ratios to ``none`` (t
 and to ``tbgc`` are printed. The goal line checks every Gramian method against 1.5x ``tbgc`` at
 3 tasks x 25M parameters (GradDrop, elementwise, is reported beside it).
 
-  python benchmarks/methods.py                        # goal point, task and size sweeps
-  python benchmarks/methods.py --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
+  python -m benchmarks.methods                        # goal point, task and size sweeps
+  python -m benchmarks.methods --configs 3x25 --rounds 9 --methods none,tbgc,upgrad
 """
 
 import argparse
@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import tbgc_jax
 
 LEAF = 1 << 20
-CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc")
-# Not Gramian methods: they work per coordinate (GradDrop: one random draw per backbone
-# coordinate; the trimmed mean: one sort over the tasks; ExcessMTL: a running sum of squares).
-ELEMENTWISE = ("graddrop", "trimmed_mean", "excess_mtl")
+CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip")
+# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate),
+# the trimmed mean sorts the tasks per coordinate; MoCo, DB-MTL and ExcessMTL update per-task
+# running statistics of the whole backbone gradient.
+ELEMENTWISE = ("graddrop", "trimmed_mean", "moco", "db_mtl", "excess_mtl")
 
 
 def make_grads(num_tasks: int, millions: float, seed: int = 0):

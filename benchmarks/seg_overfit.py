@@ -8,7 +8,7 @@ defined here (not InternImage: the backbone lives on another branch), strides 4/
 Training: optax adamw, the head's full loss (matching, importance-sampled points, deep
 supervision); mIoU on the training scenes (the point is fitting, not generalising).
 
-  python benchmarks/seg_overfit.py --seconds 120
+  python -m benchmarks.seg_overfit --seconds 120
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Train-step time of the gradient methods, and the memory of Algorithm 1, side by side.
 
-  python benchmarks/step.py --config configs/tiny.py [--rounds 7] [--steps 3]
-  python benchmarks/step.py --config configs/challenge.py:/data --parts=time   # on a GPU
+  python -m benchmarks.step --config configs/tiny.py [--rounds 7] [--steps 3]
+  python -m benchmarks.step --config configs/challenge.py:/data --parts=time   # on a GPU
 
 Time: the trainer's step (``config.grad.step_mode``, default "per_task_jit") built once per
 method (none / vanilla / tbgc) on the same model, initial parameters and batches; rounds
@@ -29,14 +29,11 @@ in about a minute instead of not finishing in ten.
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 
 def _define_flags() -> None:

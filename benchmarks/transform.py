@@ -4,7 +4,7 @@
 rounds interleave the methods so machine noise hits them alike. Prints median milliseconds
 per update and ratios to the vanilla clip (optax.clip_by_global_norm of the summed gradient).
 
-  python benchmarks/transform.py [--rounds 15] [--backbone-leaves 16] [--leaf 1024]
+  python -m benchmarks.transform [--rounds 15] [--backbone-leaves 16] [--leaf 1024]
 """
 
 import argparse

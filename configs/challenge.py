@@ -19,7 +19,7 @@ from configs import tiny
 from tbgc_jax.data import configs as data_configs
 from tbgc_jax.models.detection import DINOConfig
 from tbgc_jax.models.segmentation import Mask2FormerConfig
-from tbgc_jax.trainer.model_factory import override_fields
+from tbgc_jax.presets import override_fields
 
 
 def get_config(roots: str = "data/tt100k,data/bdd100k,data/cars") -> ml_collections.ConfigDict:

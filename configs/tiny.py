@@ -15,8 +15,8 @@ from tbgc_jax.data import configs as data_configs
 from tbgc_jax.models.detection import DINOConfig
 from tbgc_jax.models.internimage import InternImageConfig
 from tbgc_jax.models.segmentation import Mask2FormerConfig
+from tbgc_jax.presets import override_fields
 from tbgc_jax.schema import TASKS
-from tbgc_jax.trainer.model_factory import override_fields
 
 
 def get_config() -> ml_collections.ConfigDict:

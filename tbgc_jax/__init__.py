@@ -3,6 +3,7 @@
 from tbgc_jax._src.aggregation import GramianState as GramianState
 from tbgc_jax._src.clipping import TaskClipState as TaskClipState
 from tbgc_jax._src.clipping import all_finite as all_finite
+from tbgc_jax._src.clipping import backbone_clip as backbone_clip
 from tbgc_jax._src.clipping import per_task_clip as per_task_clip
 from tbgc_jax._src.clipping import sum_tasks as sum_tasks
 from tbgc_jax._src.clipping import task_diagnostics as task_diagnostics
@@ -39,6 +40,21 @@ from tbgc_jax._src.weighting import dwa as dwa
 from tbgc_jax._src.weighting import famo as famo
 from tbgc_jax._src.weighting import rlw as rlw
 from tbgc_jax._src.weighting import uncertainty as uncertainty
+
+# isort: split
+# Scalarizers and LibMTL methods
+from tbgc_jax._src.libmtl import DbMtlState as DbMtlState
+from tbgc_jax._src.libmtl import GradNormState as GradNormState
+from tbgc_jax._src.libmtl import MocoState as MocoState
+from tbgc_jax._src.libmtl import db_mtl as db_mtl
+from tbgc_jax._src.libmtl import gradnorm as gradnorm
+from tbgc_jax._src.libmtl import moco as moco
+from tbgc_jax._src.scalarization import ImtlState as ImtlState
+from tbgc_jax._src.scalarization import geometric_mean as geometric_mean
+from tbgc_jax._src.scalarization import imtl as imtl
+from tbgc_jax._src.scalarization import imtl_l as imtl_l
+from tbgc_jax._src.scalarization import pbi as pbi
+from tbgc_jax._src.scalarization import stch as stch
 
 # isort: split
 # Methods after TorchJD 0.18

@@ -10,7 +10,7 @@ import ml_collections
 from configs import challenge
 from tbgc_jax.models.detection import DINOConfig
 from tbgc_jax.models.segmentation import Mask2FormerConfig
-from tbgc_jax.trainer.model_factory import override_fields
+from tbgc_jax.presets import override_fields
 from tests import micro_config
 
 

@@ -208,6 +208,107 @@ def trimmed_mean(J, trim_number):
   return np.sort(J, axis=0)[trim_number:len(J) - trim_number].mean(0)
 
 
+class Adam:
+  """Adam (Kingma & Ba 2015, Algorithm 1) with optional L2 decay added to the gradient."""
+
+  def __init__(self, lr, decay=0.0, b1=0.9, b2=0.999, eps=1e-8):
+    self.lr, self.decay, self.b1, self.b2, self.eps = lr, decay, b1, b2, eps
+    self.m = self.v = 0.0
+    self.t = 0
+
+  def step(self, x, g):
+    g = g + self.decay * x
+    self.t += 1
+    self.m = self.b1 * self.m + (1 - self.b1) * g
+    self.v = self.b2 * self.v + (1 - self.b2) * g * g
+    mh, vh = self.m / (1 - self.b1 ** self.t), self.v / (1 - self.b2 ** self.t)
+    return x - self.lr * mh / (np.sqrt(vh) + self.eps)
+
+
+# ---------------------------------------------------------------- loss scalarizations
+def numeric_grad(fn, x, h=1e-6):
+  """Central differences of a scalar function of a float64 vector."""
+  x = np.asarray(x, np.float64)
+  return np.array([(fn(x + h * e) - fn(x - h * e)) / (2 * h) for e in np.eye(len(x))])
+
+
+def geometric_mean(L):
+  return np.prod(L) ** (1.0 / len(L))
+
+
+def stch(L, mu, lam, z):
+  return mu * np.log(np.sum(np.exp(lam * (L - z) / mu)))
+
+
+def pbi(L, theta, lam, z):
+  f = L - z
+  d = lam / np.linalg.norm(lam)
+  d1 = f @ d
+  return d1 + theta * np.linalg.norm(f - d1 * d)
+
+
+# ---------------------------------------------------------------- stateful methods over steps
+# Each takes ``steps = [(J: T x D backbone Jacobian, L: T losses)]`` and returns the backbone
+# updates, one per step, in float64.
+def imtl_l_updates(steps, lr=1e-3, hybrid=False):
+  """IMTL-L (loss e^s L - s, s trained by Adam); ``hybrid``: IMTL-G on the scaled J."""
+  s, adam, out = np.zeros(len(steps[0][1])), Adam(lr), []
+  for J, L in steps:
+    scaled = np.exp(s)[:, None] * J
+    out.append(imtl_g(scaled) if hybrid else scaled.sum(0))
+    s = adam.step(s, np.exp(s) * L - 1.0)
+  return out
+
+
+def gradnorm_updates(steps, alpha=1.5, lr=1e-3):
+  """Chen et al. 2018, Algorithm 1, with the norms of the rows of J."""
+  T = len(steps[0][1])
+  w, adam, L0, out = np.ones(T), Adam(lr), None, []
+  for J, L in steps:
+    L0 = L if L0 is None else L0
+    out.append(w @ J)
+    norms = np.linalg.norm(J, axis=1)
+    rate = (L / L0) / np.mean(L / L0)
+    target = np.mean(w * norms) * rate ** alpha
+    w = np.maximum(adam.step(w, norms * np.sign(w * norms - target)), 0.0)
+    w = T * w / w.sum()
+  return out
+
+
+def project_simplex_qp(v):
+  """argmin_{w in simplex} ||w - v|| by scipy (SLSQP)."""
+  n = len(v)
+  res = scipy.optimize.minimize(
+      lambda w: np.sum((w - v) ** 2), np.full(n, 1.0 / n), jac=lambda w: 2 * (w - v),
+      method="SLSQP", bounds=[(0, None)] * n,
+      constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+      options={"ftol": 1e-15, "maxiter": 1000})
+  return res.x
+
+
+def moco_updates(steps, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0):
+  """Fernando et al. 2023, Algorithm 1 (projection onto the simplex)."""
+  T, D = steps[0][0].shape
+  y, lam, out = np.zeros((T, D)), np.full(T, 1.0 / T), []
+  for k, (J, _) in enumerate(steps, start=1):
+    y = y - beta / k ** beta_sigma * (y - J)
+    lam = project_simplex_qp(lam - gamma / k ** gamma_sigma * (y @ y.T + rho * np.eye(T)) @ lam)
+    out.append(lam @ y)
+  return out
+
+
+def db_mtl_updates(steps, beta=0.9, beta_sigma=0.0, eps=1e-8):
+  """Lin et al. 2023: EMA of grad log L_t, each rescaled to the largest norm."""
+  T, D = steps[0][0].shape
+  est, out = np.zeros((T, D)), []
+  for k, (J, L) in enumerate(steps, start=1):
+    b = beta / k ** beta_sigma
+    est = b * est + (1 - b) * J / (L[:, None] + eps)
+    n = np.linalg.norm(est, axis=1)
+    out.append((n.max() / (n + eps)) @ est)
+  return out
+
+
 DETERMINISTIC = {
     "mean": mean, "mgda": mgda, "upgrad": upgrad, "dualproj": dualproj, "cagrad": cagrad,
     "imtl_g": imtl_g, "aligned_mtl": aligned_mtl, "config": config, "fairgrad": fairgrad,

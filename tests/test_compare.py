@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from tbgc_jax.benchmarks import compare, qm9
+from benchmarks import compare, qm9
 
 
 # ---------------------------------------------------------------- Delta_m%

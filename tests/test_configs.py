@@ -19,13 +19,10 @@ from ml_collections import config_flags
 
 from tbgc_jax.models.rngs import construction_rngs
 from tbgc_jax.models.stacking import num_layers
-from tbgc_jax.trainer.model_factory import (
-  backbone_config,
-  build_model,
-  det_config,
-  override_fields,
-  seg_config,
-)
+from tbgc_jax.presets import override_fields
+from tbgc_jax.tasks.detection import det_config
+from tbgc_jax.tasks.segmentation import seg_config
+from tbgc_jax.trainer.model_factory import backbone_config, build_model
 from tbgc_jax.trainer.optim import lr_schedules
 from tbgc_jax.trainer.setup import Setup, validate_config
 from tests import micro_config

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from tbgc_jax.models.detection import box_ops, losses
+from tbgc_jax.models.detection import losses
+from tbgc_jax.ops import boxes as box_ops
 
 
 def _np_giou(a, b):

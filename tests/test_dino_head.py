@@ -236,7 +236,7 @@ def test_box_refinement_reads_the_decoder_output_before_the_final_norm():
       return out
 
   head.decoder = nnx.List([Spy(layer) for layer in head.decoder])
-  from tbgc_jax.models.detection.box_ops import inverse_sigmoid
+  from tbgc_jax.ops.boxes import inverse_sigmoid
 
   @jax.jit
   def run(feats, batch):  # one compile instead of many eager ops
@@ -260,7 +260,7 @@ def test_box_refinement_reads_the_decoder_output_before_the_final_norm():
 
 def test_presets():
   from configs import challenge
-  from tbgc_jax.trainer.model_factory import det_config
+  from tbgc_jax.tasks.detection import det_config
 
   det = challenge.get_config().model.det
   assert det.preset == "challenge"

@@ -1,7 +1,7 @@
 """Kills and preemption: ``train.py`` killed (SIGKILL) while an asynchronous checkpoint save
 is in flight, then sent a preemption notice (SIGTERM), restarted with the same command each
 time, ends bitwise where an uninterrupted run ends. One trial here; many with
-``python benchmarks/kill_resume.py --trials 10``."""
+``python -m benchmarks.kill_resume --trials 10``."""
 
 import numpy as np
 import pytest

@@ -39,6 +39,7 @@ def test_the_clipping_methods_and_none_are_registered():
 @pytest.mark.parametrize("name,factory,hparams", [
     ("tbgc", tbgc_jax.tbgc, {"max_norm": 0.1, "rescale_heads": False}),
     ("tbgc_star", tbgc_jax.per_task_clip, {"max_norm": 0.1}),
+    ("backbone_clip", tbgc_jax.backbone_clip, {}),
     ("vanilla", tbgc_jax.vanilla_clip, {"max_norm": 0.1}),
     ("none", tbgc_jax.sum_tasks, {}),
 ])

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tbgc_jax import reproduce as rp
+from benchmarks import reproduce as rp
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +131,7 @@ def test_report_and_figure1_through_the_cli(tmp_path):
   for m in ("vanilla", "tbgc"):
     _write_metrics_jsonl(str(tmp_path / "runs" / f"{m}-plain-s0" / "metrics.jsonl"))
   out = subprocess.run(
-      [sys.executable, "-m", "tbgc_jax.reproduce", "--config", "configs/tiny.py",
+      [sys.executable, "-m", "benchmarks.reproduce", "--config", "configs/tiny.py",
        f"--workdir={tmp_path}", "--report_only", "--methods=vanilla,tbgc"],
       cwd=_ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import tbgc_jax
 
 S = 0.1
-METHODS = ("tbgc", "tbgc_backbone_only", "per_task", "vanilla")
+METHODS = ("tbgc", "tbgc_backbone_only", "per_task", "backbone_clip", "vanilla")
 
 
 # ---------------------------------------------------------------- float64 reference
@@ -22,8 +22,16 @@ def _norm(leaves):
 
 
 def reference(method, grads, is_backbone, max_norm):
-  """The paper's formulas, step by step, in float64 (grads: {task: [leaves]})."""
+  """The paper's formulas, step by step, in float64 (grads: {task: [leaves]}); for
+  "backbone_clip", the first-place code's clip by the backbone norm."""
   grads = {t: [np.asarray(x, np.float64) for x in g] for t, g in grads.items()}
+  if method == "backbone_clip":
+    out = [0.0] * len(is_backbone)
+    for g in grads.values():
+      c = min(1.0, max_norm / (_norm([x for x, bb in zip(g, is_backbone, strict=True) if bb])
+                               + 1e-6))
+      out = [o + x * c for o, x in zip(out, g, strict=True)]
+    return out
   if method == "vanilla":
     total = [sum(g[i] for g in grads.values()) for i in range(len(is_backbone))]
     n = _norm(total)
@@ -48,6 +56,8 @@ def make_tx(method, tasks, mask, max_norm=S, **kw):
     return tbgc_jax.tbgc(max_norm, mask, tasks=tasks, rescale_heads=False, **kw)
   if method == "per_task":
     return tbgc_jax.per_task_clip(max_norm, mask, tasks=tasks, **kw)
+  if method == "backbone_clip":
+    return tbgc_jax.backbone_clip(max_norm, mask, tasks=tasks, **kw)
   return tbgc_jax.vanilla_clip(max_norm, mask, tasks=tasks, **kw)
 
 
@@ -150,6 +160,70 @@ def test_one_task_without_rescale_is_clip_by_global_norm(grads, max_norm):
   out, _ = _run(tbgc_jax.tbgc(max_norm, MASK, tasks=("task0",), rescale=False), {"task0": g})
   want, _ = optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
   chex.assert_trees_all_close(out, want, rtol=1e-5, atol=1e-10)
+
+
+def _backbone_norms(grads):
+  return {t: _norm(jax.tree.leaves(g["backbone"])) for t, g in grads.items()}
+
+
+def _with_backbone_norms(grads, low, high, data):
+  """``grads`` with each task's gradient rescaled so that its backbone norm lies in
+  ``[low, high]`` (drawn log-uniformly)."""
+  out = {}
+  for t, g in grads.items():
+    b = _norm(jax.tree.leaves(g["backbone"]))
+    target = 10.0 ** data.draw(st.floats(np.log10(low), np.log10(high)))
+    out[t] = jax.tree.map(lambda x, c=target / b: (x * c).astype(np.float32), g)
+  return out
+
+
+@settings(max_examples=8, deadline=None)
+@given(grads=task_gradients(), data=st.data())
+def test_backbone_clip_is_tbgc_when_every_backbone_norm_exceeds_s(grads, data):
+  grads = _with_backbone_norms(grads, 2 * S, 1e4, data)
+  tasks = tuple(grads)
+  ours, _ = _run(tbgc_jax.backbone_clip(S, MASK, tasks=tasks), grads)
+  paper, _ = _run(tbgc_jax.tbgc(S, MASK, tasks=tasks), grads)
+  # Equal up to the 1e-6 added to the backbone norm (relative 1e-6 / ||B(g)|| < 5e-6 here).
+  chex.assert_trees_all_close(ours, paper, rtol=2e-5, atol=S * 1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(grads=task_gradients(), data=st.data())
+def test_backbone_clip_leaves_tasks_whose_backbone_norm_is_at_most_s(grads, data):
+  grads = _with_backbone_norms(grads, 1e-4, S * 0.99, data)
+  tasks = tuple(grads)
+  tx = tbgc_jax.backbone_clip(S, MASK, tasks=tasks)
+  out, state = _run(tx, grads)
+  plain, _ = _run(tbgc_jax.sum_tasks(tasks=tasks), grads)
+  chex.assert_trees_all_close(out, plain, rtol=1e-6, atol=1e-12)
+  for d in tbgc_jax.task_diagnostics(state).values():
+    assert float(d["backbone_scale"]) == float(d["head_scale"]) == 1.0
+
+
+@settings(max_examples=8, deadline=None)
+@given(grads=task_gradients())
+def test_backbone_clip_never_scales_up_and_acts_per_task(grads):
+  tasks = tuple(grads)
+  tx = tbgc_jax.backbone_clip(S, MASK, tasks=tasks)
+  out, state = _run(tx, grads)
+  norms = _backbone_norms(grads)
+  for t, d in tbgc_jax.task_diagnostics(state).items():
+    assert float(d["backbone_scale"]) <= 1.0 and d["backbone_scale"] == d["head_scale"], t
+    # A task's backbone contribution is min(||B(g_t)||, S), up to the 1e-6.
+    np.testing.assert_allclose(d["backbone_norm_after"], min(norms[t], S), rtol=2e-5, err_msg=t)
+  # Per task: the update is the sum of each task clipped alone.
+  alone = [_run(tbgc_jax.backbone_clip(S, MASK, tasks=(t,)), {t: grads[t]})[0] for t in tasks]
+  chex.assert_trees_all_close(out, jax.tree.map(lambda *x: sum(x), *alone), rtol=1e-5,
+                              atol=S * 1e-6)
+
+
+def test_backbone_clip_needs_a_backbone():
+  params = _tree([jnp.zeros(3)], [jnp.zeros(2)])
+  with pytest.raises(ValueError, match="backbone_mask is required"):
+    tbgc_jax.backbone_clip(S, tasks=("a",))
+  with pytest.raises(ValueError, match="selects no parameter leaf"):
+    tbgc_jax.backbone_clip(S, {"backbone": False, "heads": False}, tasks=("a",)).init(params)
 
 
 class VariantsTest(chex.TestCase):

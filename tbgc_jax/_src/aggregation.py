@@ -47,9 +47,10 @@ class Step(NamedTuple):
 
 # combine(step, inner_state) -> (C: f32[T, T], new inner_state)
 Combine = Callable[[Step, Any], tuple[jax.Array, Any]]
-# elementwise(backbone leaves {task: [f32 leaves]}, inner_state) ->
+# elementwise(backbone leaves {task: [f32 leaves]}, inner_state, losses or None) ->
 #   (output leaves, per-task backbone norm after f32[T], new inner_state)
-Elementwise = Callable[[dict[str, list[jax.Array]], Any], tuple[list[jax.Array], jax.Array, Any]]
+Elementwise = Callable[[dict[str, list[jax.Array]], Any, dict[str, jax.Array] | None],
+                       tuple[list[jax.Array], jax.Array, Any]]
 
 
 _ROW = 1024  # the inner length of the two-level reduction in `_pair_sums`
@@ -179,7 +180,7 @@ def gramian_method(
 
     if elementwise is not None:
       bb = {t: [x for x, s in zip(kept[t], select, strict=True) if s] for t in tasks}
-      bb_out, norm_after, inner = elementwise(bb, state.inner)
+      bb_out, norm_after, inner = elementwise(bb, state.inner, losses)
       bb_out = iter(bb_out)
       out = [next(bb_out) if s else h for s, h in zip(select, heads, strict=True)]
       weights = None

@@ -1,5 +1,6 @@
-"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip), vanilla clip, and the
-plain sum of the task gradients (the ``none`` baseline).
+"""Task-level gradient clipping transforms: TBGC, TBGC* (per-task clip), the first-place
+code's backbone clip, vanilla clip, and the plain sum of the task gradients (the ``none``
+baseline).
 
 All take, as ``updates``, a mapping ``{task_name: gradient pytree shaped like params}``
 (head leaves a task does not touch hold zeros) and return one summed, params-shaped pytree,
@@ -18,6 +19,8 @@ from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import POSITIVE, register
 
 _F32 = jnp.float32
+# Added to the backbone norm by `backbone_clip`, as in the code it reproduces.
+_BACKBONE_CLIP_EPS = 1e-6
 
 
 class TaskClipState(NamedTuple):
@@ -119,9 +122,10 @@ def _task_transform(
     rescale_heads: bool = True, drop_nonfinite: bool = True, where: str | None = None,
     per_task_output: bool = False,
 ) -> optax.GradientTransformation:
-  """Shared implementation of the three methods ('tbgc', 'per_task', 'vanilla'), and of
-  `task_rescale` (``per_task_output``: the scaled task gradients, not their sum)."""
-  where = where or {"tbgc": "tbgc", "per_task": "per_task_clip", "vanilla": "vanilla_clip"}[method]
+  """Shared implementation of the methods ('tbgc', 'per_task', 'backbone_clip', 'vanilla'), and
+  of `task_rescale` (``per_task_output``: the scaled task gradients, not their sum)."""
+  where = where or {"tbgc": "tbgc", "per_task": "per_task_clip", "vanilla": "vanilla_clip",
+                    "backbone_clip": "backbone_clip"}[method]
   tasks = _check_tasks(tasks, where)
 
   is_backbone = backbone_selector(backbone_mask, where=where, default=False)
@@ -137,7 +141,7 @@ def _task_transform(
   def update_fn(updates, state, params=None):
     treedef, leaves = _split_grads(updates, tasks, params, where)
     select = is_backbone(updates[tasks[0]])
-    if method == "tbgc" and not any(select):
+    if method in ("tbgc", "backbone_clip") and not any(select):
       raise ValueError(f"{where}: backbone_mask selects no gradient leaf as backbone")
     s = jnp.asarray(max_norm, _F32)
 
@@ -169,6 +173,10 @@ def _task_transform(
         bb_scale = rescale
         if rescale_heads:
           head_scale = dict(rescale)
+      elif method == "backbone_clip":
+        # One factor per task from its backbone norm alone, never above 1.
+        coef = {t: jnp.minimum(1.0, s / (bb[t] + _BACKBONE_CLIP_EPS)) for t in tasks}
+        bb_scale, head_scale = coef, dict(coef)
       bb_scale = {t: jnp.where(keep[t], bb_scale[t], 0.0) for t in tasks}
       head_scale = {t: jnp.where(keep[t], head_scale[t], 0.0) for t in tasks}
       # Pass 2: scale and sum. Select, then multiply: a dropped NaN task adds 0, not 0 * NaN
@@ -288,6 +296,60 @@ def per_task_clip(
     An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
   """
   return _task_transform(max_norm, backbone_mask, tasks, method="per_task",
+                         drop_nonfinite=drop_nonfinite)
+
+
+def backbone_clip(
+    max_norm: float | jax.Array = 0.1,
+    backbone_mask: MaskOrFn | None = None,
+    *,
+    tasks: Sequence[str],
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformation:
+  r"""Per-task clip by the backbone norm: the first-place CVPR 2023 challenge code's TBGC.
+
+  For each task ``t``, with ``S = max_norm`` and ``B(.)`` the backbone part of a gradient:
+
+  .. math::
+
+    g_t \leftarrow g_t \min\left(1, \frac{S}{\|B(g_t)\| + 10^{-6}}\right), \qquad
+    \text{update} = \textstyle\sum_t g_t,
+
+  one factor on the whole task gradient (backbone and head leaves). Where every task's
+  backbone norm exceeds ``S`` this is `tbgc` up to the ``1e-6``; a task whose backbone norm
+  is at most ``S`` is left as it is (`tbgc` scales it up to ``S``), and there is no clip by
+  the task's total norm. Same input convention, edge cases, non-finite handling and chain
+  position as `tbgc`.
+
+  Args:
+    max_norm: ``S``, the largest backbone norm a task may contribute. May be traced.
+    backbone_mask: a pytree of bools shaped like params (or a prefix of it), True on
+      backbone leaves, or a callable ``params -> mask`` such as `tbgc_jax.path_mask`.
+    tasks: the task names; ``update`` expects exactly these keys.
+    drop_nonfinite: drop a non-finite task's contribution for this update (see `tbgc`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a `TaskClipState`.
+
+  References:
+    ``optimizer_wrapper.py::_clip_grad`` with ``backbone_based=True``, applied per task in
+    ``distributed.py::train_step``, in the first-place code of the CVPR 2023 Foundation
+    Model Challenge Track 1 (github.com/vaew/CVPR-2023-Track1-, ``track1-huster/openMMLab/
+    mmengine``).
+
+  Example:
+    >>> import jax.numpy as jnp, tbgc_jax
+    >>> tx = tbgc_jax.backbone_clip(1.0, {"backbone": True, "head": False}, tasks=("a", "b"))
+    >>> grads = {"a": {"backbone": jnp.array([3.0, 4.0]), "head": jnp.array([5.0])},
+    ...          "b": {"backbone": jnp.array([0.3, 0.4]), "head": jnp.array([5.0])}}
+    >>> out, _ = tx.update(grads, tx.init(grads["a"]))
+    >>> [round(x, 4) for x in out["backbone"].tolist()], round(float(out["head"][0]), 4)
+    ([0.9, 1.2], 6.0)
+  """
+  if backbone_mask is None:
+    raise ValueError("backbone_clip: backbone_mask is required (the clip is by the backbone "
+                     "norm)")
+  return _task_transform(max_norm, backbone_mask, tasks, method="backbone_clip",
                          drop_nonfinite=drop_nonfinite)
 
 
@@ -440,3 +502,4 @@ register("none", sum_tasks)
 register("vanilla", vanilla_clip, checks={"max_norm": POSITIVE})
 register("tbgc_star", per_task_clip, checks={"max_norm": POSITIVE})
 register("tbgc", tbgc, checks={"max_norm": POSITIVE})
+register("backbone_clip", backbone_clip, checks={"max_norm": POSITIVE})

@@ -266,7 +266,8 @@ def graddrop(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     >>> out[0], out[1] in (2.0, -2.0)  # same signs: kept; opposite: one side dropped
     (4.0, True)
   """
-  def elementwise(bb, key):
+  def elementwise(bb, key, losses):
+    del losses
     key, sub = jax.random.split(key)
     outs, sq = [], jnp.zeros([len(bb)], _F32)
     for i, xs in enumerate(zip(*bb.values(), strict=True)):
@@ -358,17 +359,19 @@ def imtl_g(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     >>> [round(x, 4) for x in tx.update(J, tx.init(jnp.zeros(3)))[0].tolist()]
     [0.0767, 1.0, 1.0]
   """
-  def weights(step: Step):
-    # G = D C D with C the cosine matrix: G^+ d = D^{-1} C^+ 1 (on the active tasks), and C is
-    # well conditioned whatever the spread of the tasks' norms.
-    c, d = solvers.unit_diagonal(step.gram, step.active)
-    v = jnp.where(step.active,
-                  jnp.linalg.pinv(c, hermitian=True) @ step.active.astype(_F32) / d, 0.0)
-    total = v.sum()
-    return jnp.where(jnp.abs(total) > 1e-12, v / jnp.where(total != 0, total, 1.0), 0.0)
-
-  return gramian_method("imtl_g", backbone_mask, tasks, weighting(weights),
+  return gramian_method("imtl_g", backbone_mask, tasks,
+                        weighting(lambda step: imtl_g_weights(step.gram, step.active)),
                         drop_nonfinite=drop_nonfinite)
+
+
+def imtl_g_weights(gram: jax.Array, active: jax.Array) -> jax.Array:
+  """IMTL-G's weights ``w ∝ G^+ d`` (``d_t = sqrt(G_tt)``), summing to 1; see `imtl_g`."""
+  # G = D C D with C the cosine matrix: G^+ d = D^{-1} C^+ 1 (on the active tasks), and C is
+  # well conditioned whatever the spread of the tasks' norms.
+  c, d = solvers.unit_diagonal(gram, active)
+  v = jnp.where(active, jnp.linalg.pinv(c, hermitian=True) @ active.astype(_F32) / d, 0.0)
+  total = v.sum()
+  return jnp.where(jnp.abs(total) > 1e-12, v / jnp.where(total != 0, total, 1.0), 0.0)
 
 
 @register("aligned_mtl")

@@ -18,7 +18,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tbgc_jax.models.detection.box_ops import rescale_boxes
+from tbgc_jax.ops.boxes import rescale_boxes
 
 
 def to_coco_results(image_ids, scores, labels, boxes_xyxy, valid=None, category_ids=None,

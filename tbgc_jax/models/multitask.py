@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tbgc_jax._src.masks import path_mask
+
 # ImageNet statistics (RGB, 0-1 scale), as used to pretrain the InternImage checkpoints.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,16 +100,6 @@ class MultiTaskModel(nnx.Module):
     return head.predict(self.features(batch), batch, **kwargs)
 
 
-def _first_key(path) -> str | int | None:
-  if not path:
-    return None
-  entry = path[0]
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return getattr(entry, attr)
-  return None
-
-
 def task_filter(task: str) -> Callable[[tuple, Any], bool]:
   """An nnx filter of the leaves one task's forward reads: the backbone and that task's head.
 
@@ -120,15 +112,8 @@ def task_filter(task: str) -> Callable[[tuple, Any], bool]:
   return keep
 
 
-def backbone_mask(params_state):
-  """Bool pytree, True on the leaves under ``backbone`` (for TBGC / ``optax.masked``).
-
-  Args:
-    params_state: the parameters of a ``MultiTaskModel`` (``nnx.state(model, nnx.Param)``,
-      its gradients, or the same as a pure dict).
-
-  Returns:
-    A pytree of the same structure with bool leaves.
-  """
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: _first_key(path) == "backbone", params_state)
+backbone_mask: Callable[[Any], Any] = path_mask(r"^backbone/")
+"""``params -> bool pytree``, True on the leaves under ``backbone`` (for TBGC / ``optax.masked``):
+`tbgc_jax.path_mask` of the multi-task model's layout. Takes the parameters of a
+``MultiTaskModel`` (``nnx.state(model, nnx.Param)``, its gradients, or the same as a pure
+dict)."""

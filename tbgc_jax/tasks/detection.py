@@ -13,6 +13,9 @@ import numpy as np
 
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.data.batching import note_box_overflow
+from tbgc_jax.models.detection import PRESETS as DINO_PRESETS
+from tbgc_jax.models.detection import DINOConfig
+from tbgc_jax.presets import preset, with_overrides
 from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
 
 _log = logging.getLogger(__name__)
@@ -37,6 +40,13 @@ def ground_truth(source: Any) -> dict:
 # Boxes drawn in the evaluation gallery: predictions scoring at least this.
 GALLERY_SCORE = 0.2
 
+
+
+def det_config(config: Any) -> DINOConfig:
+  """``config.model.det.preset`` with ``config.model.det.overrides``."""
+  det = config.model.det
+  return with_overrides(preset(DINO_PRESETS, det.preset, "config.model.det.preset"),
+                        det.overrides, "config.model.det.overrides")
 
 class DetectionEvaluator:
   """mAP50 as the challenge computes it: pycocotools against `ground_truth` of the source,
@@ -80,7 +90,6 @@ class DetectionTask(TaskSpec):
 
   def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
     from tbgc_jax.models.detection import DINOHead
-    from tbgc_jax.trainer.model_factory import det_config
 
     det = det_config(config)
     if det.num_queries < config.data.det.max_boxes:

@@ -11,6 +11,9 @@ import numpy as np
 
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.data.records import DataValidationError, check_label_values, read_label_map
+from tbgc_jax.models.segmentation import PRESETS as MASK2FORMER_PRESETS
+from tbgc_jax.models.segmentation import Mask2FormerConfig
+from tbgc_jax.presets import preset, with_overrides
 from tbgc_jax.schema import IGNORE_LABEL
 from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
 
@@ -21,6 +24,13 @@ EMBEDDED_SIZES = {"train": 800, "val": 100}
 # identity in minutes (docs/data.md), region colour it does, as road scenes' stuff classes.
 EMBEDDED_HUES = (0.0, 45.0, 90.0, 135.0)
 
+
+
+def seg_config(config: Any) -> Mask2FormerConfig:
+  """``config.model.seg.preset`` with ``config.model.seg.overrides``."""
+  seg = config.model.seg
+  return with_overrides(preset(MASK2FORMER_PRESETS, seg.preset, "config.model.seg.preset"),
+                        seg.overrides, "config.model.seg.overrides")
 
 class SegmentationEvaluator:
   """mIoU at the original resolution, against the label PNG on disk, one image at a time
@@ -73,7 +83,6 @@ class SegmentationTask(TaskSpec):
 
   def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
     from tbgc_jax.models.segmentation import Mask2FormerHead
-    from tbgc_jax.trainer.model_factory import seg_config
 
     return Mask2FormerHead(channels, int(config.data.seg.num_classes), seg_config(config),
                            rngs=rngs)

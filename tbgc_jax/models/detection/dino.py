@@ -23,13 +23,13 @@ from flax import nnx
 
 from tbgc_jax.models import stacking
 from tbgc_jax.models.deform_attn import MSDeformAttn
-from tbgc_jax.models.detection.box_ops import (
-    box_cxcywh_to_xyxy,
-    box_xyxy_to_cxcywh,
-    inverse_sigmoid,
-)
 from tbgc_jax.models.detection.losses import match_predictions, set_prediction_losses
 from tbgc_jax.models.layers import MLP
+from tbgc_jax.ops.boxes import (
+  box_cxcywh_to_xyxy,
+  box_xyxy_to_cxcywh,
+  inverse_sigmoid,
+)
 
 CHALLENGE_NUM_CLASSES = 45  # TT100K classes of the CVPR 2023 foundation-model challenge
 

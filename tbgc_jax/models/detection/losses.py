@@ -9,12 +9,12 @@ Boxes are normalised ``(cx, cy, w, h)``.
 import jax
 import jax.numpy as jnp
 
-from tbgc_jax.models.detection.box_ops import (
-    box_cxcywh_to_xyxy,
-    generalized_box_iou,
-    pairwise_generalized_box_iou,
-)
 from tbgc_jax.ops import hungarian_match
+from tbgc_jax.ops.boxes import (
+  box_cxcywh_to_xyxy,
+  generalized_box_iou,
+  pairwise_generalized_box_iou,
+)
 
 _LOG_EPS = 1e-8
 

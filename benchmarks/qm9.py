@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.problem import Problem
+
 # LibMTL's QM9 task order (PyG targets 0-4 and 6-11), mapped to qm9pack's column names.
 TARGETS = {
     "mu": "Dipole_debye",
@@ -146,17 +148,15 @@ def _dense(p, x):
 
 def problem(n_train: int = 11_000, n_val: int = 1_000, n_test: int = 10_000,
             batch_size: int = 128, hidden: int = 128):
-  """QM9 as a `tbgc_jax.benchmarks.compare.Problem`: an MLP on the fixed descriptors.
+  """QM9 as a `benchmarks.compare.Problem`: an MLP on the fixed descriptors.
 
   Model: shared backbone ``34 -> hidden -> hidden`` (SiLU) and one linear head per target, as
   in LibMTL's QM9 setup (whose backbone is a message-passing net; see the module docstring
-  of `tbgc_jax.benchmarks.compare` for why an MLP here). Loss: MSE on targets standardized
+  of `benchmarks.compare` for why an MLP here). Loss: MSE on targets standardized
   with the training set's mean and std. Metric: test MAE in qm9pack's units (lower is better).
   The split is LibMTL's 110,000 / 10,000 / 10,000 scaled down to ``n_train`` / ``n_val``
   / ``n_test``; the test set is scored after the last step (no model selection on val).
   """
-  from tbgc_jax.benchmarks.compare import Problem
-
   data = load()
   idx = splits(n_train, n_val, n_test)
   x, y = data["features"].astype(np.float64), data["targets"]

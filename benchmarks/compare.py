@@ -2,13 +2,13 @@ r"""Which multi-task method wins: every method (and single-task baselines) on tw
 
 Benchmarks, both offline and minutes per run on a 2-core CPU:
 
-- ``qm9``: 11 QM9 regression targets (`tbgc_jax.benchmarks.qm9`), data from the ``qm9pack``
+- ``qm9``: 11 QM9 regression targets (`benchmarks.qm9`), data from the ``qm9pack``
   wheel. LibMTL's QM9 model is a message-passing net on the molecular graph, hours of GPU
   time on 110,000 molecules; here a 2-layer MLP reads a fixed, standard descriptor (the
   sorted Coulomb-matrix spectrum and atom counts) computed once from the shipped geometries,
   with LibMTL's linear per-target heads, on the split scaled down 10x.
 - ``embedded3``: the project's embedded three-task data (classification, detection scenes,
-  segmentation; `tbgc_jax.benchmarks.embedded3`) with a small shared CNN.
+  segmentation; `benchmarks.embedded3`) with a small shared CNN.
 
 Each method is the first link of ``optax.chain(method, optax.adam(lr))`` fed per-task
 gradients (and losses); the single-task baselines train one model per task with Adam. The
@@ -16,9 +16,9 @@ score is LibMTL's :math:`\Delta_m\% = \frac{100}{T}\sum_t (-1)^{l_t}
 (M_{m,t} - M_{b,t}) / M_{b,t}`, ``l_t = 1`` where lower is better, against the single-task
 metrics averaged over seeds; reported as mean and 95% t-interval over seeds.
 
-  python -m tbgc_jax.benchmarks.compare run --out results/compare.jsonl \
+  python -m benchmarks.compare run --out results/compare.jsonl \
       [--benchmarks qm9,embedded3] [--methods all] [--seeds 0,1,2,3,4] [--steps 0]
-  python -m tbgc_jax.benchmarks.compare report --results results/compare.jsonl \
+  python -m benchmarks.compare report --results results/compare.jsonl \
       --plot docs/figures/comparison.png
 
 ``run`` appends one JSON line per finished (benchmark, method, task, seed, steps, config)
@@ -28,7 +28,6 @@ and skips those already in the file, so an interrupted grid resumes where it sto
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import numpy as np
 import optax
 
 import tbgc_jax
+from benchmarks.problem import Problem
 
 BENCHMARKS = ("qm9", "embedded3")
 DEFAULT_STEPS = {"qm9": 1000, "embedded3": 400}
@@ -51,39 +51,12 @@ _RUNS: dict[tuple, Callable] = {}  # compiled training runs, see `train`.
 BACKBONE = tbgc_jax.path_mask("^backbone/")
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-  """A multi-task benchmark: data on device, a model, per-task losses and metrics.
-
-  Attributes:
-    name: benchmark name.
-    tasks: task names.
-    higher_better: per task, whether its metric is better when higher.
-    init: ``key -> params`` with backbone leaves under ``"backbone"``.
-    loss_fns: ``{task: (params, batch) -> scalar}``.
-    sample: ``(key, tasks) -> {task: batch}``, jittable.
-    evaluate: ``params -> {task: metric}`` on held-out data (host side).
-    steps_per_epoch: training-set size over batch size (DWA's epoch).
-    config: settings that identify a run, written with its results.
-  """
-
-  name: str
-  tasks: tuple[str, ...]
-  higher_better: Mapping[str, bool]
-  init: Callable[[jax.Array], Any]
-  loss_fns: Mapping[str, Callable[[Any, Any], jax.Array]]
-  sample: Callable[[jax.Array, Sequence[str]], Mapping[str, Any]]
-  evaluate: Callable[[Any], Mapping[str, float]]
-  steps_per_epoch: int
-  config: Mapping[str, Any]
-
-
 def make_problem(name: str) -> Problem:
   if name == "qm9":
-    from tbgc_jax.benchmarks import qm9
+    from benchmarks import qm9
     return qm9.problem()
   if name == "embedded3":
-    from tbgc_jax.benchmarks import embedded3
+    from benchmarks import embedded3
     return embedded3.problem()
   raise ValueError(f"unknown benchmark {name!r}; known: {BENCHMARKS}")
 
@@ -336,7 +309,7 @@ def plot(summary: Mapping[str, Any], path: str, caption: str) -> None:
 
 
 def _higher_better() -> dict[str, dict[str, bool]]:
-  from tbgc_jax.benchmarks import embedded3, qm9
+  from benchmarks import embedded3, qm9
 
   return {"qm9": {t: False for t in qm9.TASKS}, "embedded3": {t: True for t in embedded3.TASKS}}
 

@@ -1,6 +1,6 @@
 """Reproduces the paper's ablations: Table 2 (gradient methods), Table 3 (augmentation), Figure 1.
 
-  python -m tbgc_jax.reproduce --config configs/tiny.py --seeds 3 --workdir runs/ablation
+  python -m benchmarks.reproduce --config configs/tiny.py --seeds 3 --workdir runs/ablation
 
 Runs train + eval for every (gradient method, augmentation mode, seed) of the grid, each in its
 own process (``<workdir>/runs/<method>-<augment>-s<seed>``) with one persistent compilation
@@ -112,14 +112,14 @@ def _append(path: str, row: Mapping) -> None:
 
 def subprocess_runner(config: str, overrides: Sequence[str], cache_dir: str
                       ) -> Callable[[Run, str], dict]:
-  """Runs one grid cell as ``python -m tbgc_jax.reproduce --train_only ...`` in a new process.
+  """Runs one grid cell as ``python -m benchmarks.reproduce --train_only ...`` in a new process.
 
   Returns:
     ``runner(run, run_dir) -> eval metrics`` (raises ``RuntimeError`` on a failed run).
   """
 
   def runner(run: Run, run_dir: str) -> dict:
-    cmd = [sys.executable, "-m", "tbgc_jax.reproduce", "--train_only", f"--config={config}",
+    cmd = [sys.executable, "-m", "benchmarks.reproduce", "--train_only", f"--config={config}",
            f"--workdir={run_dir}", *overrides, f"--config.grad.method={run.method}",
            f"--config.augment_mode={run.augment_mode}", f"--config.seed={run.seed}"]
     env = dict(os.environ)

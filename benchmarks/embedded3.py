@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.problem import Problem
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.schema import IGNORE_LABEL
 
@@ -79,7 +80,7 @@ _WIDTHS = (16, 32, 32)
 
 
 def problem(batch_size: int = 32, root: str | None = None):
-  """The three embedded tasks as a `tbgc_jax.benchmarks.compare.Problem`: a small CNN.
+  """The three embedded tasks as a `benchmarks.compare.Problem`: a small CNN.
 
   Model: a shared 3-layer CNN backbone (3x3 convs, widths 16-32-32, strides 2-2-1, ReLU)
   and per task one small head: ``cls`` global average pool + linear (softmax
@@ -90,7 +91,6 @@ def problem(batch_size: int = 32, root: str | None = None):
   """
   from sklearn.metrics import average_precision_score
 
-  from tbgc_jax.benchmarks.compare import Problem
   from tbgc_jax.metrics.segmentation import confusion_matrix, iou_from_confusion
 
   train = {t: tuple(jnp.asarray(a) for a in v) for t, v in load("train", root).items()}
