@@ -190,7 +190,8 @@ def trimmed_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
                      f"tasks, got {n}")
   kept_count = n - 2 * trim_number
 
-  def elementwise(bb, inner):
+  def elementwise(bb, inner, losses):
+    del losses
     outs, sq = [], jnp.zeros([n], _F32)
     for xs in zip(*bb.values(), strict=True):
       stacked = jnp.stack(xs)

@@ -19,7 +19,8 @@ import optax
 from tbgc_jax._src import solvers
 from tbgc_jax._src.aggregation import GramianState, Step, gramian_method
 from tbgc_jax._src.clipping import _check_tasks
-from tbgc_jax._src.masks import MaskOrFn, backbone_selector
+from tbgc_jax._src.libmtl import _with_buffers
+from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import (
     NON_NEGATIVE,
     POSITIVE,
@@ -457,9 +458,9 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   where = "excess_mtl"
   names = _check_tasks(tasks, where)
   n = len(names)
-  select = backbone_selector(backbone_mask, where=where, default=True)
 
-  def elementwise(bb, st: ExcessMtlState):
+  def elementwise(bb, st: ExcessMtlState, losses):
+    del losses
     leaves = list(zip(*bb.values(), strict=True))
     sq_sum = [s + jnp.square(jnp.stack(xs)) for s, xs in zip(st.sq_grad_sum, leaves,
                                                              strict=True)]
@@ -478,8 +479,11 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
                                    for xs in leaves))
     return outs, norms, ExcessMtlState(weights, sq_sum, baseline, warmup_sum, st.count + 1)
 
-  engine = gramian_method(where, backbone_mask, tasks, elementwise=elementwise,
-                          init_inner=lambda: None, drop_nonfinite=drop_nonfinite)
+  engine = _with_buffers(where, backbone_mask, gramian_method(
+      where, backbone_mask, tasks, elementwise=elementwise, init_inner=lambda: None,
+      drop_nonfinite=drop_nonfinite), lambda zeros: ExcessMtlState(
+          jnp.full([n], 1.0 / n, _F32), [jnp.zeros((n, *z.shape), _F32) for z in zeros],
+          jnp.zeros([n], _F32), jnp.zeros([n], _F32), jnp.zeros([], jnp.int32)))
 
   def with_weights(state):
     # As the Gramian methods: a task with a zero (or dropped) gradient reports weight 0.
@@ -489,12 +493,7 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
         for k, t in enumerate(names)}), state.inner)
 
   def init_fn(params):
-    state = engine.init(params)
-    shapes = [x.shape for x, s in zip(jax.tree.leaves(params), select(params), strict=True) if s]
-    zeros = jnp.zeros([n], _F32)
-    return with_weights(GramianState(state.diagnostics, ExcessMtlState(
-        jnp.full([n], 1.0 / n, _F32), [jnp.zeros((n, *s), _F32) for s in shapes], zeros, zeros,
-        jnp.zeros([], jnp.int32))))
+    return with_weights(engine.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     out, state = engine.update(updates, state, params, **extra_args)
