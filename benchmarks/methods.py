@@ -23,8 +23,8 @@ import tbgc_jax
 LEAF = 1 << 20
 CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip")
 # Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate),
-# the trimmed mean sorts the tasks per coordinate; MoCo, DB-MTL and ExcessMTL update per-task
-# running statistics of the whole backbone gradient.
+# the trimmed mean ranks the tasks' values per coordinate; MoCo, DB-MTL and ExcessMTL update
+# per-task running statistics of the whole backbone gradient.
 ELEMENTWISE = ("graddrop", "trimmed_mean", "moco", "db_mtl", "excess_mtl")
 
 

@@ -159,9 +159,9 @@ def trimmed_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
 
   ``update_k = 1 / (T - 2b) sum_{t in U_k} g_{t,k}`` with ``U_k`` the tasks whose value at
   coordinate ``k`` ranks between ``b + 1`` and ``T - b`` (Yin et al., Definition 2, applied to
-  the task gradients). Not a Gramian method: one sort over the tasks per coordinate; no
-  per-task weights. The per-task "after" norm is that of the task's coordinates kept, over
-  ``T - 2b``.
+  the task gradients). Not a Gramian method: each value is ranked among the tasks by
+  ``T (T - 1)`` comparisons per coordinate; no per-task weights. The per-task "after" norm is
+  that of the task's coordinates kept, over ``T - 2b``.
 
   Args:
     backbone_mask: bool pytree or callable of params, True on shared leaves (None: all).
@@ -194,12 +194,16 @@ def trimmed_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     del losses
     outs, sq = [], jnp.zeros([n], _F32)
     for xs in zip(*bb.values(), strict=True):
-      stacked = jnp.stack(xs)
-      ranks = jnp.argsort(jnp.argsort(stacked, axis=0, stable=True), axis=0, stable=True)
-      kept = jnp.where((ranks >= trim_number) & (ranks < n - trim_number), stacked,
-                       0.0) / kept_count
-      outs.append(jnp.sum(kept, axis=0))
-      sq = sq + jnp.sum(jnp.square(kept).reshape(n, -1), axis=1)
+      # Each value's rank among the tasks by pairwise comparisons (ties: task order), which XLA
+      # fuses into one pass; a sort along the task axis is ~100x slower on CPU.
+      kept = []
+      for t, x in enumerate(xs):
+        rank = sum(((y < x) | ((y == x) & (s < t))).astype(jnp.int32)
+                   for s, y in enumerate(xs) if s != t)
+        keep = (rank >= trim_number) & (rank < n - trim_number)
+        kept.append(jnp.where(keep, x, 0.0) / kept_count)
+      outs.append(sum(kept))
+      sq = sq + jnp.stack([jnp.sum(jnp.square(k)) for k in kept])
     return outs, jnp.sqrt(sq), inner
 
   return gramian_method("trimmed_mean", backbone_mask, tasks, elementwise=elementwise,
