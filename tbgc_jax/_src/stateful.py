@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src import solvers
-from tbgc_jax._src.aggregation import GramianState, Step, gramian_method
+from tbgc_jax._src.aggregation import GramianState, Step, _safe_div, gramian_method
 from tbgc_jax._src.clipping import _check_tasks
 from tbgc_jax._src.libmtl import _with_buffers
 from tbgc_jax._src.masks import MaskOrFn
@@ -34,10 +34,6 @@ from tbgc_jax._src.robust import task_vector
 _F32 = jnp.float32
 GT = optax.GradientTransformationExtraArgs
 _BELOW_ONE: tuple[Callable[[Any], bool], str] = (lambda x: 0 <= x < 1, "in [0, 1)")
-
-
-def _safe_div(num, den):
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 # --------------------------------------------------------------------------- MoDo
