@@ -284,6 +284,19 @@ def test_crmogm_wraps_weightings_and_refuses_methods_without_weights():
     tbgc_jax.crmogm(tasks=TASKS, inner="cagrad", inner_hparams={"c": -1.0})
 
 
+def test_crmogm_alpha_follows_a_schedule_through_inject_hyperparams():
+  tx = optax.inject_hyperparams(tbgc_jax.crmogm, static_args=("tasks", "inner"))(
+      tasks=("a", "b"), inner="imtl_g", alpha=0.5)
+  update, state = jax.jit(tx.update), tx.init(jnp.zeros(2))
+  grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}  # IMTL-G: (1/2, 1/2)
+  _, state = update(grads, state)
+  state.hyperparams["alpha"] = jnp.asarray(0.9)
+  grads["b"] = jnp.array([0.0, 3.0])  # IMTL-G: (3/4, 1/4)
+  out, state = update(grads, state)
+  np.testing.assert_allclose(out, [0.9 * 0.5 + 0.1 * 0.75, 3 * (0.9 * 0.5 + 0.1 * 0.25)],
+                             rtol=1e-6)
+
+
 def test_excess_mtl_state_holds_per_task_squared_gradients_of_the_backbone_only():
   rng = np.random.default_rng(16)
   J = rng.normal(size=(3, 5)).astype(np.float32)
