@@ -160,8 +160,9 @@ def test_moco_is_order_invariant_and_drops_nonfinite_tasks():
   zero = _grads(Js[0], heads[0])
   bad["b"] = jax.tree.map(lambda x: x.at[0].set(np.nan), bad["b"])
   zero["b"] = jax.tree.map(jnp.zeros_like, zero["b"])
-  got, state = jax.jit(tx.update)(bad, tx.init(PARAMS))
-  want, _ = jax.jit(tx.update)(zero, tx.init(PARAMS))
+  update = jax.jit(tx.update)
+  got, state = update(bad, tx.init(PARAMS))
+  want, _ = update(zero, tx.init(PARAMS))
   chex.assert_trees_all_equal(got, want)
   assert int(state.diagnostics.num_nonfinite["b"]) == 1
   # TorchJD's test matrix, first step (docs/methods.md): y = J / 2, lambda = P(0.55, 0.3).
@@ -201,13 +202,14 @@ def test_registered_with_their_factories_and_bad_hyperparameters():
     tbgc_jax.stch(tasks=TASKS, preference={"a": 1.0})
   with pytest.raises(ValueError, match="non-negative"):
     tbgc_jax.pbi(tasks=TASKS, preference={"a": -1.0, "b": 1.0, "c": 1.0})
-  config = ml_collections.ConfigDict({"preference": PREFERENCE, "ideal": IDEAL})
-  from_config = tbgc_jax.stch(tasks=TASKS, preference=config.preference, ideal=config.ideal)
-  plain = tbgc_jax.stch(tasks=TASKS, preference=PREFERENCE, ideal=IDEAL)
+  # Preference and ideal point from a config (as config.grad.hparams gives them).
+  config = ml_collections.ConfigDict(SCALARIZATIONS["stch"][0])
+  tx = tbgc_jax.make_method("stch", MASK, tasks=TASKS, **config)
   Js, heads, losses = _problem(7, 1)
-  g, L = _grads(Js[0], heads[0]), dict(zip(TASKS, losses[0], strict=True))
-  chex.assert_trees_all_equal(from_config.update(g, from_config.init(PARAMS), losses=L),
-                              plain.update(g, plain.init(PARAMS), losses=L))
+  got, _ = jax.jit(tx.update)(_grads(Js[0], heads[0]), tx.init(PARAMS),
+                              losses=dict(zip(TASKS, losses[0], strict=True)))
+  (want, _), = _run("stch", Js, heads, losses, **SCALARIZATIONS["stch"][0])
+  chex.assert_trees_all_equal(got, want)
   with pytest.raises(ValueError, match="beta must be in"):
     tbgc_jax.make_method("db_mtl", tasks=TASKS, beta=1.5)
 

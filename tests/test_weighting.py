@@ -18,9 +18,9 @@ MASK = {"backbone": True, "heads": False}
 METHODS = ("famo", "dwa", "rlw", "uncertainty", "geometric_mean", "stch", "pbi", "imtl_l", "imtl",
            "gradnorm", "db_mtl")
 # Methods whose update is sum_t w_t g_t with the weights in the diagnostics (DB-MTL combines
-# running averages of the gradients instead); PBI's weights can be negative.
+# running averages of the gradients instead); PBI's and IMTL's (IMTL-G's) can be negative.
 WEIGHTED = tuple(m for m in METHODS if m != "db_mtl")
-POSITIVE_WEIGHTS = tuple(m for m in WEIGHTED if m != "pbi")
+POSITIVE_WEIGHTS = tuple(m for m in WEIGHTED if m not in ("pbi", "imtl"))
 
 
 def make(method, mask=MASK, tasks=TASKS, **kw):

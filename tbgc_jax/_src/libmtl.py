@@ -121,7 +121,7 @@ def gradnorm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], alp
     losses = _stack_losses(step.losses, tasks, where)
     initial = jnp.where((state.count == 0) & jnp.isfinite(losses), losses, state.initial_losses)
     losses = jnp.where(jnp.isfinite(losses), losses, initial)
-    rate = _safe_ratio(losses, initial)
+    rate = jnp.maximum(_safe_ratio(losses, initial), 0.0)
     active = step.active.astype(_F32)
     mean_rate = _safe_ratio(jnp.sum(rate * active), jnp.sum(active))
     norms = jnp.sqrt(jnp.maximum(jnp.diag(step.gram), 0.0))
