@@ -302,8 +302,9 @@ def test_excess_mtl_state_holds_per_task_squared_gradients_of_the_backbone_only(
   J = rng.normal(size=(3, 5)).astype(np.float32)
   _, state = _run("excess_mtl", J)
   sq = state.inner.sq_grad_sum
-  assert [x.shape for x in sq] == [(3, 3), (3, 2)]  # bb/a, bb/b; no head leaf
-  np.testing.assert_allclose(np.concatenate(sq, axis=1), J**2, rtol=1e-6)
+  for k, t in enumerate(TASKS):  # bb/a, bb/b; no head leaf
+    assert [x.shape for x in sq[t]] == [(3,), (2,)]
+    np.testing.assert_allclose(np.concatenate(sq[t]), J[k] ** 2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- properties

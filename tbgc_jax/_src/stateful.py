@@ -400,7 +400,7 @@ class ExcessMtlState(NamedTuple):
   """State of `excess_mtl`."""
 
   weights: jax.Array  # f32[T]: the task weights alpha (on the simplex).
-  sq_grad_sum: list[jax.Array]  # per backbone leaf, f32[T, *leaf.shape]: sum of squared grads.
+  sq_grad_sum: dict[str, list[jax.Array]]  # per task, f32 per backbone leaf: sum of squares.
   baseline: jax.Array  # f32[T]: the excess risks the later ones are divided by.
   warmup_sum: jax.Array  # f32[T]: sum of the excess risks seen during the warm-up.
   count: jax.Array  # i32[]: updates done.
@@ -457,11 +457,10 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
 
   def elementwise(bb, st: ExcessMtlState, losses):
     del losses
-    leaves = list(zip(*bb.values(), strict=True))
-    sq_sum = [s + jnp.square(jnp.stack(xs)) for s, xs in zip(st.sq_grad_sum, leaves,
-                                                             strict=True)]
-    risk = sum(jnp.sum((jnp.square(jnp.stack(xs)) / jnp.sqrt(s + 1e-7)).reshape(n, -1), axis=1)
-               for s, xs in zip(sq_sum, leaves, strict=True))
+    sq_sum = {t: [s + jnp.square(x) for s, x in zip(st.sq_grad_sum[t], bb[t], strict=True)]
+              for t in names}
+    risk = jnp.stack([sum(jnp.sum(jnp.square(x) * jax.lax.rsqrt(s + 1e-7))
+                          for s, x in zip(sq_sum[t], bb[t], strict=True)) for t in names])
     warm = st.count < n_warmup_steps
     warmup_sum = jnp.where(warm, st.warmup_sum + risk, st.warmup_sum)
     first = st.count == n_warmup_steps
@@ -470,15 +469,16 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     ratio = risk / (baseline + 1e-7)
     moved = jax.nn.softmax(jnp.log(st.weights) + robust_step_size * ratio)
     weights = jnp.where(warm, st.weights, moved)
-    outs = [sum(w * x for w, x in zip(weights, xs, strict=True)) for xs in leaves]
-    norms = weights * jnp.sqrt(sum(jnp.sum(jnp.square(jnp.stack(xs)).reshape(n, -1), axis=1)
-                                   for xs in leaves))
+    outs = [sum(w * x for w, x in zip(weights, xs, strict=True))
+            for xs in zip(*(bb[t] for t in names), strict=True)]
+    norms = weights * jnp.sqrt(jnp.stack([sum(jnp.sum(jnp.square(x)) for x in bb[t])
+                                          for t in names]))
     return outs, norms, ExcessMtlState(weights, sq_sum, baseline, warmup_sum, st.count + 1)
 
   engine = _with_buffers(where, backbone_mask, gramian_method(
       where, backbone_mask, tasks, elementwise=elementwise, init_inner=lambda: None,
       drop_nonfinite=drop_nonfinite), lambda zeros: ExcessMtlState(
-          jnp.full([n], 1.0 / n, _F32), [jnp.zeros((n, *z.shape), _F32) for z in zeros],
+          jnp.full([n], 1.0 / n, _F32), {t: list(zeros) for t in names},
           jnp.zeros([n], _F32), jnp.zeros([n], _F32), jnp.zeros([], jnp.int32)))
 
   def with_weights(state):
