@@ -1,6 +1,9 @@
 """tbgc-jax: task-level backbone-oriented gradient clipping for multi-task JAX training."""
 
 from tbgc_jax._src.aggregation import GramianState as GramianState
+from tbgc_jax._src.aggregation import Step as Step
+from tbgc_jax._src.aggregation import from_weighting as from_weighting
+from tbgc_jax._src.base import safe_div as safe_div
 from tbgc_jax._src.clipping import TaskClipState as TaskClipState
 from tbgc_jax._src.clipping import all_finite as all_finite
 from tbgc_jax._src.clipping import backbone_clip as backbone_clip

@@ -8,6 +8,8 @@ references are measured in ``tests/test_methods.py`` and listed in ``docs/method
 import jax
 import jax.numpy as jnp
 
+from tbgc_jax._src.base import safe_div
+
 _F32 = jnp.float32
 _TINY = 1e-30
 
@@ -124,14 +126,10 @@ def cagrad_inner(gram: jax.Array, active: jax.Array, c: float | jax.Array,
 
   def body(_, w):
     s = jnp.sqrt(jnp.maximum(_quadratic(g, w), 1e-20))
-    x = simplex_qp(g, _safe(2.0 * s, beta) * gm, active, w, iterations=50)
+    x = simplex_qp(g, safe_div(2.0 * s, beta) * gm, active, w, iterations=50)
     return jnp.where(objective(x) <= objective(w), x, w)
 
   return jax.lax.fori_loop(0, iterations, body, a / jnp.maximum(jnp.sum(a), 1.0))
-
-
-def _safe(num, den):
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def unit_diagonal(gram: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
