@@ -255,6 +255,8 @@ def test_robust_aggregators_refuse_too_few_tasks_or_bad_weights():
     tbgc_jax.trimmed_mean(tasks=("a", "b"), trim_number=1)
   with pytest.raises(ValueError, match="weights must have one entry per task"):
     tbgc_jax.constant(tasks=("a", "b"), weights={"a": 1.0})
+  with pytest.raises(ValueError, match="weights must be a mapping task -> value or a sequence"):
+    tbgc_jax.constant(tasks=("a", "b"), weights=0.5)
   with pytest.raises(ValueError, match=r"weights\['b'\] must be finite"):
     tbgc_jax.constant(tasks=("a", "b"), weights=(1.0, float("nan")))
   # A sequence follows the order of ``tasks`` as given; the update does not depend on it.

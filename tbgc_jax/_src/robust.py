@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src.aggregation import gramian_method, weighting
-from tbgc_jax._src.clipping import _check_tasks
+from tbgc_jax._src.base import check_tasks
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
 
@@ -34,11 +34,14 @@ def task_vector(values: Mapping[str, float] | Sequence[float], given: Sequence[s
                        f"{sorted(values)}")
     by_task = dict(values)
   else:
-    values = tuple(values) if not isinstance(values, str) else None
-    if values is None or len(values) != len(given):
+    try:
+      seq = None if isinstance(values, str) else tuple(values)
+    except TypeError:  # not iterable
+      seq = None
+    if seq is None or len(seq) != len(given):
       raise ValueError(f"{where}: {name} must be a mapping task -> value or a sequence of "
                        f"{len(given)} values in the order of tasks {given}, got {values!r}")
-    by_task = dict(zip(given, values, strict=True))
+    by_task = dict(zip(given, seq, strict=True))
   out = []
   for t in sorted(given):
     try:
@@ -74,13 +77,14 @@ def constant(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Caruana, `Multitask Learning`, Machine Learning 1997 (a fixed weighted sum of the task
     losses); TorchJD's ``Constant`` aggregator.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.constant(tasks=("a", "b"), weights={"a": 1.0, "b": 2.0})
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
     >>> tx.update(J, tx.init(jnp.zeros(3)))[0].tolist()
     [8.0, 3.0, 3.0]
   """
+  check_tasks(tasks, "constant")
   w = task_vector(weights, tasks, "constant", "weights")
   return gramian_method("constant", backbone_mask, tasks,
                         weighting(lambda step: jnp.asarray(w, _F32)),
@@ -131,7 +135,7 @@ def krum(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], n_byzan
     Tolerant Gradient Descent`, NeurIPS 2017, Sec. 4; El Mhamdi, Guerraoui, Rouault, `The
     Hidden Vulnerability of Distributed Learning in Byzantium`, ICML 2018, Sec. 3 (Multi-Krum).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.krum(tasks=("a", "b", "c", "d"), n_byzantine=1, n_selected=2)
     >>> J = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([1.1, 0.0]),
@@ -139,7 +143,7 @@ def krum(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], n_byzan
     >>> [round(x, 4) for x in tx.update(J, tx.init(jnp.zeros(2)))[0].tolist()]
     [1.05, 0.0]
   """
-  n = len(_check_tasks(tasks, "krum"))
+  n = len(check_tasks(tasks, "krum"))
   if n < n_byzantine + 3:
     raise ValueError(f"krum: needs at least n_byzantine + 3 = {n_byzantine + 3} tasks, got {n}")
   if not 1 <= n_selected <= n:
@@ -176,7 +180,7 @@ def trimmed_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Yin, Chen, Ramchandran, Bartlett, `Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates`, ICML 2018, Definition 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.trimmed_mean(tasks=("a", "b", "c", "d"), trim_number=1)
     >>> J = {"a": jnp.array([1e11, 3.0]), "b": jnp.array([1.0, -1e11]),
@@ -184,7 +188,7 @@ def trimmed_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     >>> tx.update(J, tx.init(jnp.zeros(2)))[0].tolist()
     [1.5, 2.5]
   """
-  n = len(_check_tasks(tasks, "trimmed_mean"))
+  n = len(check_tasks(tasks, "trimmed_mean"))
   if n < 2 * trim_number + 1:
     raise ValueError(f"trimmed_mean: needs at least 2 * trim_number + 1 = {2 * trim_number + 1} "
                      f"tasks, got {n}")

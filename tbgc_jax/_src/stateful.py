@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src import solvers
-from tbgc_jax._src.aggregation import GramianState, Step, _safe_div, gramian_method
-from tbgc_jax._src.clipping import _check_tasks
+from tbgc_jax._src.aggregation import GramianState, Step, gramian_method
+from tbgc_jax._src.base import check_tasks, safe_div
 from tbgc_jax._src.libmtl import _with_buffers
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import (
@@ -64,7 +64,7 @@ def modo(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], gamma: 
     Chen, Fernando, Ying, Chen, `Three-Way Trade-Off in Multi-Objective Learning: Optimization,
     Generalization and Conflict-Avoidance`, JMLR 2024, Eqs. 2.9a-2.9b.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.modo(tasks=("a", "b"), gamma=0.1, rho=0.0)
     >>> J = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 2.0])}
@@ -72,7 +72,7 @@ def modo(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], gamma: 
     >>> [round(float(x), 4) for x in state.inner]  # (1/2, 1/2) - 0.1 (1/2, 2), projected
     [0.575, 0.425]
   """
-  n = len(_check_tasks(tasks, "modo"))
+  n = len(check_tasks(tasks, "modo"))
 
   def combine(step: Step, lam):
     moved = solvers.project_simplex(lam - gamma * (step.gram @ lam + rho * lam), step.active)
@@ -122,7 +122,7 @@ def sdmgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Xiao, Ban, Ji, `Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
     Algorithms`, NeurIPS 2023, Eq. 9 and Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.sdmgrad(tasks=("a", "b"), learning_rate=0.5)
     >>> J = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 3.0])}
@@ -132,7 +132,7 @@ def sdmgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     >>> [round(float(x), 4) for x in out]  # J^T (w + 0.3 / 2) / 1.3
     [0.8846, 0.3462]
   """
-  n = len(_check_tasks(tasks, "sdmgrad"))
+  n = len(check_tasks(tasks, "sdmgrad"))
   pref = (jnp.full([n], 1.0 / n, _F32) if preference is None
           else jnp.asarray(task_vector(preference, tasks, "sdmgrad", "preference"), _F32))
 
@@ -204,7 +204,7 @@ def crmogm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Zhou, Zhang, Zhou, Zhang, Feng, Wang, `On the Convergence of Stochastic Multi-Objective
     Gradient Manipulation and Beyond`, NeurIPS 2022, Eq. 5 and Corollary 1.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.crmogm(tasks=("a", "b"), inner="imtl_g", alpha=0.5)
     >>> state, update = tx.init(jnp.zeros(2)), jax.jit(tx.update)
@@ -214,7 +214,7 @@ def crmogm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     [0.625, 0.375]
   """
   where = "crmogm"
-  names = _check_tasks(tasks, where)
+  names = check_tasks(tasks, where)
   n = len(names)
   lam0 = (None if initial_weights is None else
           jnp.asarray(task_vector(initial_weights, tasks, where, "initial_weights"), _F32))
@@ -341,7 +341,7 @@ def pcd(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], primary:
     Varam et al., `Not All Objectives Are Born Equal: Priority-Constrained Descent for
     Hierarchical Multi-Objective Optimization`, TMLR 2026 (the PCD problem and its dual).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.pcd(tasks=("main", "aux"), primary="main", tau=0.5)
     >>> J = {"main": jnp.array([1.0, 0.0]), "aux": jnp.array([-1.0, 1.0])}
@@ -350,7 +350,7 @@ def pcd(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], primary:
     [0.1691, 0.9856]
   """
   where = "pcd"
-  names = _check_tasks(tasks, where)
+  names = check_tasks(tasks, where)
   n = len(names)
   if primary not in names:
     raise ValueError(f"{where}: primary must be one of the tasks {list(names)}, got {primary!r}")
@@ -373,8 +373,8 @@ def pcd(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], primary:
     sq = jnp.diag(step.gram)
     ema = jnp.where(step.active, beta * st.sq_norm_ema + (1.0 - beta) * sq, st.sq_norm_ema)
     count = st.count + step.active.astype(jnp.int32)
-    debiased = _safe_div(ema, 1.0 - beta ** count.astype(_F32))
-    scales = jnp.where(step.active, _safe_div(1.0, jnp.sqrt(debiased + eps)), 0.0)
+    debiased = safe_div(ema, 1.0 - beta ** count.astype(_F32))
+    scales = jnp.where(step.active, safe_div(1.0, jnp.sqrt(debiased + eps)), 0.0)
     g = (step.gram * jnp.outer(scales, scales))[order][:, order]  # primary first
     qs, active_s = g[1:, 1:], step.active[order][1:]
     b = taus * jnp.diag(qs) - g[1:, 0]
@@ -385,7 +385,7 @@ def pcd(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], primary:
     w = jnp.concatenate([jnp.ones([1], _F32), jnp.where(feasible, mu, 0.0)])
     sq_norm = w @ g @ w
     magnitude = (jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))) ** 2
-    w = w * scales[order] * _safe_div(jnp.sqrt(sq[p]), jnp.sqrt(sq_norm))
+    w = w * scales[order] * safe_div(jnp.sqrt(sq[p]), jnp.sqrt(sq_norm))
     w = jnp.where(step.active[p] & (sq_norm > 10 * jnp.finfo(_F32).eps * magnitude), w, 0.0)
     return jnp.diag(jnp.zeros([n], _F32).at[order].set(w)), PcdState(ema, count)
 
@@ -442,7 +442,7 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     He, Zhou, Xu, Huang, Zhao, `Robust Multi-Task Learning with Excess Risks`, ICML 2024,
     Eqs. 6-9 and Sec. 3.2.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.excess_mtl(tasks=("a", "b"))
     >>> state, update = tx.init(jnp.zeros(2)), jax.jit(tx.update)
@@ -452,7 +452,7 @@ def excess_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     [0.9598, 0.0402]
   """
   where = "excess_mtl"
-  names = _check_tasks(tasks, where)
+  names = check_tasks(tasks, where)
   n = len(names)
 
   def elementwise(bb, st: ExcessMtlState, losses):
