@@ -1,6 +1,9 @@
 """tbgc-jax: task-level backbone-oriented gradient clipping for multi-task JAX training."""
 
 from tbgc_jax._src.aggregation import GramianState as GramianState
+from tbgc_jax._src.aggregation import Step as Step
+from tbgc_jax._src.aggregation import from_weighting as from_weighting
+from tbgc_jax._src.base import safe_div as safe_div
 from tbgc_jax._src.clipping import TaskClipState as TaskClipState
 from tbgc_jax._src.clipping import all_finite as all_finite
 from tbgc_jax._src.clipping import backbone_clip as backbone_clip
@@ -55,5 +58,19 @@ from tbgc_jax._src.scalarization import imtl as imtl
 from tbgc_jax._src.scalarization import imtl_l as imtl_l
 from tbgc_jax._src.scalarization import pbi as pbi
 from tbgc_jax._src.scalarization import stch as stch
+
+# isort: split
+# Methods after TorchJD 0.18
+from tbgc_jax._src.robust import constant as constant
+from tbgc_jax._src.robust import krum as krum
+from tbgc_jax._src.robust import trimmed_mean as trimmed_mean
+from tbgc_jax._src.stateful import CrmogmState as CrmogmState
+from tbgc_jax._src.stateful import ExcessMtlState as ExcessMtlState
+from tbgc_jax._src.stateful import PcdState as PcdState
+from tbgc_jax._src.stateful import crmogm as crmogm
+from tbgc_jax._src.stateful import excess_mtl as excess_mtl
+from tbgc_jax._src.stateful import modo as modo
+from tbgc_jax._src.stateful import pcd as pcd
+from tbgc_jax._src.stateful import sdmgrad as sdmgrad
 
 __version__ = "0.1.0"

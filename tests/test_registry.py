@@ -117,6 +117,19 @@ def test_register_a_method_then_build_it_by_name():
     tbgc_jax.register("bad_test", lambda tasks: None)
 
 
+@pytest.mark.parametrize("name", tbgc_jax.method_names())
+def test_every_method_refuses_a_bare_string_of_tasks(name):
+  """``tasks="det"`` would otherwise be three one-letter tasks."""
+  method = tbgc_jax.get_method(name)
+  hparams = {p: 0.1 for p in method.required}
+  with pytest.raises(ValueError, match="single string 'det'"):
+    method.factory(backbone_mask=MASK, tasks="det", **hparams)
+  with pytest.raises(ValueError, match="single string 'det'"):
+    tbgc_jax.make_method(name, MASK, tasks="det", **hparams)
+  with pytest.raises(ValueError, match="distinct names"):
+    method.factory(backbone_mask=MASK, tasks=("a", "a"), **hparams)
+
+
 def _trainer_config(method, **grad):
   c = ml_collections.ConfigDict()
   c.grad = ml_collections.ConfigDict(dict(

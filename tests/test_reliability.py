@@ -16,6 +16,7 @@ import tbgc_jax
 from configs import tiny
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.records import RecordSource
+from tbgc_jax.tasks import get_task
 from tbgc_jax.trainer import checkpointing, logs
 from tbgc_jax.trainer.optim import make_optimizer, nonfinite_counters
 from tbgc_jax.trainer.setup import validate_config
@@ -35,10 +36,16 @@ def _toy_params():
           "head": {"w": jax.random.normal(k[1], (3, 2))}}
 
 
+# Hyperparameters without a default (per task, or naming a task) for the two tasks below.
+_REQUIRED = {"constant": {"weights": {"a": 1.0, "b": 2.0}}, "trimmed_mean": {"trim_number": 0},
+             "pcd": {"primary": "b", "tau": {"a": 0.2}}}
+
+
 def _run_updates(method, losses_and_grads):
   """Runs the trainer's update (non-finite policy + method + AdamW) over given steps."""
   config = tiny.get_config()
   config.grad.method = method
+  config.grad.hparams.update(_REQUIRED.get(method, {}))
   tx, schedules = make_optimizer(config, TASKS, _mask, total_steps=10, steps_per_epoch=5)
   params = _toy_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -72,7 +79,8 @@ def _steps(poison):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", tbgc_jax.method_names())
+# Krum needs three tasks or more; it drops a task through the same engine (test_methods.py).
+@pytest.mark.parametrize("method", [m for m in tbgc_jax.method_names() if m != "krum"])
 def test_a_nonfinite_task_is_dropped_and_counted_for_every_method(method):
   poisoned = _run_updates(method, _steps({1: "nan_loss", 2: "inf_grad"}))
   reference = _run_updates(method, _steps({1: "zero", 2: "zero"}))
@@ -248,17 +256,17 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 def _broken_source(embedded_root, tmp_path, bad=3):
   cfg = tiny.get_config().data.cls
   cfg.source.root = embedded_root
-  source = pipeline.make_source(cfg, "cls", "train")
+  source = pipeline.make_source(cfg, get_task("cls").data, "train")
   records = list(source.records)
   missing = str(tmp_path / "gone.png")  # removed after the index was read
   records[bad] = dataclasses.replace(records[bad], image_path=missing)
-  return cfg, RecordSource(records, "cls", source.num_classes), missing
+  return cfg, RecordSource(records, get_task("cls").data, source.num_classes), missing
 
 
 def _epoch(cfg, source, policy):
   cfg.policy = policy
-  it = pipeline.train_iterator(cfg, "cls", seed=0, num_epochs=1, batch_size=16, num_workers=1,
-                               source=source)
+  it = pipeline.train_iterator(cfg, get_task("cls").data, seed=0, num_epochs=1, batch_size=16,
+                               num_workers=1, source=source)
   return list(it)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tbgc_jax._src.base import safe_div
 from tbgc_jax._src.clipping import (
     _SMALL_LEAF,
     _check_tasks,
@@ -38,11 +39,14 @@ class GramianState(NamedTuple):
 
 
 class Step(NamedTuple):
-  """What a combination rule sees at one update."""
+  """What a weighting (`from_weighting`) or combination rule sees at one update.
 
-  gram: jax.Array  # f32[T, T], rows/columns of dropped tasks zeroed.
+  Tasks are in sorted-name order throughout.
+  """
+
+  gram: jax.Array  # f32[T, T]: G[s, t] = <B(g_s), B(g_t)>; rows/columns of dropped tasks 0.
   active: jax.Array  # bool[T]: finite (or kept) and with a non-zero backbone gradient.
-  losses: dict[str, jax.Array] | None  # the ``losses`` extra argument, if given.
+  losses: dict[str, jax.Array] | None  # the ``losses={task: loss}`` of ``update``, or None.
 
 
 # combine(step, inner_state) -> (C: f32[T, T], new inner_state)
@@ -111,14 +115,10 @@ def gramian(leaves: dict[str, Sequence[jax.Array]], select: Sequence[bool],
                     for a in range(n)])
 
 
-def _safe_div(num, den):
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-
-
 def cosine(gram: jax.Array) -> jax.Array:
   """Pairwise cosine similarity from a Gramian (0 where a norm is 0)."""
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
-  return _safe_div(gram, norms[:, None] * norms[None, :])
+  return safe_div(gram, norms[:, None] * norms[None, :])
 
 
 def gramian_method(
@@ -214,3 +214,77 @@ def weighting(fn: Callable[[Step], jax.Array]) -> Combine:
   def combine(step, inner):
     return jnp.diag(fn(step)), inner
   return combine
+
+
+# weighting(step) -> w: f32[T]; or, with state, weighting(step, state) -> (w, new state).
+Weighting = Callable[[Step], jax.Array]
+StatefulWeighting = Callable[[Step, Any], tuple[jax.Array, Any]]
+
+
+def from_weighting(
+    weighting_fn: Weighting | StatefulWeighting,
+    backbone_mask: MaskOrFn | None = None,
+    *,
+    tasks: Sequence[str],
+    init_state: Callable[[], Any] | None = None,
+    name: str = "from_weighting",
+    drop_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""A gradient method from a *weighting*: a function of the tasks' T x T Gramian to T weights.
+
+  The update is ``sum_t w_t g_t`` on the backbone leaves (every leaf when ``backbone_mask`` is
+  None) and the plain sum of the tasks' gradients on the others, as for every method of the
+  library, which is built the same way. The function sees a `Step`: ``step.gram`` (float32
+  ``G[s, t] = <B(g_s), B(g_t)>``, tasks in sorted-name order, rows and columns of dropped
+  tasks zeroed), ``step.active`` (bool: finite and non-zero backbone gradient) and
+  ``step.losses`` (the ``losses={task: loss}`` given to ``update``, else None). It runs under
+  ``jit`` on T x T arrays only, so it costs nothing next to the two passes over the gradients
+  (the Gramian, the weighted sum); inactive tasks get weight 0 whatever it returns. The
+  transform validates its input, drops non-finite tasks (counted) and keeps the diagnostics
+  that `tbgc_jax.gradient_diagnostics` reads (weights, norms, cosines, conflicts).
+
+  Args:
+    weighting_fn: ``fn(step) -> w`` (f32[T]); with ``init_state``,
+      ``fn(step, state) -> (w, new_state)``.
+    backbone_mask: bool pytree (or prefix, or callable of params), True on the shared leaves.
+    tasks: the task names; ``update`` expects exactly these keys.
+    init_state: builds the weighting's initial state (a pytree of arrays), for a stateful
+      ``weighting_fn``; it is kept in the ``inner`` field of the `GramianState`.
+    name: the method's name in error messages.
+    drop_nonfinite: drop a task with a non-finite gradient from the update.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (``update(grads, state, params=None, *,
+    losses=None)``) with a `GramianState`. Register its factory with `tbgc_jax.register` to
+    use it by name in `tbgc_jax.make_method` and the trainer.
+
+  References:
+    The weighting/aggregator split of TorchJD (Quinton & Rey, `Jacobian Descent for
+    Multi-Objective Optimization`, 2024).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, tbgc_jax
+    >>> def inverse_norm(step):  # each task's gradient scaled to unit backbone norm
+    ...   return tbgc_jax.safe_div(1.0, jnp.sqrt(jnp.diag(step.gram)))
+    >>> tx = tbgc_jax.from_weighting(inverse_norm, tasks=("a", "b"))
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, -0.5])}
+    >>> [round(x, 4) for x in jax.jit(tx.update)(grads, tx.init(grads["a"]))[0].tolist()]
+    [0.6, -0.2]
+  """
+  tasks = _check_tasks(tasks, name)
+  n = len(tasks)
+
+  def combine(step: Step, inner):
+    if init_state is None:
+      w = weighting_fn(step)
+    else:
+      w, inner = weighting_fn(step, inner)
+    w = jnp.asarray(w)
+    if w.shape != (n,):
+      raise ValueError(f"{name}: the weighting must return one weight per task, shape ({n},), "
+                       f"got shape {w.shape}")
+    return jnp.diag(w.astype(_F32)), inner
+
+  return gramian_method(name, backbone_mask, tasks, combine,
+                        init_inner=init_state or optax.EmptyState,
+                        drop_nonfinite=drop_nonfinite)

@@ -16,7 +16,8 @@ import optax
 
 from tbgc_jax._src import solvers
 from tbgc_jax._src.aggregation import GramianState, Step, gramian, gramian_method
-from tbgc_jax._src.clipping import _check_tasks, _safe_ratio
+from tbgc_jax._src.base import safe_div
+from tbgc_jax._src.clipping import _check_tasks
 from tbgc_jax._src.masks import MaskOrFn, backbone_selector
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, register
 from tbgc_jax._src.weighting import _stack_losses
@@ -97,7 +98,7 @@ def gradnorm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], alp
     Chen, Badrinarayanan, Lee, Rabinovich, `GradNorm: Gradient Normalization for Adaptive
     Loss Balancing in Deep Multitask Networks`, ICML 2018, Sec. 3.2 and Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.gradnorm(tasks=("a", "b"), learning_rate=0.1)
     >>> grads = {"a": jnp.array([10.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -121,17 +122,17 @@ def gradnorm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], alp
     losses = _stack_losses(step.losses, tasks, where)
     initial = jnp.where((state.count == 0) & jnp.isfinite(losses), losses, state.initial_losses)
     losses = jnp.where(jnp.isfinite(losses), losses, initial)
-    rate = jnp.maximum(_safe_ratio(losses, initial), 0.0)
+    rate = jnp.maximum(safe_div(losses, initial, fallback=losses), 0.0)
     active = step.active.astype(_F32)
-    mean_rate = _safe_ratio(jnp.sum(rate * active), jnp.sum(active))
+    mean_rate = safe_div(jnp.sum(rate * active), jnp.sum(active))
     norms = jnp.sqrt(jnp.maximum(jnp.diag(step.gram), 0.0))
     g = state.weights * norms
-    target = _safe_ratio(jnp.sum(g * active), jnp.sum(active)) * _safe_ratio(
-        rate, mean_rate) ** alpha
+    target = safe_div(jnp.sum(g * active), jnp.sum(active)) * safe_div(
+        rate, mean_rate, fallback=rate) ** alpha
     grad_w = norms * jnp.sign(g - target) * active
     update, opt_state = opt.update(grad_w, state.weights_opt_state, state.weights)
     w = jnp.maximum(optax.apply_updates(state.weights, update), 0.0)
-    w = jnp.where(jnp.sum(w) > 0, n * _safe_ratio(w, jnp.sum(w)), 1.0)
+    w = jnp.where(jnp.sum(w) > 0, n * safe_div(w, jnp.sum(w)), 1.0)
     return jnp.diag(state.weights), GradNormState(w, opt_state, initial, state.count + 1)
 
   return gramian_method(where, backbone_mask, tasks, combine, init_inner=init_inner,
@@ -187,7 +188,7 @@ def moco(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta: f
     Fernando, Shen, Liu, Chaudhury, Murugesan, Chen, `Mitigating Gradient Bias in
     Multi-objective Learning: A Provably Convergent Approach`, ICLR 2023, Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.moco(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([2.0, 0.0]), "b": jnp.array([0.0, 4.0])}
@@ -264,7 +265,7 @@ def db_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta:
     Lin, Ye, Xu, Shi, Zhang, Kwok, `Dual-Balancing for Multi-Task Learning`,
     arXiv:2308.12029, 2023, Sec. 3.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.db_mtl(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([2.0, 0.0]), "b": jnp.array([0.0, 1.0])}

@@ -13,6 +13,7 @@ Tasks are processed in sorted-name order; inactive tasks (zero or dropped gradie
 0 in the solvers. Accuracy of the solvers against float64 references: ``docs/methods.md``.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -21,6 +22,7 @@ import optax
 
 from tbgc_jax._src import solvers
 from tbgc_jax._src.aggregation import Step, gramian_method, weighting
+from tbgc_jax._src.base import safe_div
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, register
 
@@ -28,13 +30,30 @@ _F32 = jnp.float32
 GT = optax.GradientTransformationExtraArgs
 
 
-def _safe_div(num, den):
-  return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), 0.0)
-
-
 def _orders(key: jax.Array, n: int) -> jax.Array:
   """One random permutation of range(n) per task: i32[n, n]."""
   return jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n))
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit integer mixer (the "lowbias32" constants of C. Wellons' hash-prospector)."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _hash_uniform(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform(0, 1) float32 draws of ``shape``, one per coordinate, keyed by ``words: u32[2]``.
+
+  A counter-based hash: two keyed rounds of `_mix32` over the coordinate's flat index, top 24
+  bits. Being a few integer operations on an iota, XLA fuses it into the pass that consumes the
+  draws, where ``jax.random.uniform`` (threefry or rbg) writes and reads a separate array and
+  costs 3-5x a TBGC update at 3 tasks x 10M coordinates on a 2-core CPU. For sampling masks,
+  not for cryptography; fresh ``words`` (from a ``jax.random`` key) give a fresh draw.
+  """
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  bits = _mix32(_mix32(index ^ words[0]) + words[1])
+  return ((bits >> 8).astype(_F32) + 0.5) * (1.0 / (1 << 24))
 
 
 @register("mean")
@@ -53,7 +72,7 @@ def mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Caruana, `Multitask Learning`, Machine Learning 1997 (equal weighting; TorchJD's ``Mean``).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.mean(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -88,7 +107,7 @@ def mgda(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization`, NeurIPS 2018, Eq. 3;
     Désidéri, `Multiple-gradient descent algorithm (MGDA)`, 2012.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.mgda(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -126,7 +145,7 @@ def upgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization`, 2024, Eq. 5.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.upgrad(tasks=("a", "b"), reg_eps=1e-4)  # as TorchJD
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -165,7 +184,7 @@ def dualproj(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization`, 2024, Section 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.dualproj(tasks=("a", "b"), reg_eps=1e-4)  # as TorchJD
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -205,7 +224,7 @@ def pcgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], seed:
   References:
     Yu et al., `Gradient Surgery for Multi-Task Learning`, NeurIPS 2020, Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.pcgrad(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -223,7 +242,7 @@ def pcgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], seed:
       j = orders[:, k]
       dots = jnp.sum(comb * gram[:, j].T, axis=1)  # <g_i^PC, g_j>
       norm_j = gram[j, j]
-      coef = jnp.where((dots < 0) & (j != rows) & (norm_j > 0), _safe_div(dots, norm_j), 0.0)
+      coef = jnp.where((dots < 0) & (j != rows) & (norm_j > 0), safe_div(dots, norm_j), 0.0)
       return comb - coef[:, None] * jax.nn.one_hot(j, n, dtype=_F32)
 
     return jax.lax.fori_loop(0, n, body, jnp.eye(n, dtype=_F32)), key
@@ -241,8 +260,10 @@ def graddrop(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   Per backbone coordinate: ``P = (1 + sum_i g_i / sum_i |g_i|) / 2``, ``U ~ Uniform(0, 1)``;
   ``M_i = [P > U][g_i > 0] + [P < U][g_i < 0]``; update ``sum_i (leak + (1 - leak) M_i) g_i``
   (Chen et al., Eqs. 2-4, applied to the shared parameters' gradients, as TorchJD's GradDrop
-  does on the Jacobian). Not a Gramian method: it costs one random draw per backbone
-  coordinate. The key lives in the state, split every step. No per-task weights.
+  does on the Jacobian). Not a Gramian method: it draws one ``U`` per backbone coordinate, by
+  a counter-based hash keyed from the state's key (`_hash_uniform`, 24-bit resolution), which
+  XLA fuses into the same pass as the masks and the sum. The key is split every step. No
+  per-task weights.
 
   Args:
     backbone_mask: bool pytree or callable of params, True on shared leaves (None: all).
@@ -258,7 +279,7 @@ def graddrop(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
     Dropout`, NeurIPS 2020, Eqs. 2-4.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.graddrop(tasks=("a", "b"))
     >>> J = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, -2.0])}
@@ -269,11 +290,12 @@ def graddrop(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   def elementwise(bb, key, losses):
     del losses
     key, sub = jax.random.split(key)
+    words = jax.random.bits(sub, (len(next(iter(bb.values()))), 2), jnp.uint32)
     outs, sq = [], jnp.zeros([len(bb)], _F32)
     for i, xs in enumerate(zip(*bb.values(), strict=True)):
       total = sum(xs)
-      purity = 0.5 * (1.0 + _safe_div(total, sum(jnp.abs(x) for x in xs)))
-      u = jax.random.uniform(jax.random.fold_in(sub, i), xs[0].shape, _F32)
+      purity = 0.5 * (1.0 + safe_div(total, sum(jnp.abs(x) for x in xs)))
+      u = _hash_uniform(words[i], xs[0].shape)
       kept = [leak + (1.0 - leak) * jnp.where(purity > u, x > 0, x < 0) * 1.0 for x in xs]
       outs.append(sum(m * x for m, x in zip(kept, xs, strict=True)))
       sq = sq + jnp.stack([jnp.sum(jnp.square(m * x)) for m, x in zip(kept, xs, strict=True)])
@@ -310,7 +332,7 @@ def cagrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], c: fl
     Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning`, NeurIPS 2021,
     Eq. 6.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.cagrad(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -325,7 +347,7 @@ def cagrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], c: fl
     sqrt_phi = c * jnp.sqrt(jnp.maximum(m @ g @ m, 0.0))
 
     w = solvers.cagrad_inner(g, step.active, c)
-    return m + _safe_div(sqrt_phi, jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))) * w
+    return m + safe_div(sqrt_phi, jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))) * w
 
   return gramian_method("cagrad", backbone_mask, tasks, weighting(weights),
                         drop_nonfinite=drop_nonfinite)
@@ -352,7 +374,7 @@ def imtl_g(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Liu et al., `Towards Impartial Multi-task Learning`, ICLR 2021, Eq. 10.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.imtl_g(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -371,7 +393,7 @@ def imtl_g_weights(gram: jax.Array, active: jax.Array) -> jax.Array:
   c, d = solvers.unit_diagonal(gram, active)
   v = jnp.where(active, jnp.linalg.pinv(c, hermitian=True) @ active.astype(_F32) / d, 0.0)
   total = v.sum()
-  return jnp.where(jnp.abs(total) > 1e-12, v / jnp.where(total != 0, total, 1.0), 0.0)
+  return safe_div(v, total, where=jnp.abs(total) > 1e-12)
 
 
 @register("aligned_mtl")
@@ -380,9 +402,13 @@ def aligned_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   r"""Aligned-MTL: align the task gradients' principal components, scaled by the smallest.
 
   ``G = V diag(lambda) V^T``; ``B = sqrt(lambda_min) V diag(lambda)^{-1/2} V^T`` over the
-  eigenvalues above ``lambda_max * T * eps_f32`` (the rank); weights ``w = B 1 / T``, update
-  ``J^T w`` (Senushkin et al., Algorithm 1 with equal task preferences). Closed form
-  (eigendecomposition).
+  eigenvalues with ``sqrt(lambda) > sqrt(lambda_max) T eps_f32`` (the rank); weights
+  ``w = B 1 / T``, update ``J^T w`` (Senushkin et al., Algorithm 1 with equal task
+  preferences). Closed form: ``sqrt(lambda)`` and ``V`` are the singular values and vectors of
+  the square-root factor ``D Q diag(mu)^{1/2}`` of ``G``, from the eigendecomposition
+  ``Q diag(mu) Q^T`` of the cosine matrix ``D^{-1} G D^{-1}`` (``D = diag(||g_t||)``), so float32
+  keeps ``lambda_min`` where the tasks' norms span decades (cond(G) ~ 1e8: direction within
+  1e-7 in cosine and norm within 2e-3 of float64, ``tests/test_methods.py``).
 
   Args:
     backbone_mask: bool pytree or callable of params, True on shared leaves (None: all).
@@ -396,7 +422,7 @@ def aligned_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Senushkin et al., `Independent Component Alignment for Multi-Task Learning`, CVPR 2023,
     Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.aligned_mtl(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -406,13 +432,21 @@ def aligned_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   n = len(tasks)
 
   def weights(step: Step):
-    g, _ = solvers.normalized(step.gram)
-    lam, vecs = jnp.linalg.eigh(g)
-    keep = lam > lam[-1] * n * jnp.finfo(_F32).eps
-    lam_min = jnp.min(jnp.where(keep, lam, jnp.inf))
-    inv_sqrt = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
-    b = jnp.sqrt(jnp.where(jnp.isfinite(lam_min), lam_min, 0.0)) * (vecs * inv_sqrt) @ vecs.T
-    return b @ jnp.full([n], 1.0 / n, _F32)
+    # B 1 = sqrt(lambda_min) G^{-1/2} 1 from a square-root factor that is only as ill
+    # conditioned as J: with the cosine matrix C = D^{-1} G D^{-1} = Q diag(mu) Q^T (well
+    # conditioned whatever the spread of the norms), G = L L^T for L = D Q diag(mu)^{1/2}, and
+    # L's singular values and left singular vectors are G's sqrt(lambda) and V. An
+    # eigendecomposition of G itself would square the condition number: in float32 it loses
+    # lambda_min once cond(G) nears 1e7 (task norms four decades apart).
+    c, d = solvers.unit_diagonal(step.gram, step.active)
+    c = jnp.where(step.active[:, None] & step.active[None, :], c, 0.0)
+    mu, q = jnp.linalg.eigh(c)
+    factor = d[:, None] * q * jnp.sqrt(jnp.maximum(mu, 0.0))
+    vecs, sv, _ = jnp.linalg.svd(jnp.where(step.active[:, None], factor, 0.0))
+    keep = sv > sv[0] * n * jnp.finfo(_F32).eps
+    sv_min = jnp.min(jnp.where(keep, sv, jnp.inf))
+    inv = safe_div(jnp.where(jnp.isfinite(sv_min), sv_min, 0.0), sv, where=keep)
+    return (vecs * inv) @ (vecs.T @ jnp.full([n], 1.0 / n, _F32))
 
   return gramian_method("aligned_mtl", backbone_mask, tasks, weighting(weights),
                         drop_nonfinite=drop_nonfinite)
@@ -440,7 +474,7 @@ def config(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Liu et al., `ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks`,
     ICLR 2025, Eq. 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.config(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -449,11 +483,11 @@ def config(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   """
   def weights(step: Step):
     g, s = solvers.normalized(step.gram)
-    inv_norm = _safe_div(1.0, jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0)))
+    inv_norm = safe_div(1.0, jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0)))
     units = inv_norm[:, None] * g * inv_norm[None, :]
     b = inv_norm * (jnp.linalg.pinv(units, hermitian=True) @ step.active.astype(_F32))
     # w = b * (1^T G b) / (b^T G b): x̂ = J^T b / ||J^T b||, length sum_t <g_t, x̂>.
-    return b * _safe_div(jnp.sum(g @ b), b @ g @ b)
+    return b * safe_div(jnp.sum(g @ b), b @ g @ b)
 
   return gramian_method("config", backbone_mask, tasks, weighting(weights),
                         drop_nonfinite=drop_nonfinite)
@@ -481,7 +515,7 @@ def fairgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Ban & Ji, `Fair Resource Allocation in Multi-Task Learning`, ICML 2024, Eq. 7.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.fairgrad(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -517,7 +551,7 @@ def nash_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Navon et al., `Multi-Task Learning as a Bargaining Game`, ICML 2022, Eq. 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.nash_mtl(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -526,9 +560,9 @@ def nash_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   """
   def weights(step: Step):
     frob = jnp.sqrt(jnp.sum(jnp.square(step.gram)))
-    w = solvers.power_fixed_point(_safe_div(step.gram, frob), step.active, 1.0)
+    w = solvers.power_fixed_point(safe_div(step.gram, frob), step.active, 1.0)
     norm = jnp.sqrt(jnp.maximum(w @ step.gram @ w, 0.0))
-    clip = jnp.where((max_norm > 0) & (norm > max_norm), _safe_div(max_norm, norm), 1.0)
+    clip = jnp.where((max_norm > 0) & (norm > max_norm), safe_div(max_norm, norm), 1.0)
     return w * clip
 
   return gramian_method("nash_mtl", backbone_mask, tasks, weighting(weights),
@@ -562,7 +596,7 @@ def gradvac(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta
     Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in
     Massively Multilingual Models`, ICLR 2021, Eqs. 4-5.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.gradvac(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -583,11 +617,11 @@ def gradvac(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta
       comb, targets = carry
       j = orders[:, k]
       norm_i = jnp.sqrt(jnp.maximum(jnp.einsum("ts,su,tu->t", comb, gram, comb), 0.0))
-      phi = _safe_div(jnp.sum(comb * gram[:, j].T, axis=1), norm_i * norms[j])
+      phi = safe_div(jnp.sum(comb * gram[:, j].T, axis=1), norm_i * norms[j])
       target = targets[rows, j]
       valid = (j != rows) & step.active & step.active[j]
       sin_t = jnp.sqrt(jnp.maximum(1.0 - target**2, 0.0))
-      coef = _safe_div(norm_i * (target * jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0)) - phi * sin_t),
+      coef = safe_div(norm_i * (target * jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0)) - phi * sin_t),
                        norms[j] * sin_t)
       comb = comb + jnp.where(valid & (phi < target), coef, 0.0)[:, None] * jax.nn.one_hot(
           j, n, dtype=_F32)

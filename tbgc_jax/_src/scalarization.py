@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from tbgc_jax._src.aggregation import Step, gramian_method
-from tbgc_jax._src.clipping import _check_tasks, _safe_ratio
+from tbgc_jax._src.base import safe_div
+from tbgc_jax._src.clipping import _check_tasks
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.methods import imtl_g_weights
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
@@ -75,7 +76,7 @@ def geometric_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str
     Chennupati, Sistu, Yogamani, Rawashdeh, `MultiNet++: Multi-Stream Feature Aggregation and
     Geometric Loss Strategy for Multi-Task Learning`, CVPR 2019 workshops (GLS).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.geometric_mean(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -127,7 +128,7 @@ def stch(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], mu: flo
     Lin, Zhang, Liu, Zhang, Kwong, `Smooth Tchebycheff Scalarization for Multi-Objective
     Optimization`, ICML 2024.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.stch(tasks=("a", "b"), mu=0.01)
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -181,7 +182,7 @@ def pbi(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], theta: f
     Zhang & Li, `MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition`,
     IEEE Transactions on Evolutionary Computation 11(6), 2007, Sec. II-C.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.pbi(tasks=("a", "b"), theta=1.0)
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -202,7 +203,7 @@ def pbi(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], theta: f
     f = _finite_or(losses, 1.0) - z
     perp = f - jnp.dot(f, direction) * direction
     d2 = jnp.sqrt(jnp.sum(jnp.square(perp)))
-    return direction + theta * _safe_ratio(perp, d2) * (d2 > 0), inner
+    return direction + theta * safe_div(perp, d2), inner
 
   return _loss_weighting(where, backbone_mask, tasks, optax.EmptyState, weights_fn,
                          drop_nonfinite)
@@ -274,7 +275,7 @@ def imtl_l(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, `Towards Impartial Multi-task Learning`,
     ICLR 2021 (IMTL-L).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.imtl_l(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -325,7 +326,7 @@ def imtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Liu et al., `Towards Impartial Multi-task Learning`, ICLR 2021, IMTL-L, IMTL-G (Eq. 10)
     and their hybrid.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.imtl(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}

@@ -8,6 +8,8 @@ references are measured in ``tests/test_methods.py`` and listed in ``docs/method
 import jax
 import jax.numpy as jnp
 
+from tbgc_jax._src.base import safe_div
+
 _F32 = jnp.float32
 _TINY = 1e-30
 
@@ -108,12 +110,14 @@ def min_norm_simplex(gram: jax.Array, active: jax.Array) -> jax.Array:
 
 
 def cagrad_inner(gram: jax.Array, active: jax.Array, c: float | jax.Array,
-                 iterations: int = 20) -> jax.Array:
+                 iterations: int = 100) -> jax.Array:
   """``argmin_{w in simplex} w^T G m + c sqrt(m^T G m) sqrt(w^T G w)``, ``m = 1 / T``
   (CAGrad's inner problem), by majorize-minimize: ``sqrt(q) <= q / (2 s) + s / 2`` with
   equality at ``q = s^2``, so each of the ``iterations`` steps solves the simplex QP
   ``min w^T G w + (2 s / beta) (G m)^T w`` (`simplex_qp`, 50 FISTA steps warm-started, then
-  the exact active-set steps) and the objective never increases."""
+  the exact active-set steps) and the objective never increases. Its convergence is linear:
+  with norms two decades apart 20 steps can stop 10% short of the optimum's weights; 100
+  reach float32's fixed point on such cases (T x T work: nothing beside the gradient passes)."""
   g, _ = normalized(gram.astype(_F32))
   n = g.shape[0]
   m = jnp.full([n], 1.0 / n, _F32)
@@ -124,14 +128,10 @@ def cagrad_inner(gram: jax.Array, active: jax.Array, c: float | jax.Array,
 
   def body(_, w):
     s = jnp.sqrt(jnp.maximum(_quadratic(g, w), 1e-20))
-    x = simplex_qp(g, _safe(2.0 * s, beta) * gm, active, w, iterations=50)
+    x = simplex_qp(g, safe_div(2.0 * s, beta) * gm, active, w, iterations=50)
     return jnp.where(objective(x) <= objective(w), x, w)
 
   return jax.lax.fori_loop(0, iterations, body, a / jnp.maximum(jnp.sum(a), 1.0))
-
-
-def _safe(num, den):
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def unit_diagonal(gram: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from tbgc_jax._src.aggregation import Step, gramian_method
-from tbgc_jax._src.clipping import _check_tasks
+from tbgc_jax._src.base import check_tasks as _check_tasks
+from tbgc_jax._src.base import safe_div
 from tbgc_jax._src.masks import MaskOrFn
 from tbgc_jax._src.registry import NON_NEGATIVE, POSITIVE, register
 
@@ -125,7 +126,7 @@ def famo(
     Liu, Liu, Stone, Liu, `FAMO: Fast Adaptive Multitask Optimization`, NeurIPS 2023,
     Eqs. 6, 8 and 9 and Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.famo(tasks=("a", "b"))
     >>> params = jnp.zeros(2)
@@ -216,7 +217,7 @@ def dwa(
   References:
     Liu, Johns, Davison, `End-to-End Multi-Task Learning with Attention`, CVPR 2019, Eq. 7.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.dwa(tasks=("a", "b"))
     >>> params = jnp.zeros(2)
@@ -242,7 +243,8 @@ def dwa(
     fallback = jnp.where(state.count >= steps_per_epoch, state.last, 1.0)
     losses = jnp.where(jnp.isfinite(losses), losses, fallback)
     epoch = state.count // steps_per_epoch
-    ratio = state.last / jnp.where(state.before_last != 0, state.before_last, 1.0)
+    ratio = safe_div(state.last, state.before_last, fallback=state.last,
+                     where=state.before_last != 0)
     weights = jnp.where(epoch >= 2, k * jax.nn.softmax(ratio / temperature), jnp.ones([k], _F32))
     loss_sum = state.loss_sum + losses
     ends = (state.count + 1) % steps_per_epoch == 0
@@ -291,7 +293,7 @@ def rlw(
     Lin, Ye, Xu, Shi, Zhang, `Reasonable Effectiveness of Random Weighting: A Litmus Test for
     Multi-Task Learning`, TMLR 2022, Eq. 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.rlw(tasks=("a", "b", "c"), seed=0)
     >>> params = jnp.zeros(3)
@@ -367,7 +369,7 @@ def uncertainty(
     Kendall, Gal, Cipolla, `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
     Geometry and Semantics`, CVPR 2018, Eq. 7 and Sec. 3.2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.uncertainty(tasks=("a", "b"))
     >>> params = jnp.zeros(2)
