@@ -82,8 +82,9 @@ def test_matches_float64_reference(name, J, heads):
   np.testing.assert_allclose(out["head"], heads[:, :2].sum(0), rtol=1e-5, atol=1e-6)
 
 
-def _ill_conditioned(count=4, seed=11):
-  """3 x 5 Jacobians with task norms 1e-2, 1 and 1e2 (shuffled): cond(G) ~ 1e7 to 1e9."""
+def _ill_conditioned(count=2, seed=11):
+  """3 x 5 Jacobians with task norms 1e-2, 1 and 1e2 (shuffled): cond(G) 7e7 and 5e8 (an
+  eigendecomposition of G in float32 gives Aligned-MTL a cosine of 0.82 and 73x the norm)."""
   rng = np.random.default_rng(seed)
   scales = 10.0 ** np.array([-2.0, 0.0, 2.0])
   return [(rng.normal(size=(3, 5)) * rng.permutation(scales)[:, None]).astype(np.float32)
