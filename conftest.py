@@ -21,6 +21,7 @@ import os
 import tempfile
 
 import jax
+import pytest
 
 _FAST_BACKEND = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 if os.environ.get("TBGC_TEST_XLA_OPT", "0") != "1":
@@ -40,6 +41,44 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_num_cpu_devices", 8)
 
 
+@pytest.fixture(scope="session")
+def embedded_root(tmp_path_factory) -> str:
+  """One embedded-data folder per test session (shared by xdist workers; generation is
+  atomic and process-safe)."""
+  from tbgc_jax.data import embedded
+
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  return embedded.ensure_embedded(str(base / "tbgc_embedded"))
+
+
+@pytest.fixture
+def embedded_data(embedded_root, monkeypatch):
+  """For documentation blocks (```python fixture:embedded_data): points the embedded data's
+  cache folder ($TBGC_DATA_DIR) at the test session's copy, so blocks that read
+  `configs.tiny()` share the one generated for the tests."""
+  monkeypatch.setenv("TBGC_DATA_DIR", embedded_root)
+  return embedded_root
+
+
 def pytest_collection_modifyitems(items):
   """Slow tests first, otherwise collection order (stable; the same in every xdist worker)."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_collect_file(file_path, parent):
+  """Every ```python block of README.md and docs/*.md runs as a test (pytest-markdown-docs).
+
+  The plugin's own switch (``--markdown-docs``) would also collect every ``.py`` file's
+  docstrings again; here only the documentation pages are collected. The rules for the other
+  blocks are in docs/contributing.md; tests/test_docs.py checks the shell blocks.
+  """
+  if file_path.suffix != ".md" or parent.config.option.markdowndocs:
+    return None
+  if not (file_path.name == "README.md" and file_path.parent == parent.config.rootpath
+          or file_path.parent == parent.config.rootpath / "docs"):
+    return None
+  from pytest_markdown_docs.plugin import MarkdownTextFile
+
+  return MarkdownTextFile.from_parent(parent, path=file_path)

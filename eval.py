@@ -6,6 +6,10 @@
 Prints a table, writes ``<workdir>/eval_metrics_<step>.json`` and a PNG of predictions beside
 the ground truth (``<workdir>/predictions_<split>_<step>.png``; ``--nogallery`` skips it), and
 with --submission the challenge submission (``cls``, ``dec``, ``seg`` sections).
+
+Reads finished checkpoints only (never the training run's lock, nor the pretrained weights:
+the model is built abstractly and restored). A config that builds another model than the
+checkpoint's, or a workdir without checkpoint, prints one line and exits with status 2.
 """
 
 import json
@@ -32,12 +36,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  from tbgc_jax.trainer import cli
+  from tbgc_jax.trainer.logs import route_library_logs
+
+  log_file = route_library_logs(_WORKDIR.value, "eval", verbose=_VERBOSE.value)
+  with cli.one_line_errors(log_file):
+    _evaluate()
+
+
+def _evaluate():
   from tbgc_jax.trainer import evaluate as eval_lib
   from tbgc_jax.trainer.checkpointing import restore_params
-  from tbgc_jax.trainer.logs import route_library_logs
   from tbgc_jax.trainer.setup import Setup, use_compilation_cache
 
-  route_library_logs(_WORKDIR.value, "eval", verbose=_VERBOSE.value)
   use_compilation_cache(_WORKDIR.value)
   if _SEG_PNG_DIR.value:
     os.makedirs(_SEG_PNG_DIR.value, exist_ok=True)
@@ -63,4 +74,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from tbgc_jax.trainer.cli import parse_flags
+
+  app.run(main, flags_parser=parse_flags)

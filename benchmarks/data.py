@@ -108,6 +108,7 @@ def main() -> None:
   from tbgc_jax.data import batching, configs, pipeline
   from tbgc_jax.data.augment import branch_chains
   from tbgc_jax.schema import TASKS
+  from tbgc_jax.tasks import get_task
 
   tmp = tempfile.mkdtemp(prefix="tbgc-bench-")
   roots = _write_fixtures(tmp, args.num_images)
@@ -121,12 +122,12 @@ def main() -> None:
   print(header)
   total_cost, total_need = 0.0, 0.0
   for task in TASKS:
-    cfg = data[task]
-    src = pipeline.make_source(cfg, task, "train")
+    cfg, spec = data[task], get_task(task).data
+    src = pipeline.make_source(cfg, spec, "train")
     idx = list(range(len(src)))
     decode = _median_time(lambda i, s=src: s[i], idx, 1)
     decoded = [src[i] for i in idx]
-    aug = pipeline.augmentation(cfg, task, src)
+    aug = pipeline.augmentation(cfg, spec, src)
     branch_ms = []
     for b, chain in enumerate(branch_chains(aug)):
       t = _median_time(lambda e, c=chain, b=b: c.random_map(
@@ -137,12 +138,12 @@ def main() -> None:
                                                                  next(r)),
                          decoded, args.repeats)
     outs = [aug.random_map(dict(e), np.random.default_rng(k)) for k, e in enumerate(decoded)]
-    mb = int(cfg.get("max_boxes", 0) or 0)
+    fields = pipeline.fields(cfg, spec)
     bs = int(cfg.batch_size)
     size = tuple(cfg.image_size)
 
-    def _batch(k, outs=outs, bs=bs, task=task, size=size, mb=mb):
-      batching.collate([batching.pad_example(outs[(k + j) % len(outs)], task, size, mb)
+    def _batch(k, outs=outs, bs=bs, fields=fields, size=size):
+      batching.collate([batching.pad_example(outs[(k + j) % len(outs)], fields, size)
                         for j in range(bs)])
 
     batch_t = _median_time(_batch, range(len(outs)), args.repeats) / bs
@@ -152,8 +153,8 @@ def main() -> None:
     total_need += need
     # One read thread: grain's default (16 threads, 500-element buffer) would run ahead of
     # the timed loop and measure the buffer, not the pipeline.
-    it = pipeline.train_iterator(cfg, task, seed=0, num_epochs=100, num_workers=args.workers,
-                                 read_threads=1, source=src)
+    it = pipeline.train_iterator(cfg, spec, seed=0, num_epochs=100,
+                                 num_workers=args.workers, read_threads=1, source=src)
     next(it)
     n_b = max(4, 2 * args.num_images // bs)
     t = time.perf_counter()

@@ -21,6 +21,7 @@ import optax
 from benchmarks.problem import Problem
 from tbgc_jax.data import embedded, readers
 from tbgc_jax.schema import IGNORE_LABEL
+from tbgc_jax.tasks import get_task
 
 TASKS = ("cls", "det", "seg")
 NUM_CLASSES = {"cls": 20, "det": 10, "seg": 5}
@@ -41,16 +42,16 @@ def load(split: str, root: str | None = None) -> dict[str, tuple[np.ndarray, np.
   i32[N, H, W].
   """
   out = {}
-  recs = readers.read_cls_list(**embedded.reader_args("cls", split, root),
+  recs = readers.read_cls_list(**embedded.reader_args(get_task("cls").data, split, root),
                                num_classes=NUM_CLASSES["cls"])
   out["cls"] = (np.stack([_image(r.image_path) for r in recs]),
                 np.array([r.label for r in recs], np.int32))
-  recs, _ = readers.read_coco(**embedded.reader_args("det", split, root))
+  recs, _ = readers.read_coco(**embedded.reader_args(get_task("det").data, split, root))
   present = np.zeros((len(recs), NUM_CLASSES["det"]), np.float32)
   for i, r in enumerate(recs):
     present[i, r.labels] = 1.0
   out["det"] = (np.stack([_image(r.image_path) for r in recs]), present)
-  recs = readers.read_bdd100k_seg(**embedded.reader_args("seg", split, root),
+  recs = readers.read_bdd100k_seg(**embedded.reader_args(get_task("seg").data, split, root),
                                   num_classes=NUM_CLASSES["seg"])
   images = np.stack([_image(r.image_path) for r in recs])
   h, w = images.shape[1:3]

@@ -65,10 +65,11 @@ def _with(config, **fields):
 def _batches(setup, n: int = 2):
   """``n`` fixed training batches per task, on device, sharded as the trainer shards them."""
   from tbgc_jax.data import pipeline
+  from tbgc_jax.tasks import get_task
   from tbgc_jax.trainer.sharding import global_batch
 
   out = []
-  its = {t: pipeline.train_iterator(setup.config.data[t], t, seed=0, num_epochs=1,
+  its = {t: pipeline.train_iterator(setup.config.data[t], get_task(t).data, seed=0, num_epochs=1,
                                     batch_size=setup.local_batch_size(t))
          for t in setup.tasks}
   for _ in range(n):

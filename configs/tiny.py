@@ -23,9 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tasks = TASKS
-  c.data = data_configs.tiny()
-  # "multi_branch" (Table 1), "plain" (the Table 2 setting) or "parallel" (Table 3 baseline)
-  c.augment_mode = "multi_branch"
+  c.data = data_configs.tiny()  # each task's augment.mode: "multi_branch" (Table 1)
+  # A shortcut that sets every task's data.<task>.augment.mode: "multi_branch" (Table 1),
+  # "plain" (the Table 2 setting) or "parallel" (Table 3 baseline); "" leaves them as they are.
+  c.augment_mode = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "tiny"  # InternImage preset: tiny, t, s, b, l, xl
@@ -80,6 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.total_steps = 0  # > 0 overrides num_epochs
   c.log_every = 10
   c.eval_every = 0  # > 0: also evaluate (val/... in the logs) every this many steps
+  # Evaluations by name, {type, task, split, every}; empty: one per task on val, every
+  # eval_every steps (tbgc_jax.trainer.evaluate.eval_specs).
+  c.evals = ml_collections.ConfigDict()
+  # Start a new run from another run's checkpoint: "WORKDIR[:STEP]", taking "params" or
+  # "params+opt_state" (ignored once this run has checkpoints of its own).
+  c.init_from = ""
+  c.init_from_parts = "params"
   c.checkpoint_every = 100
   c.keep_checkpoints = 2
   c.num_workers = 0  # grain worker processes per task

@@ -16,6 +16,7 @@ from configs import tiny
 from tbgc_jax.data import pipeline
 from tbgc_jax.metrics.detection import coco_map, records_to_coco
 from tbgc_jax.metrics.segmentation import scores_to_label_map
+from tbgc_jax.tasks import get_task
 from tbgc_jax.tasks.detection import ground_truth as detection_ground_truth
 from tbgc_jax.trainer.evaluate import evaluate_task, format_table, task_metrics
 from tests import real_format_data as rfd
@@ -109,7 +110,7 @@ def test_a_perfect_detection_export_scores_one_against_the_annotation_file(tmp_p
 def test_detection_ground_truth_is_the_whole_file(tmp_path):
   root = str(tmp_path / "det")
   rfd.write_coco(root, "val", _coco_images(), CATEGORIES)
-  source = pipeline.make_source(_det_config(root).data.det, "det", "val")
+  source = pipeline.make_source(_det_config(root).data.det, get_task("det").data, "val")
   assert list(source.category_ids) == [3, 7, 42]
   gt = detection_ground_truth(source)
   assert len(gt["annotations"]) == 8 and sum(a["iscrowd"] for a in gt["annotations"]) == 1
@@ -125,7 +126,7 @@ def test_tt100k_ground_truth_has_every_box_with_the_export_ids(tmp_path):
                            "objects": objects}], ["i5", "p11", "pl40"])
   cfg = _det_config(root).data.det
   cfg.source = {"format": "tt100k", "val": {"root": root, "split": "test"}}
-  source = pipeline.make_source(cfg, "det", "val")
+  source = pipeline.make_source(cfg, get_task("det").data, "val")
   gt = detection_ground_truth(source)
   assert gt == records_to_coco(source.records, source.category_ids)
   assert len(gt["annotations"]) == 4 > cfg.max_boxes
@@ -196,6 +197,6 @@ def test_real_format_writers_produce_readable_sets(tmp_path):
   cfg = tiny.get_config().data.cls
   cfg.source = {"format": "cls_list", "val": {"list_file": f"{root}/val.txt",
                                               "image_dir": f"{root}/images"}}
-  source = pipeline.make_source(cfg, "cls", "val")
+  source = pipeline.make_source(cfg, get_task("cls").data, "val")
   assert [int(source[i]["label"]) for i in range(2)] == [4, 0]
   assert os.path.isfile(f"{root}/images/x.jpg")

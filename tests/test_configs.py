@@ -122,13 +122,18 @@ def test_pretrained_none_builds_a_random_model_with_a_warning(caplog):
 
 def test_setup_leaves_the_callers_config_as_it_is():
   c = micro_config.get_config("cls")
-  assert c.augment_mode == "multi_branch" and c.data.cls.augment.mode == "plain"
+  assert c.augment_mode == "" and c.data.cls.augment.mode == "plain"
+  # Without the shortcut, each task's own mode is the run's.
+  assert Setup(c).config.data.cls.augment.mode == "plain"
+  c.augment_mode = "multi_branch"
   c.lock()
   before = c.to_dict()
   setup = Setup(c)
   assert c.to_dict() == before and c.is_locked
-  # The run reads the resolved copy: the augment mode applied to every task.
+  # The run reads the resolved copy: the shortcut applied to every task, and kept in one
+  # place only (the tasks' sections).
   assert setup.config.data.cls.augment.mode == "multi_branch"
+  assert setup.config.augment_mode == ""
   assert c.data.cls.augment.mode == "plain"
   frozen = ml_collections.FrozenConfigDict(c)
   assert Setup(frozen).config.data.cls.augment.mode == "multi_branch"

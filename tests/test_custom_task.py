@@ -1,8 +1,8 @@
 """A fourth task defined only here, through the task interface (``tbgc_jax.tasks``): counting
 the digits of the embedded detection scenes. It trains and evaluates with det, seg and cls
 through ``train_and_evaluate`` (evaluating during training too), nothing under tbgc_jax/
-knows of it. Also: a task's own embedded data, an evaluator named by the config, the
-registry's errors."""
+knows of it. Also: a source format registered here, a task's own embedded data, an evaluator
+named by the config, the registry's errors."""
 
 import json
 import os
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tbgc_jax.data import embedded, pipeline
-from tbgc_jax.tasks import RecordSet, TaskSpec, get_task, register_task, task_names, unregister_task
+from tbgc_jax.data import Boxes, DataSpec, RecordSet, embedded, pipeline
+from tbgc_jax.data.formats import get_reader, register_reader, unregister_reader
+from tbgc_jax.tasks import TaskSpec, get_task, register_task, task_names, unregister_task
+from tbgc_jax.tasks.detection import DetectionData
 from tbgc_jax.trainer.evaluate import task_metrics
 from tbgc_jax.trainer.setup import validate_config
 from tbgc_jax.trainer.train import train_and_evaluate
@@ -38,7 +40,8 @@ class CountHead(nnx.Module):
   def loss(self, features, batch, rng):
     del rng
     valid = batch["valid"]
-    err = jnp.where(valid, (self._count(features) - batch["count"]) ** 2, 0.0)
+    count = batch["box_mask"].sum(-1).astype(jnp.float32)  # the boxes left after augmentation
+    err = jnp.where(valid, (self._count(features) - count) ** 2, 0.0)
     loss = err.sum() / jnp.maximum(valid.sum(), 1)
     return loss, {"count_mse": loss}
 
@@ -56,7 +59,7 @@ class CountEvaluator:
 
   def update(self, batch, predictions):
     valid = np.asarray(batch["valid"], bool)
-    pred, true = np.asarray(predictions["count"])[valid], batch["count"][valid]
+    pred, true = np.asarray(predictions["count"])[valid], batch["box_mask"].sum(-1)[valid]
     self.abs_err += float(np.abs(pred - true).sum())
     self.exact += int((np.round(pred) == true).sum())
     self.n += int(valid.sum())
@@ -65,37 +68,43 @@ class CountEvaluator:
     return {"exact": self.exact / self.n, "mae": self.abs_err / self.n}
 
 
-class CountTask(TaskSpec):
-  """The detection scenes (their records, boxes kept through the augmentations); the target
-  is the number of boxes left after augmentation."""
+def read_first_coco(kwargs, ctx):
+  """The ``coco_first`` format: a COCO file's first ``limit`` images."""
+  kwargs = dict(kwargs)
+  limit = kwargs.pop("limit")
+  return RecordSet(get_reader("coco")(kwargs, ctx).records[:limit])
+
+
+class CountData(DataSpec):
+  """The detection scenes (their records, boxes kept through the augmentations, padded to
+  ``max_boxes`` slots): the target is the number of boxes left after augmentation."""
 
   name = "count"
-  metric = "exact"
-  embedded_format = "coco"
+  formats = ("coco_first",)
+  embedded_format = "coco_first"
 
-  def build_head(self, config, channels, *, rngs):
-    return CountHead(channels, rngs=rngs)
+  def fields(self, task_cfg):
+    return {"boxes": Boxes(max_boxes=int(task_cfg["max_boxes"]))}
+
+  def decode(self, record, image, orig_hw, num_classes):
+    ex = DetectionData().decode(record, image, orig_hw, num_classes)
+    return {"boxes": ex["boxes"], "labels": ex["labels"]}
+
+  def embedded_requires(self):
+    return (DetectionData(),)  # reads the detection task's embedded data
 
   def embedded_reader_args(self, root, split):
     limit = TRAIN_SCENES if split == "train" else 16
-    return {**get_task("det").embedded_reader_args(root, split), "limit": limit}
+    return {**DetectionData().embedded_reader_args(root, split), "limit": limit}
 
-  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
-    kwargs = dict(kwargs)
-    limit = kwargs.pop("limit", None)
-    result = get_task("det").read(fmt, kwargs, num_classes=num_classes, policy=policy,
-                                  deep_check=deep_check, allow_outside_root=allow_outside_root)
-    return RecordSet(result.records[:limit])
 
-  def decode(self, record, image, orig_hw, num_classes):
-    ex = get_task("det").decode(record, image, orig_hw, num_classes)
-    return {"boxes": ex["boxes"], "labels": ex["labels"]}
+class CountTask(TaskSpec):
+  name = "count"
+  data = CountData()
+  metric = "exact"
 
-  def pad_targets(self, ex, image_hw, *, max_boxes):
-    return {"count": np.float32(len(ex["boxes"]))}
-
-  def padding_targets(self):
-    return {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int32)}
+  def build_head(self, config, channels, *, rngs):
+    return CountHead(channels, rngs=rngs)
 
   def evaluator(self, ctx):
     return CountEvaluator(ctx)
@@ -103,9 +112,11 @@ class CountTask(TaskSpec):
 
 @pytest.fixture
 def count_task():
+  register_reader("coco_first", read_first_coco)
   spec = register_task(CountTask())
   yield spec
   unregister_task(spec.name)
+  unregister_reader("coco_first")
 
 
 def _config():
@@ -115,6 +126,7 @@ def _config():
       "source": {"format": "embedded", "root": c.data.det.source.root, "train": {}, "val": {}},
       "policy": "strict", "deep_check": False, "allow_outside_root": False, "num_classes": 10,
       "batch_size": TRAIN_SCENES, "image_size": (32, 40), "eval_image_size": (32, 40),
+      "max_boxes": 8,
       "augment": {"mode": "plain", "plain": "resize_fit(size=(32, 40))"},
       "eval_augment": "resize_fit(size=(32, 40))"})
   c.loss_weights.count = 1.0
@@ -156,11 +168,17 @@ def test_a_fourth_task_trains_and_evaluates_with_the_others(tmp_path, count_task
   assert saved["step"] == 4 and saved["count/mae"] == metrics["count/mae"]
 
 
-class DotsTask(TaskSpec):
+def read_dots_list(kwargs, ctx):
+  del ctx
+  with open(kwargs["list_file"]) as f:
+    return RecordSet([tuple(int(v) for v in line.split()) for line in f])
+
+
+class DotsData(DataSpec):
   """A task with embedded data of its own: a list file of scenes and their dot counts."""
 
   name = "dots"
-  metric = "exact"
+  formats = ("dots_list",)
   embedded_format = "dots_list"
   embedded_data = True
 
@@ -172,35 +190,30 @@ class DotsTask(TaskSpec):
     with open(os.path.join(root, "dots", f"{split}.txt"), "w") as f:
       f.writelines(f"{i} {int(rng.integers(1, 5))}\n" for i in range(4))
 
-  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
-    if fmt != "dots_list":
-      raise self.unsupported_format(fmt)
-    with open(kwargs["list_file"]) as f:
-      return RecordSet([tuple(int(v) for v in line.split()) for line in f])
-
 
 def test_a_task_writes_its_own_embedded_data_once(tmp_path):
-  spec = register_task(DotsTask())
+  spec = DotsData()
+  register_reader("dots_list", read_dots_list)
   try:
-    # The bundled data is generated with it (into an empty folder): link an existing one.
     root = str(tmp_path / "emb")
-    os.makedirs(root)
-    bundled = embedded.ensure_embedded()
-    for name in (*embedded.BUNDLED, "DONE"):
-      os.symlink(os.path.join(bundled, name), os.path.join(root, name))
     cfg = {"source": {"format": "embedded", "root": root}, "num_classes": 1}
-    records = pipeline.make_source(cfg, "dots", "train").records
+    records = pipeline.make_source(cfg, spec, "train").records
     assert len(records) == 4 and all(1 <= n < 5 for _, n in records)
+    assert sorted(os.listdir(root)) == [".lock", "dots"]  # only what the task reads
     path = os.path.join(root, "dots", "val.txt")
     first = open(path).read()
     os.utime(path, (0, 0))
-    embedded.reader_args("dots", "val", root)  # already there: not written again
+    embedded.reader_args(spec, "val", root)  # already there: not written again
     assert os.stat(path).st_mtime == 0 and open(path).read() == first
     with pytest.raises(ValueError, match="source format 'coco' is not available for task "
                                          "'dots'"):
       pipeline.make_source({**cfg, "source": {"format": "coco", "train": {}}}, spec, "train")
+    with pytest.raises(ValueError, match="unknown source format 'dots_lst'; registered "
+                                         "formats: .*'dots_list'"):
+      pipeline.make_source({**cfg, "source": {"format": "dots_lst", "train": {}}},
+                           type("Typo", (DotsData,), {"formats": ("dots_lst",)})(), "train")
   finally:
-    unregister_task(spec.name)
+    unregister_reader("dots_list")
 
 
 class _AlwaysHalf:
@@ -235,6 +248,8 @@ def test_registry_errors(count_task):
     register_task(CountTask())
   with pytest.raises(ValueError, match="no headline metric"):
     register_task(type("NoMetric", (TaskSpec,), {"name": "nometric"})())
+  with pytest.raises(ValueError, match="needs a DataSpec named 'other'"):
+    register_task(type("Other", (CountTask,), {"name": "other"})())
   with pytest.raises(ValueError, match=r"unknown task 'counts'; registered tasks: \('det', "
                                        r"'seg', 'cls', 'count'\)"):
     get_task("counts")

@@ -6,7 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from tbgc_jax.data import batching, configs, embedded, pipeline
+from tbgc_jax.data import configs, embedded, pipeline
+from tbgc_jax.tasks import get_task
+
+DATA = {t: get_task(t).data for t in ("det", "seg", "cls")}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,8 @@ COMMON = {"image": np.uint8, "image_mask": bool, "image_hw": np.int32, "orig_hw"
 @pytest.mark.parametrize("task", ["det", "seg", "cls"])
 def test_batch_interface(data_cfg, task):
   cfg = data_cfg[task]
-  ds = pipeline.train_dataset(cfg, task, seed=1, num_epochs=1, batch_size=3)
-  src = pipeline.make_source(cfg, task, "train")
+  ds = pipeline.train_dataset(cfg, DATA[task], seed=1, num_epochs=1, batch_size=3)
+  src = pipeline.make_source(cfg, DATA[task], "train")
   assert len(ds) == len(src) // 3
   H, W = cfg.image_size
   for b in (ds[0], ds[len(ds) - 1]):
@@ -67,22 +70,29 @@ def test_batch_interface(data_cfg, task):
 def test_box_overflow_counted_and_logged(data_cfg, caplog):
   cfg = data_cfg.det
   cfg.max_boxes = 1
-  before = batching.box_overflow_count()["boxes"]
   with caplog.at_level(logging.WARNING):
-    src = pipeline.make_source(cfg, "det", "train")
-    ds = pipeline.train_dataset(cfg, "det", seed=0, num_epochs=1, source=src)
+    src = pipeline.make_source(cfg, DATA["det"], "train")
+    ds = pipeline.train_dataset(cfg, DATA["det"], seed=0, num_epochs=1, source=src)
     b = ds[0]
   assert b["boxes"].shape[1] == 1 and b["box_mask"].all()
-  assert "more than max_boxes=1" in caplog.text and "box overflow" in caplog.text
-  assert batching.box_overflow_count()["boxes"] > before
+  assert "more than max_boxes=1" in caplog.text and "num_dropped_boxes" in caplog.text
+  # Each example counts the boxes it dropped in a batch field (nothing is lost in grain's
+  # worker processes): every box of the augmented example but the one slot.
+  fn = pipeline.TrainExample(src, pipeline.augmentation(cfg, DATA["det"], src), "det",
+                             tuple(cfg.image_size), pipeline.fields(cfg, DATA["det"]), seed=0,
+                             epoch_len=len(src), num_epochs=1)
+  counts = [(int(fn.map((0, r))["num_dropped_boxes"]), len(fn.example(0, r)["boxes"]))
+            for r in range(6)]
+  assert all(d == max(0, n - 1) for d, n in counts) and sum(d for d, _ in counts) > 0, counts
+  assert b["num_dropped_boxes"].dtype == np.int32 and b["num_dropped_boxes"].sum() > 0
   cfg.max_boxes = 24
 
 
 def test_same_seed_epoch_index_same_sample(data_cfg):
   cfg = data_cfg.det
-  src = pipeline.make_source(cfg, "det", "train")
-  a = pipeline.train_dataset(cfg, "det", seed=5, num_epochs=3, batch_size=2, source=src)
-  b = pipeline.train_dataset(cfg, "det", seed=5, num_epochs=3, batch_size=4, source=src)
+  src = pipeline.make_source(cfg, DATA["det"], "train")
+  a = pipeline.train_dataset(cfg, DATA["det"], seed=5, num_epochs=3, batch_size=2, source=src)
+  b = pipeline.train_dataset(cfg, DATA["det"], seed=5, num_epochs=3, batch_size=4, source=src)
   n = len(src)
   # Collect (epoch, record) -> example from both batchings of epoch 1 and compare.
   seen = {}
@@ -99,7 +109,7 @@ def test_same_seed_epoch_index_same_sample(data_cfg):
   first = [int(r) for j in range(4) for r in a[j]["index"]]
   second = [int(r) for j in range(n // 2, n // 2 + 4) for r in a[j]["index"]]
   assert first != second
-  c = pipeline.train_dataset(cfg, "det", seed=6, num_epochs=1, batch_size=2, source=src)
+  c = pipeline.train_dataset(cfg, DATA["det"], seed=6, num_epochs=1, batch_size=2, source=src)
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
@@ -108,14 +118,14 @@ def test_iterator_restore_matches_uninterrupted(data_cfg, workers):
   cfg = data_cfg.cls
   kw = dict(seed=3, num_epochs=2, batch_size=8, read_threads=2)
   # Uninterrupted reference, in-process (worker processes must give the same batches).
-  it = pipeline.train_iterator(cfg, "cls", num_workers=0, **kw)
+  it = pipeline.train_iterator(cfg, DATA["cls"], num_workers=0, **kw)
   ref = [next(it) for _ in range(16)]  # crosses the epoch boundary (12 full batches/epoch)
-  it = pipeline.train_iterator(cfg, "cls", num_workers=workers, **kw)
+  it = pipeline.train_iterator(cfg, DATA["cls"], num_workers=workers, **kw)
   for j in range(5):
     _eq(ref[j], next(it))
   state = it.get_state()
   del it
-  it2 = pipeline.train_iterator(cfg, "cls", num_workers=workers, **kw)
+  it2 = pipeline.train_iterator(cfg, DATA["cls"], num_workers=workers, **kw)
   it2.set_state(state)
   for j in range(5, 16):
     _eq(ref[j], next(it2))
@@ -124,11 +134,11 @@ def test_iterator_restore_matches_uninterrupted(data_cfg, workers):
 @pytest.mark.parametrize("task", ["det", "seg", "cls"])
 def test_eval_pipeline(data_cfg, task):
   cfg = data_cfg[task]
-  src = pipeline.make_source(cfg, task, "val")
-  ds = pipeline.eval_dataset(cfg, task, batch_size=7, source=src)
+  src = pipeline.make_source(cfg, DATA[task], "val")
+  ds = pipeline.eval_dataset(cfg, DATA[task], batch_size=7, source=src)
   n = len(src)
   assert len(ds) == -(-n // 7)
-  batches = list(pipeline.eval_iterator(cfg, task, batch_size=7, source=src))
+  batches = list(pipeline.eval_iterator(cfg, DATA[task], batch_size=7, source=src))
   valid = np.concatenate([b["valid"] for b in batches])
   index = np.concatenate([b["index"] for b in batches])
   assert valid[:n].all() and not valid[n:].any() and len(valid) == len(ds) * 7
@@ -142,7 +152,7 @@ def test_eval_pipeline(data_cfg, task):
 
 def test_embedded_generation_is_deterministic(data_cfg, tmp_path):
   root = str(tmp_path / "again")
-  embedded.generate(root, tasks=("det", "cls"))  # per-task rngs: a subset is identical
+  embedded.generate(root, (DATA["det"], DATA["cls"]))  # per-task rngs: a subset is identical
   ref = data_cfg.det.source.root
   for rel in ("det/annotations/instances_val.json", "cls/val.txt", "cls/images/val_00011.jpg",
               "det/images/train/train_00007.jpg"):
@@ -154,9 +164,10 @@ def test_embedded_generation_is_deterministic(data_cfg, tmp_path):
 def test_hosts_split_the_same_global_batches(data_cfg):
   """Host k's batch j is its slice of global batch j, whatever the number of hosts."""
   cfg = data_cfg.cls
-  src = pipeline.make_source(cfg, "cls", "train")
-  one_host = pipeline.train_dataset(cfg, "cls", seed=0, num_epochs=1, batch_size=6, source=src)
-  shards = [pipeline.train_dataset(cfg, "cls", seed=0, num_epochs=1, batch_size=2,
+  src = pipeline.make_source(cfg, DATA["cls"], "train")
+  one_host = pipeline.train_dataset(cfg, DATA["cls"], seed=0, num_epochs=1, batch_size=6,
+                                    source=src)
+  shards = [pipeline.train_dataset(cfg, DATA["cls"], seed=0, num_epochs=1, batch_size=2,
                                    shard_index=k, shard_count=3, source=src) for k in range(3)]
   assert all(len(ds) == len(one_host) for ds in shards)
   for j in (0, len(one_host) - 1):

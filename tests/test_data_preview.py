@@ -1,4 +1,5 @@
-"""End-to-end test of ``python -m tbgc_jax.data.preview`` on the tiny preset."""
+"""End-to-end test of ``python -m tbgc_jax.trainer.preview`` on the tiny preset; drawing by
+the kinds of the fields."""
 
 import os
 import textwrap
@@ -7,6 +8,8 @@ import cv2
 import numpy as np
 
 from tbgc_jax.data import preview
+from tbgc_jax.tasks import get_task
+from tbgc_jax.trainer import preview as preview_cli
 
 
 def test_preview_cli_tiny(tmp_path, embedded_root):
@@ -25,7 +28,7 @@ def test_preview_cli_tiny(tmp_path, embedded_root):
       """))
   out = tmp_path / "preview"
   # The CLI entry point, in-process (a subprocess would add ~5 s of imports on 2 cores).
-  assert preview.main(["--config", str(cfg_file), "--out", str(out), "--num", "4"]) == 0
+  assert preview_cli.main(["--config", str(cfg_file), "--out", str(out), "--num", "4"]) == 0
   expected = ["det_branch0.png", "det_branch1.png", "det_eval.png", "seg_branch0.png",
               "seg_branch1.png", "seg_eval.png", "cls_branch0.png", "cls_eval.png"]
   assert sorted(os.listdir(out)) == sorted(expected)
@@ -37,7 +40,7 @@ def test_preview_cli_tiny(tmp_path, embedded_root):
 
 
 def test_prediction_examples_replace_the_annotations_with_the_prediction():
-  from tbgc_jax.tasks import detection, get_task
+  from tbgc_jax.tasks import detection
 
   ex = {"image": np.zeros((8, 8, 3), np.uint8), "image_mask": np.ones((8, 8), bool),
         "boxes": np.ones((3, 4), np.float32), "labels": np.ones(3, np.int32),
@@ -60,4 +63,5 @@ def test_prediction_examples_replace_the_annotations_with_the_prediction():
   assert int(cls["label"]) == 7 and int(ex["label"]) == 4
   # Each draws without error, at the image's size.
   for task, e in (("det", det), ("seg", seg), ("cls", cls)):
-    assert preview.draw(e, task, 10).shape == (8, 8, 3)
+    fields = get_task(task).data.fields({"max_boxes": 3})
+    assert preview.draw(e, fields, 10).shape == (8, 8, 3)

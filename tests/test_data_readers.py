@@ -10,6 +10,7 @@ import pytest
 
 from tbgc_jax.data import readers
 from tbgc_jax.data.records import DataValidationError, RecordSource
+from tbgc_jax.tasks import get_task
 
 
 def _jpg(path, h=20, w=30, value=100):
@@ -71,7 +72,7 @@ def test_coco_valid(tmp_path):
   assert [r.image_id for r in recs] == [1, 2]
   np.testing.assert_allclose(recs[0].boxes, [[2, 3, 12, 8]])
   assert recs[0].labels.tolist() == [0] and recs[1].labels.tolist() == [1]
-  ex = RecordSource(recs, "det", 2)[0]
+  ex = RecordSource(recs, get_task("det").data, 2)[0]
   assert ex["image"].shape == (20, 30, 3) and ex["image"].dtype == np.uint8
   assert ex["orig_hw"].tolist() == [20, 30] and int(ex["image_id"]) == 1
 
@@ -167,14 +168,14 @@ def test_bdd100k_strict_and_skip(tmp_path, bad, expected):
 def test_bdd100k_valid_and_runtime_check(tmp_path):
   _bdd(tmp_path, None)
   recs = readers.read_bdd100k_seg(str(tmp_path), "train", deep_check=True)
-  ex = RecordSource(recs, "seg", 19)[1]
+  ex = RecordSource(recs, get_task("seg").data, 19)[1]
   assert ex["label"].shape == (16, 24) and set(np.unique(ex["label"])) == {0, 3, 255}
   # Without deep_check, bad class ids are still caught (strictly) when decoding.
   _png(tmp_path / "labels" / "sem_seg" / "masks" / "train" / "a.png",
        np.full((16, 24), 30, np.uint8))
   recs = readers.read_bdd100k_seg(str(tmp_path), "train")
   with pytest.raises(DataValidationError, match=r"a\.png: field 'label'.*\[30\]"):
-    RecordSource(recs, "seg", 19)[0]
+    RecordSource(recs, get_task("seg").data, 19)[0]
 
 
 def test_bdd100k_missing_layout(tmp_path):
@@ -200,7 +201,7 @@ def test_cls_list_strict_and_skip(tmp_path, line, field, expected):
   assert f"train.txt: line 3: field {field!r}" in str(e.value) and expected in str(e.value)
   recs = readers.read_cls_list(str(lst), str(tmp_path / "img"), num_classes=5, policy="skip")
   assert [(os.path.basename(r.image_path), r.label) for r in recs] == [("y.jpg", 4)]
-  ex = RecordSource(recs, "cls", 5)[0]
+  ex = RecordSource(recs, get_task("cls").data, 5)[0]
   assert int(ex["label"]) == 4 and ex["image"].shape == (20, 30, 3)
 
 
@@ -230,8 +231,9 @@ def test_reduced_decode_scales_boxes(tmp_path):
       "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [24, 16, 32, 32]}],
       "categories": [{"id": 1, "name": "x"}]}))
   recs, _ = readers.read_coco(str(tmp_path / "a.json"), str(tmp_path / "i"))
-  full = RecordSource(recs, "det", 1)[0]
-  half = RecordSource(recs, "det", 1, min_decode_side=40)[0]  # 96 // 2 >= 40, 96 // 4 < 40
+  full = RecordSource(recs, get_task("det").data, 1)[0]
+  # 96 // 2 >= 40, 96 // 4 < 40
+  half = RecordSource(recs, get_task("det").data, 1, min_decode_side=40)[0]
   assert full["image"].shape == (64, 96, 3) and half["image"].shape == (32, 48, 3)
   np.testing.assert_allclose(half["boxes"], full["boxes"] / 2)
   np.testing.assert_array_equal(half["orig_hw"], [64, 96])
@@ -279,7 +281,7 @@ def test_make_source_exposes_category_ids(tmp_path):
   ann, imgs = _sparse_coco(tmp_path)
   cfg = {"source": {"format": "coco", "train": {"ann_file": ann, "image_dir": imgs}},
          "num_classes": 3, "max_boxes": 4}
-  src = pipeline.make_source(cfg, "det", "train")
+  src = pipeline.make_source(cfg, get_task("det").data, "train")
   assert src.category_ids == (3, 7, 42) and src.category_map == {0: 3, 1: 7, 2: 42}
   assert src.class_names == ("three", "seven", "forty-two")
   ex = src[2]
@@ -335,9 +337,10 @@ def test_allow_outside_root_from_config(tmp_path):
                     "train": {"list_file": str(lst), "image_dir": str(tmp_path / "root")}},
          "num_classes": 2}
   with pytest.raises(DataValidationError, match="a path inside the dataset root"):
-    pipeline.make_source(cfg, "cls", "train")
-  assert len(pipeline.make_source({**cfg, "policy": "skip"}, "cls", "train")) == 1
-  assert len(pipeline.make_source({**cfg, "allow_outside_root": True}, "cls", "train")) == 2
+    pipeline.make_source(cfg, get_task("cls").data, "train")
+  assert len(pipeline.make_source({**cfg, "policy": "skip"}, get_task("cls").data, "train")) == 1
+  assert len(pipeline.make_source({**cfg, "allow_outside_root": True}, get_task("cls").data,
+                                          "train")) == 2
 
 
 def test_truncated_loading_switched_on_is_refused(tmp_path, monkeypatch):
@@ -379,7 +382,7 @@ def test_decode_refuses_an_image_truncated_after_reading(tmp_path):
   _png(tmp_path / "i" / "a.jpg", img)  # cv2.imwrite picks JPEG from the name
   (tmp_path / "l.txt").write_text("a.jpg 0\n")
   recs = readers.read_cls_list(str(tmp_path / "l.txt"), str(tmp_path / "i"), num_classes=1)
-  src = RecordSource(recs, "cls", 1)
+  src = RecordSource(recs, get_task("cls").data, 1)
   assert src[0]["image"].shape == (64, 64, 3)
   data = (tmp_path / "i" / "a.jpg").read_bytes()
   (tmp_path / "i" / "a.jpg").write_bytes(data[:int(len(data) * 0.7)])

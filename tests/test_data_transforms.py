@@ -20,6 +20,7 @@ from tbgc_jax.data.augment import (
     build_chain,
     parse_spec,
 )
+from tbgc_jax.data.fields import Boxes, ClassMap, ImageLabel, as_fields
 from tbgc_jax.data.pipeline import TrainExample
 
 
@@ -32,7 +33,9 @@ def _det_example(h=60, w=80, boxes=((10, 12, 30, 40), (45, 5, 70, 25)), index=0)
           "orig_hw": np.int32([h, w]), "image_id": np.int32(index)}
 
 
-SEG_MAPS = ("label",)  # the segmentation spec's label maps (TaskSpec.label_maps)
+# The fields of the detection and segmentation examples, by kind (as their data specs declare).
+DET = {"boxes": Boxes(), "image_id": ImageLabel(fill=-1, show=False)}
+SEG_MAPS = {"label": ClassMap()}
 
 
 def _seg_example(h=60, w=80, index=0):
@@ -101,14 +104,14 @@ def _assert_label_follows_pixels(ex, max_bad=0.01):
 
 
 DET_TRANSFORMS = [
-    T.MultiScale(long_edge=120, short_min=50, short_max=100),
-    T.RandomResize(long_edge=100, ratio_min=0.5, ratio_max=2.0),
-    T.Resize(size=(37, 91)),
-    T.ResizeFit(size=(64, 64)),
-    T.HFlip(p=1.0),
-    T.Rotate(max_deg=30, p=1.0),
-    T.RandomCrop(size=(30, 40)),
-    T.Mosaic(source=_Source("det"), size=(64, 96)),
+    T.MultiScale(long_edge=120, short_min=50, short_max=100, fields=DET),
+    T.RandomResize(long_edge=100, ratio_min=0.5, ratio_max=2.0, fields=DET),
+    T.Resize(size=(37, 91), fields=DET),
+    T.ResizeFit(size=(64, 64), fields=DET),
+    T.HFlip(p=1.0, fields=DET),
+    T.Rotate(max_deg=30, p=1.0, fields=DET),
+    T.RandomCrop(size=(30, 40), fields=DET),
+    T.Mosaic(source=_Source("det"), size=(64, 96), fields=DET),
 ]
 
 
@@ -122,7 +125,7 @@ def test_boxes_follow_pixels(t):
 @pytest.mark.parametrize("op", ["Rotate", "ShearX", "ShearY"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_autoaugment_geometric_ops_are_box_and_mask_aware(op, sign):
-  ex = T._apply_op(_det_example(), op, T._magnitude(op, 9), sign)
+  ex = T._apply_op(_det_example(), op, T._magnitude(op, 9), sign, DET)
   _assert_boxes_cover_pixels(ex)
   ex = T._apply_op(_seg_example(), op, T._magnitude(op, 9), sign, SEG_MAPS)
   _assert_label_follows_pixels(ex)
@@ -139,7 +142,8 @@ def _assert_boxes_tight(ex, atol=1.0):
 
 
 def test_axis_aligned_transforms_keep_boxes_tight():
-  for t in (T.Resize(size=(120, 40)), T.HFlip(p=1.0), T.RandomCrop(size=(50, 50))):
+  for t in (T.Resize(size=(120, 40), fields=DET), T.HFlip(p=1.0, fields=DET),
+            T.RandomCrop(size=(50, 50), fields=DET)):
     _assert_boxes_tight(t.random_map(_det_example(), np.random.default_rng(1)))
 
 
@@ -147,22 +151,22 @@ def test_resized_boxes_stay_inside_the_image():
   for w in range(20, 100, 3):
     ex = _det_example(w, w, ((0, 0, w, w),))
     for ow in range(20, 100):
-      b = T.resize(ex, (ow, ow))["boxes"]
+      b = T.resize(ex, (ow, ow), as_fields(DET))["boxes"]
       assert (b <= ow).all() and (b >= 0).all(), (w, ow, b)
 
 
 def test_hflip_reference():
-  ex = T.HFlip(p=1.0).random_map(_det_example(), np.random.default_rng(0))
+  ex = T.HFlip(p=1.0, fields=DET).random_map(_det_example(), np.random.default_rng(0))
   np.testing.assert_array_equal(ex["boxes"][0], [80 - 30, 12, 80 - 10, 40])
   np.testing.assert_array_equal(ex["image"], _det_example()["image"][:, ::-1])
 
 
 SEG_TRANSFORMS = [
-    T.RandomResize(long_edge=100, label_maps=SEG_MAPS),
-    T.Rotate(max_deg=30, p=1.0, label_maps=SEG_MAPS),
-    T.RandomCrop(size=(40, 40), label_maps=SEG_MAPS), T.HFlip(p=1.0, label_maps=SEG_MAPS),
-    T.Mosaic(source=_Source("seg"), size=(96, 96), label_maps=SEG_MAPS),
-    T.ResizeFit(size=(50, 50), label_maps=SEG_MAPS),
+    T.RandomResize(long_edge=100, fields=SEG_MAPS),
+    T.Rotate(max_deg=30, p=1.0, fields=SEG_MAPS),
+    T.RandomCrop(size=(40, 40), fields=SEG_MAPS), T.HFlip(p=1.0, fields=SEG_MAPS),
+    T.Mosaic(source=_Source("seg"), size=(96, 96), fields=SEG_MAPS),
+    T.ResizeFit(size=(50, 50), fields=SEG_MAPS),
 ]
 
 
@@ -174,7 +178,7 @@ def test_label_maps_follow_pixels(t):
 
 
 def test_rotate_fills_label_with_ignore():
-  ex = T.Rotate(max_deg=45, p=1.0, label_maps=SEG_MAPS).random_map(_seg_example(),
+  ex = T.Rotate(max_deg=45, p=1.0, fields=SEG_MAPS).random_map(_seg_example(),
                                                                    np.random.default_rng(3))
   assert (ex["label"][0, 0] == 255) and (ex["image"][0, 0] == 0).all()
 
@@ -183,10 +187,11 @@ def test_mosaic_canvas_and_mixup():
   src = _Source("det")
   ex = T.Mosaic(source=src, size=(64, 96)).random_map(_det_example(), np.random.default_rng(0))
   assert ex["image"].shape == (64, 96, 3) and ex["index"] == 0
-  ex = T.Mosaic(source=_Source("seg"), size=(64, 96), label_maps=SEG_MAPS).random_map(
+  ex = T.Mosaic(source=_Source("seg"), size=(64, 96), fields=SEG_MAPS).random_map(
       _seg_example(), np.random.default_rng(0))
   assert ex["label"].shape == (64, 96) and (ex["label"] == 255).any()
-  mix = T.MixUp(source=src, p=1.0).random_map(_det_example(), np.random.default_rng(0))
+  mix = T.MixUp(source=src, p=1.0, fields=DET).random_map(_det_example(),
+                                                          np.random.default_rng(0))
   assert len(mix["boxes"]) == 3  # 2 own + 1 from the other image
   assert mix["image"].shape == (60, 80, 3)
   np.testing.assert_array_equal(mix["labels"][:2], [0, 1])
@@ -205,7 +210,8 @@ def test_deterministic_given_rng_and_picklable():
   aug = build_augment({"mode": "multi_branch",
                        "branches": ["multiscale(long_edge=64, short_min=40, short_max=60)|hflip"
                                     "|autoaugment|noise", "mosaic(size=(64, 64))|mixup|hflip"],
-                       "probs_start": [0.5, 0.5], "probs_end": [0.1, 0.9]}, _Source("det"))
+                       "probs_start": [0.5, 0.5], "probs_end": [0.1, 0.9]}, _Source("det"),
+                      fields=DET)
   aug2 = pickle.loads(pickle.dumps(aug))
   for seed in range(6):
     a = aug.random_map(_det_example(), np.random.default_rng(seed))
@@ -387,7 +393,7 @@ def test_autoaugment_picks_its_two_sub_policies_uniformly():
 # crop sides in [32, 60].
 SMALL_AA = T.DetAutoAugment(long_edge=96, short_min=48, short_max=80, step=16,
                             crop_long_edge=400, crop_short_min=50, crop_short_max=70,
-                            crop_short_step=10, crop_min=32, crop_max=60)
+                            crop_short_step=10, crop_min=32, crop_max=60, fields=DET)
 
 
 @st.composite
@@ -429,13 +435,14 @@ def test_autoaugment_sub_policies_keep_boxes_inside_and_on_the_pixels(ex, policy
 
 
 def test_range_crop_sizes_and_fallback():
-  crop = T.RangeCrop(min_size=20, max_size=30)
+  crop = T.RangeCrop(min_size=20, max_size=30, fields=DET)
   sizes = {crop.random_map(_det_example(), np.random.default_rng(s))["image"].shape[:2]
            for s in range(200)}
   assert all(20 <= h <= 30 and 20 <= w <= 30 for h, w in sizes) and len(sizes) > 20
   # No crop of this size can hold a box of the example: it comes back uncropped.
   ex = _det_example(60, 80, ((0, 0, 2, 2),))
-  out = T.RangeCrop(min_size=50, max_size=50, tries=3).random_map(ex, np.random.default_rng(0))
+  out = T.RangeCrop(min_size=50, max_size=50, tries=3, fields=DET).random_map(
+      ex, np.random.default_rng(0))
   assert out["image"].shape[:2] == (60, 80)
   np.testing.assert_array_equal(out["boxes"], ex["boxes"])
 
@@ -498,7 +505,7 @@ def test_curriculum_follows_the_epochs_of_the_pipeline():
   src = _Source("det")
   for curriculum in (False, True):
     aug = build_augment({**cfg, "curriculum": curriculum}, src)
-    fns = [TrainExample(src, aug, "det", (8, 8), 4, seed=seed, epoch_len=len(src),
+    fns = [TrainExample(src, aug, "det", (8, 8), as_fields(DET), seed=seed, epoch_len=len(src),
                         num_epochs=4) for seed in range(60)]
     for epoch, progress in ((0, 0.0), (2, 0.5), (3, 0.75)):
       branch = [fn.example(epoch, i)["branch"] for fn in fns for i in range(len(src))]

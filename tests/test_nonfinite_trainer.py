@@ -50,7 +50,7 @@ def _break_records(monkeypatch, task, every):
   """Points every ``every``-th record of ``task`` at a missing file (removed after indexing)."""
   def make_source(cfg, t, split):
     source = _MAKE_SOURCE(cfg, t, split)
-    if t != task or split != "train":
+    if t.name != task or split != "train":
       return source
     records = [dataclasses.replace(r, image_path=r.image_path + ".gone") if i % every == 0
                else r for i, r in enumerate(source.records)]

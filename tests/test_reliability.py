@@ -16,6 +16,7 @@ import tbgc_jax
 from configs import tiny
 from tbgc_jax.data import pipeline
 from tbgc_jax.data.records import RecordSource
+from tbgc_jax.tasks import get_task
 from tbgc_jax.trainer import checkpointing, logs
 from tbgc_jax.trainer.optim import make_optimizer, nonfinite_counters
 from tbgc_jax.trainer.setup import validate_config
@@ -248,17 +249,17 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 def _broken_source(embedded_root, tmp_path, bad=3):
   cfg = tiny.get_config().data.cls
   cfg.source.root = embedded_root
-  source = pipeline.make_source(cfg, "cls", "train")
+  source = pipeline.make_source(cfg, get_task("cls").data, "train")
   records = list(source.records)
   missing = str(tmp_path / "gone.png")  # removed after the index was read
   records[bad] = dataclasses.replace(records[bad], image_path=missing)
-  return cfg, RecordSource(records, "cls", source.num_classes), missing
+  return cfg, RecordSource(records, get_task("cls").data, source.num_classes), missing
 
 
 def _epoch(cfg, source, policy):
   cfg.policy = policy
-  it = pipeline.train_iterator(cfg, "cls", seed=0, num_epochs=1, batch_size=16, num_workers=1,
-                               source=source)
+  it = pipeline.train_iterator(cfg, get_task("cls").data, seed=0, num_epochs=1, batch_size=16,
+                               num_workers=1, source=source)
   return list(it)
 
 

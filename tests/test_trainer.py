@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tbgc_jax.data import pipeline
-from tbgc_jax.tasks import classification, segmentation
+from tbgc_jax.data.fields import pop_counts
+from tbgc_jax.tasks import classification, get_task, segmentation
 from tbgc_jax.trainer import setup as setup_lib
 from tbgc_jax.trainer.checkpointing import restore_params
 from tbgc_jax.trainer.evaluate import evaluate
@@ -164,10 +165,11 @@ def test_the_compiled_batch_layout_is_the_pipelines():
   want = setup_lib.train_batch_shapes(setup.config, setup.mesh)
   batches = {}
   for t in setup.tasks:
-    it = pipeline.train_iterator(setup.config.data[t], t, seed=0, num_epochs=1,
+    it = pipeline.train_iterator(setup.config.data[t], get_task(t).data, seed=0, num_epochs=1,
                                  batch_size=setup.local_batch_size(t))
     host = next(it)
     host.pop("skipped")
+    pop_counts(host)  # the trainer logs the drop counters (det: num_dropped_boxes)
     batches[t] = host
   setup_lib.check_batches(batches, want)
   assert want["det"]["image"].sharding == setup.data_sharding
@@ -222,7 +224,7 @@ def test_drop_path_masks_follow_the_step_key():
   config = _config(**{"tasks": ("cls",), "model.drop_path_rate": 0.5})
   setup = Setup(config)
   loss = jax.jit(make_loss_fns(setup.graphdef, ("cls",), {"cls": 1.0})["cls"])
-  batch = next(pipeline.train_iterator(config.data.cls, "cls", seed=0, num_epochs=1))
+  batch = next(pipeline.train_iterator(config.data.cls, get_task("cls").data, seed=0, num_epochs=1))
   values = [float(loss(setup.params, batch, setup.rest, jax.random.PRNGKey(k))[0])
             for k in (0, 0, 1)]
   assert values[0] == values[1]

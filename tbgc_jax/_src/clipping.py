@@ -309,7 +309,7 @@ def tbgc(
     Zhang et al., `Task-level Backbone-oriented Gradient Clip for Multi-Task Foundation
     Model Learning`, CVPR 2023 Foundation Model Challenge workshop.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, tbgc_jax
     >>> params = {"backbone": jnp.ones(3), "head": jnp.ones(2)}
     >>> tx = optax.chain(
@@ -390,7 +390,7 @@ def backbone_clip(
     Model Challenge Track 1 (github.com/vaew/CVPR-2023-Track1-, ``track1-huster/openMMLab/
     mmengine``).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.backbone_clip(1.0, {"backbone": True, "head": False}, tasks=("a", "b"))
     >>> grads = {"a": {"backbone": jnp.array([3.0, 4.0]), "head": jnp.array([5.0])},
@@ -465,7 +465,7 @@ def task_rescale(
     Zhang et al., `Task-level Backbone-oriented Gradient Clip for Multi-Task Foundation
     Model Learning`, CVPR 2023 workshop (the clip and rescale steps of Algorithm 1).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, tbgc_jax
     >>> mask = {"backbone": True, "head": False}
     >>> tx = optax.chain(tbgc_jax.task_rescale(1.0, mask, tasks=("a", "b")),
@@ -495,7 +495,7 @@ def sum_tasks(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str]
   Returns:
     An ``optax.GradientTransformation`` with an ``optax.EmptyState``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.sum_tasks(tasks=("a", "b"))
     >>> out, _ = tx.update({"a": jnp.ones(2), "b": jnp.arange(2.0)}, tx.init(jnp.zeros(2)))

@@ -56,7 +56,7 @@ def gradient_diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     ``{name: scalar}``; ``{}`` when the state holds no `GradientDiagnostics` (e.g. of
     `tbgc_jax.tbgc`, whose diagnostics `tbgc_jax.task_diagnostics` reads).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.mgda(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([-1.0, 1.0])}

@@ -38,7 +38,7 @@ def per_task_value_and_grad(
     tasks of ``loss_fns``), returning ``(losses, grads)``, or ``((losses, aux), grads)`` when
     ``has_aux``; each is a ``{task: ...}`` dict.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> fn = tbgc_jax.per_task_value_and_grad({
     ...     "a": lambda p, x: jnp.sum(p * x), "b": lambda p, x: jnp.sum((p * x) ** 2)})

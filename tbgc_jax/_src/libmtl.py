@@ -98,7 +98,7 @@ def gradnorm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], alp
     Chen, Badrinarayanan, Lee, Rabinovich, `GradNorm: Gradient Normalization for Adaptive
     Loss Balancing in Deep Multitask Networks`, ICML 2018, Sec. 3.2 and Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.gradnorm(tasks=("a", "b"), learning_rate=0.1)
     >>> grads = {"a": jnp.array([10.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -188,7 +188,7 @@ def moco(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta: f
     Fernando, Shen, Liu, Chaudhury, Murugesan, Chen, `Mitigating Gradient Bias in
     Multi-objective Learning: A Provably Convergent Approach`, ICLR 2023, Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.moco(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([2.0, 0.0]), "b": jnp.array([0.0, 4.0])}
@@ -265,7 +265,7 @@ def db_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta:
     Lin, Ye, Xu, Shi, Zhang, Kwok, `Dual-Balancing for Multi-Task Learning`,
     arXiv:2308.12029, 2023, Sec. 3.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.db_mtl(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([2.0, 0.0]), "b": jnp.array([0.0, 1.0])}

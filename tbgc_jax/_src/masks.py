@@ -25,7 +25,7 @@ def path_mask(pattern: str) -> Callable[[Any], Any]:
     A function ``params -> mask`` (a pytree of Python bools shaped like ``params``), usable
     wherever a backbone mask is accepted.
 
-  Example:
+  Examples:
     >>> import tbgc_jax
     >>> params = {"backbone": {"w": 1.0}, "heads": {"cls": {"w": 2.0}}}
     >>> tbgc_jax.path_mask(r"^backbone/")(params)

@@ -72,7 +72,7 @@ def mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Caruana, `Multitask Learning`, Machine Learning 1997 (equal weighting; TorchJD's ``Mean``).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.mean(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -107,7 +107,7 @@ def mgda(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization`, NeurIPS 2018, Eq. 3;
     Désidéri, `Multiple-gradient descent algorithm (MGDA)`, 2012.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.mgda(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -145,7 +145,7 @@ def upgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization`, 2024, Eq. 5.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.upgrad(tasks=("a", "b"), reg_eps=1e-4)  # as TorchJD
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -184,7 +184,7 @@ def dualproj(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization`, 2024, Section 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.dualproj(tasks=("a", "b"), reg_eps=1e-4)  # as TorchJD
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -224,7 +224,7 @@ def pcgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], seed:
   References:
     Yu et al., `Gradient Surgery for Multi-Task Learning`, NeurIPS 2020, Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.pcgrad(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -279,7 +279,7 @@ def graddrop(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
     Dropout`, NeurIPS 2020, Eqs. 2-4.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.graddrop(tasks=("a", "b"))
     >>> J = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, -2.0])}
@@ -332,7 +332,7 @@ def cagrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], c: fl
     Liu et al., `Conflict-Averse Gradient Descent for Multi-task Learning`, NeurIPS 2021,
     Eq. 6.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.cagrad(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -374,7 +374,7 @@ def imtl_g(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Liu et al., `Towards Impartial Multi-task Learning`, ICLR 2021, Eq. 10.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.imtl_g(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -422,7 +422,7 @@ def aligned_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Senushkin et al., `Independent Component Alignment for Multi-Task Learning`, CVPR 2023,
     Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.aligned_mtl(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -474,7 +474,7 @@ def config(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Liu et al., `ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks`,
     ICLR 2025, Eq. 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.config(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -515,7 +515,7 @@ def fairgrad(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Ban & Ji, `Fair Resource Allocation in Multi-Task Learning`, ICML 2024, Eq. 7.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.fairgrad(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -551,7 +551,7 @@ def nash_mtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
   References:
     Navon et al., `Multi-Task Learning as a Bargaining Game`, ICML 2022, Eq. 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.nash_mtl(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}
@@ -596,7 +596,7 @@ def gradvac(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], beta
     Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in
     Massively Multilingual Models`, ICLR 2021, Eqs. 4-5.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.gradvac(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}

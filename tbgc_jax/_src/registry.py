@@ -53,7 +53,7 @@ def register(
     *,
     checks: Mapping[str, Check] | None = None,
     uses_losses: bool = False,
-):
+) -> Callable[..., Any]:
   """Adds a gradient method to the registry; usable as a decorator.
 
   Args:
@@ -69,7 +69,7 @@ def register(
   Returns:
     ``factory`` (or a decorator registering its argument), unchanged.
 
-  Example:
+  Examples:
     >>> import optax, tbgc_jax
     >>> @tbgc_jax.register("halved_sum", checks={"factor": (lambda x: x > 0, "> 0")})
     ... def halved_sum(backbone_mask=None, *, tasks, factor=0.5):
@@ -159,7 +159,7 @@ def make_method(
     An ``optax.GradientTransformationExtraArgs``: its ``update`` accepts (and, for methods
     that do not use them, ignores) ``losses={task: loss}``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.make_method("tbgc", {"w": True}, tasks=("a", "b"), max_norm=0.1)
     >>> grads = {"a": {"w": jnp.full(4, 3.0)}, "b": {"w": jnp.ones(4)}}

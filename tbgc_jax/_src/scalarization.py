@@ -76,7 +76,7 @@ def geometric_mean(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str
     Chennupati, Sistu, Yogamani, Rawashdeh, `MultiNet++: Multi-Stream Feature Aggregation and
     Geometric Loss Strategy for Multi-Task Learning`, CVPR 2019 workshops (GLS).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.geometric_mean(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -128,7 +128,7 @@ def stch(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], mu: flo
     Lin, Zhang, Liu, Zhang, Kwong, `Smooth Tchebycheff Scalarization for Multi-Objective
     Optimization`, ICML 2024.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.stch(tasks=("a", "b"), mu=0.01)
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -182,7 +182,7 @@ def pbi(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str], theta: f
     Zhang & Li, `MOEA/D: A Multiobjective Evolutionary Algorithm Based on Decomposition`,
     IEEE Transactions on Evolutionary Computation 11(6), 2007, Sec. II-C.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.pbi(tasks=("a", "b"), theta=1.0)
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -275,7 +275,7 @@ def imtl_l(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, `Towards Impartial Multi-task Learning`,
     ICLR 2021 (IMTL-L).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.imtl_l(tasks=("a", "b"))
     >>> grads = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 1.0])}
@@ -326,7 +326,7 @@ def imtl(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
     Liu et al., `Towards Impartial Multi-task Learning`, ICLR 2021, IMTL-L, IMTL-G (Eq. 10)
     and their hybrid.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.imtl(tasks=("a", "b"))
     >>> J = {"a": jnp.array([-4.0, 1.0, 1.0]), "b": jnp.array([6.0, 1.0, 1.0])}

@@ -126,7 +126,7 @@ def famo(
     Liu, Liu, Stone, Liu, `FAMO: Fast Adaptive Multitask Optimization`, NeurIPS 2023,
     Eqs. 6, 8 and 9 and Algorithm 1.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.famo(tasks=("a", "b"))
     >>> params = jnp.zeros(2)
@@ -217,7 +217,7 @@ def dwa(
   References:
     Liu, Johns, Davison, `End-to-End Multi-Task Learning with Attention`, CVPR 2019, Eq. 7.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.dwa(tasks=("a", "b"))
     >>> params = jnp.zeros(2)
@@ -293,7 +293,7 @@ def rlw(
     Lin, Ye, Xu, Shi, Zhang, `Reasonable Effectiveness of Random Weighting: A Litmus Test for
     Multi-Task Learning`, TMLR 2022, Eq. 2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.rlw(tasks=("a", "b", "c"), seed=0)
     >>> params = jnp.zeros(3)
@@ -369,7 +369,7 @@ def uncertainty(
     Kendall, Gal, Cipolla, `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
     Geometry and Semantics`, CVPR 2018, Eq. 7 and Sec. 3.2.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, tbgc_jax
     >>> tx = tbgc_jax.uncertainty(tasks=("a", "b"))
     >>> params = jnp.zeros(2)

@@ -15,8 +15,8 @@ An augmentation config (``ConfigDict`` or dict) has ``mode``, one of ``AUGMENT_M
   the union of the branches' transforms (Table 3's baseline).
 A single branch builds a plain ``Chain`` (classification: no multi-branch in the paper).
 
-``label_maps`` (the task's ``TaskSpec.label_maps``) names the example keys that hold label
-maps; every transform of the chain warps them with the image.
+``fields`` (the task's fields and their kinds, ``tbgc_jax.data.fields``) is given to every
+transform of the chain, which moves each field by its kind.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from tbgc_jax.data.fields import as_fields
 from tbgc_jax.data.transforms import REGISTRY, Transform
 
 Example = dict[str, Any]
@@ -76,19 +77,20 @@ class Chain(grain.transforms.RandomMap):
     return sum(t.strong for t in self.transforms)
 
 
-def build_chain(spec: str, source: Any = None, label_maps: Sequence[str] = ()) -> Chain:
+def build_chain(spec: str, source: Any = None, fields: Any = ()) -> Chain:
   """Builds a ``Chain`` from a spec string.
 
   Args:
     spec: ``"name(key=value, ...)|name|..."``.
     source: random-access source given to Mosaic/MixUp.
-    label_maps: the example keys holding label maps (the task's ``TaskSpec.label_maps``).
+    fields: the example's fields and their kinds (a mapping or ``(key, kind)`` pairs).
   """
+  fields = as_fields(fields)
   ts = []
   for name, kwargs in parse_spec(spec):
     cls = REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    accepted = fields - {"source", "label_maps"}
+    names = {f.name for f in dataclasses.fields(cls)}
+    accepted = names - {"source", "fields"}
     unknown = set(kwargs) - accepted
     if unknown:
       raise ValueError(f"augmentation {name!r}: unknown argument(s) {sorted(unknown)}; "
@@ -96,9 +98,9 @@ def build_chain(spec: str, source: Any = None, label_maps: Sequence[str] = ()) -
     for k, v in kwargs.items():
       if isinstance(v, list):
         kwargs[k] = tuple(v)
-    if "source" in fields:
+    if "source" in names:
       kwargs["source"] = source
-    ts.append(cls(**kwargs, label_maps=tuple(label_maps)))
+    ts.append(cls(**kwargs, fields=fields))
   return Chain(tuple(ts))
 
 
@@ -165,7 +167,7 @@ def _branch_specs(cfg: Any) -> tuple[str, ...]:
   return specs or (cfg["plain"],)
 
 
-def build_parallel(cfg: Any, source: Any = None, label_maps: Sequence[str] = ()) -> Chain:
+def build_parallel(cfg: Any, source: Any = None, fields: Any = ()) -> Chain:
   """Builds the "parallel" chain of an augmentation config (Table 3's baseline).
 
   Raises:
@@ -178,8 +180,8 @@ def build_parallel(cfg: Any, source: Any = None, label_maps: Sequence[str] = ())
       raise ValueError("augmentation mode 'parallel' needs a 'parallel' chain when there is "
                        f"more than one branch; branches: {specs}")
     spec = specs[0]
-  chain = build_chain(spec, source, label_maps)
-  union = {t for s in specs for t in build_chain(s, source, label_maps).transforms}
+  chain = build_chain(spec, source, fields)
+  union = {t for s in specs for t in build_chain(s, source, fields).transforms}
   if len(set(chain.transforms)) != len(chain.transforms) or set(chain.transforms) != union:
     extra = sorted(type(t).__name__ for t in set(chain.transforms) - union)
     missing = sorted(type(t).__name__ for t in union - set(chain.transforms))
@@ -190,7 +192,7 @@ def build_parallel(cfg: Any, source: Any = None, label_maps: Sequence[str] = ())
 
 
 def build_augment(cfg: Any, source: Any = None, *, max_strong: int | None = 1,
-                  label_maps: Sequence[str] = ()) -> grain.transforms.RandomMap:
+                  fields: Any = ()) -> grain.transforms.RandomMap:
   """Builds the augmentation declared by an augmentation config (see module docstring).
 
   Args:
@@ -198,20 +200,20 @@ def build_augment(cfg: Any, source: Any = None, *, max_strong: int | None = 1,
     source: random-access source for Mosaic and MixUp.
     max_strong: in ``multi_branch`` mode, each branch may hold at most this many strong
       augmentations (the paper: one); None disables the check.
-    label_maps: the example keys holding label maps (the task's ``TaskSpec.label_maps``).
+    fields: the example's fields and their kinds (``tbgc_jax.data.fields``).
 
   Returns:
     A ``Chain`` or (several branches) a ``RandomChoice``.
   """
   mode = cfg["mode"]
   if mode == "plain":
-    return build_chain(cfg["plain"], source, label_maps)
+    return build_chain(cfg["plain"], source, fields)
   if mode == "parallel":
-    return build_parallel(cfg, source, label_maps)
+    return build_parallel(cfg, source, fields)
   if mode != "multi_branch":
     raise ValueError(f"augmentation mode must be one of {AUGMENT_MODES}, got {mode!r}")
   specs = _branch_specs(cfg)
-  branches = tuple(build_chain(s, source, label_maps) for s in specs)
+  branches = tuple(build_chain(s, source, fields) for s in specs)
   if max_strong is not None:
     for s, b in zip(specs, branches, strict=True):
       if b.num_strong > max_strong:

@@ -6,9 +6,10 @@ upscaled, coloured and composed onto crops of scikit-image's sample photos
 seconds on first use; the result is cached in ``embedded_dir()``:
 ``$TBGC_DATA_DIR`` if set, else ``~/.cache/tbgc_jax/embedded-v3``.
 
-Each task writes its own (``TaskSpec.write_embedded``, in ``tbgc_jax.tasks``) with the
-drawing helpers below, in the challenge's real on-disk formats, read back with the real
-readers (``tbgc_jax.data.readers``). The bundled tasks' data:
+Each task writes its own under ``<root>/<task>`` (``DataSpec.write_embedded``, in
+``tbgc_jax.tasks``) with the drawing helpers below, in the challenge's real on-disk formats,
+read back with the real readers (``tbgc_jax.data.readers``); the source format
+``"embedded"`` reads it. The built-in tasks' data:
 
 - ``det/``: COCO JSON ``annotations/instances_{train,val}.json`` + ``images/{split}/*.jpg``;
   192x144 (w x h) scenes with 2-5 digits, 10 classes (the digit).
@@ -26,16 +27,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
-from tbgc_jax.schema import TASKS
-from tbgc_jax.tasks import EmbeddedPool, get_task
+from tbgc_jax.data.formats import ReadContext, get_reader, register_reader
+from tbgc_jax.data.spec import DataSpec, EmbeddedPool
 
 VERSION = "embedded-v3"
-BUNDLED = TASKS  # the built-in tasks: the versioned data set (one DONE marker)
 _BACKGROUNDS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
                 "colorwheel", "camera", "coins", "moon", "brick", "grass", "gravel", "page")
 _TRAIN_DIGITS = 1400
@@ -142,15 +143,23 @@ def paste_digits(img, rng, digits, hw, count, size_range, hues: Sequence[float] 
     yield pos[0], pos[1], k, alpha, hue_index
 
 
-def generate(root: str, tasks: Sequence[str] = BUNDLED) -> None:
-  """Writes the embedded datasets of ``tasks`` under ``root`` (deterministic per task).
+def _required(specs: Sequence[DataSpec]) -> list[DataSpec]:
+  """The specs whose data ``specs`` read (`DataSpec.embedded_requires`), each once."""
+  out: dict[str, DataSpec] = {}
+  for spec in specs:
+    for s in spec.embedded_requires():
+      out.setdefault(s.name, s)
+  return list(out.values())
 
-  Each task's ``TaskSpec.write_embedded`` draws from its own stream
+
+def generate(root: str, specs: Sequence[DataSpec]) -> None:
+  """Writes the embedded data of ``specs`` under ``root`` (deterministic per task).
+
+  Each task's ``DataSpec.write_embedded`` draws from its own stream
   (``[20230623, spec.stream, split]``), so a subset of tasks writes the same files.
   """
   from sklearn.datasets import load_digits
 
-  specs = [get_task(t) for t in tasks]
   d = load_digits()
   bgs = load_backgrounds()
   for spec in specs:
@@ -160,69 +169,61 @@ def generate(root: str, tasks: Sequence[str] = BUNDLED) -> None:
       spec.write_embedded(root, split, rng, EmbeddedPool(bgs, digits, targets))
 
 
-def _once(lock_path: str, done: str, build: Callable[[], None]) -> None:
-  """Runs ``build`` unless ``done`` exists, under an exclusive file lock (process-safe)."""
+def _once(lock_path: str, done: Callable[[], bool], build: Callable[[], None]) -> None:
+  """Runs ``build`` unless ``done()``, under an exclusive file lock (process-safe)."""
   import fcntl
 
-  if os.path.exists(done):
+  if done():
     return
   with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(done):
+    if not done():
       build()
 
 
-def ensure_embedded(root: str | None = None, tasks: Sequence[str] = ()) -> str:
-  """Returns the embedded data folder, generating it first if missing (safe across processes:
-  one process generates under a file lock, the others wait; the result appears atomically).
-
-  The bundled tasks (``BUNDLED``) are generated together (marker ``DONE``); another task of
-  ``tasks`` that writes data of its own (``TaskSpec.embedded_data``) gets ``root/<task>``
-  on first use.
+def ensure_embedded(root: str | None = None, specs: Sequence[DataSpec] = ()) -> str:
+  """Returns the embedded data folder, first generating the data ``specs`` read (their
+  ``embedded_requires``) where missing: ``root/<task>`` per task, written in a temporary
+  folder and renamed into place (safe across processes: one generates under a file lock, the
+  others wait).
 
   Args:
     root: folder to use (default ``embedded_dir()``).
-    tasks: tasks whose data must be there besides the bundled ones.
+    specs: the data specs of the tasks whose embedded data must be there.
   """
   root = root or embedded_dir()
-  parent = os.path.dirname(os.path.abspath(root))
-  os.makedirs(parent, exist_ok=True)
+  os.makedirs(root, exist_ok=True)
+  needed = _required(specs)
+  missing = lambda: [s for s in needed if not os.path.isdir(os.path.join(root, s.name))]
 
-  def build_bundled():
-    tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=parent)
+  def build():
+    tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=root)
     try:
-      generate(tmp)
-      with open(os.path.join(tmp, "DONE"), "w") as f:
-        f.write(VERSION + "\n")
-      if os.path.isdir(root) and not os.listdir(root):
-        os.rmdir(root)
-      if os.path.exists(root):  # never delete a user's folder
-        raise FileExistsError(f"{root}: exists without a DONE marker; remove it or point "
-                              "TBGC_DATA_DIR at an empty or new folder")
-      os.rename(tmp, root)
+      todo = missing()
+      generate(tmp, todo)
+      for spec in todo:
+        os.rename(os.path.join(tmp, spec.name), os.path.join(root, spec.name))
     finally:
-      if os.path.isdir(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
+      shutil.rmtree(tmp, ignore_errors=True)
 
-  _once(os.path.abspath(root) + ".lock", os.path.join(root, "DONE"), build_bundled)
-  for spec in (get_task(t) for t in tasks):
-    if spec.name in BUNDLED or not spec.embedded_data:
-      continue
-
-    def build_task(name=spec.name):
-      tmp = tempfile.mkdtemp(prefix=".embedded-tmp-", dir=root)
-      try:
-        generate(tmp, (name,))
-        os.rename(os.path.join(tmp, name), os.path.join(root, name))
-      finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    _once(os.path.join(root, f".{spec.name}.lock"), os.path.join(root, spec.name), build_task)
+  _once(os.path.join(root, ".lock"), lambda: not missing(), build)
   return root
 
 
-def reader_args(task: str, split: str, root: str | None = None) -> dict[str, str]:
+def reader_args(spec: DataSpec, split: str, root: str | None = None) -> dict[str, Any]:
   """Where the embedded files of (task, split) lie, as keyword arguments of the task's
-  reader (``TaskSpec.embedded_format``), generating them first if missing."""
-  spec = get_task(task)
-  return spec.embedded_reader_args(ensure_embedded(root, (spec.name,)), split)
+  reader (``DataSpec.embedded_format``), generating them first if missing."""
+  return spec.embedded_reader_args(ensure_embedded(root, (spec,)), split)
+
+
+def _read_embedded(kwargs: Mapping[str, Any], ctx: ReadContext) -> Any:
+  """The ``embedded`` format: the task's embedded data, read with its ``embedded_format``."""
+  del kwargs
+  spec = ctx.spec
+  if not spec.embedded_format:
+    raise ValueError(f"task {spec.name!r} has no embedded data (DataSpec.embedded_format)")
+  args = reader_args(spec, ctx.split, ctx.source.get("root", None) or None)
+  return get_reader(spec.embedded_format)(args, ctx)
+
+
+register_reader("embedded", _read_embedded)

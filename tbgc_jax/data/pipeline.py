@@ -1,7 +1,9 @@
 """grain pipelines per task: source -> per-epoch shuffle -> augmentation -> fixed-shape batch.
 
-What differs between tasks (formats and records, decoding, label maps, padding) is the task's
-spec (``tbgc_jax.tasks``); every function here takes a registered task's name.
+What differs between tasks (formats and records, decoding, the kinds of the example fields)
+is the task's data spec (``tbgc_jax.data.spec.DataSpec``, the ``data`` part of a task in
+``tbgc_jax.tasks``); every function here takes it with the task's data section
+(``config.data.<task>``).
 
 Training: ``train_dataset`` builds a ``grain.MapDataset`` of batches over ``num_epochs``
 epochs (reshuffled every epoch, batches may straddle epoch ends);
@@ -27,11 +29,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from tbgc_jax.data import embedded
+from tbgc_jax.data import embedded, readers  # noqa: F401 - they register their formats
 from tbgc_jax.data.augment import build_augment, build_chain
 from tbgc_jax.data.batching import pad_example, padding_example
+from tbgc_jax.data.fields import Fields, as_fields
+from tbgc_jax.data.formats import ReadContext, get_reader, reads
 from tbgc_jax.data.records import DataValidationError, RecordSource
-from tbgc_jax.tasks import RecordSet, TaskSpec, get_task
+from tbgc_jax.data.spec import DataSpec, RecordSet
 
 _log = logging.getLogger(__name__)
 
@@ -43,12 +47,26 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default
 
 
-def make_source(task_cfg: Any, task: str | TaskSpec, split: str) -> Any:
+def _spec(spec: Any) -> DataSpec:
+  if not isinstance(spec, DataSpec):
+    raise TypeError(f"expected a task's DataSpec (tbgc_jax.tasks: get_task(name).data), got "
+                    f"{spec!r}")
+  return spec
+
+
+def fields(task_cfg: Any, spec: DataSpec) -> Fields:
+  """The task's example fields and their kinds for its data section, as ``(key, kind)``."""
+  return as_fields(_spec(spec).fields(task_cfg))
+
+
+def make_source(task_cfg: Any, spec: DataSpec, split: str) -> Any:
   """Reads (and validates) the records of one task and split; returns a random-access source.
 
   Args:
     task_cfg: a task section (``data.det`` / ``data.seg`` / ``data.cls`` / ...).
-    task: a registered task's name (or its spec), whose ``read`` reads the format.
+    spec: the task's data spec; the format (``task_cfg.source.format``) must be one of its
+      ``formats`` (or registered ``like`` one of them) or ``"embedded"``; the registered
+      reader reads it (``tbgc_jax.data.formats``).
     split: key under ``task_cfg.source`` ("train" or "val").
 
   Returns:
@@ -57,22 +75,24 @@ def make_source(task_cfg: Any, task: str | TaskSpec, split: str) -> Any:
     file's category id, for ``category_id`` in exports), ``category_map``, ``class_names``
     and, for COCO files, ``annotation_file`` (evaluation scores against it).
   """
-  spec = get_task(task)
+  spec = _spec(spec)
   task = spec.name
   src = task_cfg["source"]
   fmt = src["format"]
+  if fmt != "embedded" and not reads(spec.formats, fmt):
+    raise ValueError(f"source format {fmt!r} is not available for task {task!r} (its "
+                     f"formats: {('embedded', *spec.formats)})")
   kwargs = dict(_get(src, split, None) or {})
-  policy = _get(task_cfg, "policy", "strict")
-  deep = bool(_get(task_cfg, "deep_check", False))
-  outside = bool(_get(task_cfg, "allow_outside_root", False))
   nc = int(task_cfg["num_classes"])
-  if fmt == "embedded":
-    kwargs = embedded.reader_args(task, split, _get(src, "root", "") or None)
-    fmt = spec.embedded_format
-  result = spec.read(fmt, kwargs, num_classes=nc, policy=policy, deep_check=deep,
-                     allow_outside_root=outside)
+  ctx = ReadContext(spec, split, src, nc, policy=_get(task_cfg, "policy", "strict"),
+                    deep_check=bool(_get(task_cfg, "deep_check", False)),
+                    allow_outside_root=bool(_get(task_cfg, "allow_outside_root", False)))
+  result = get_reader(fmt)(kwargs, ctx)
   if not isinstance(result, RecordSet):
     return result  # a ready source (e.g. TFDS)
+  if result.class_names is not None and len(result.class_names) != nc:
+    raise ValueError(f"{kwargs}: expected {nc} categories (data.{task}.num_classes), got "
+                     f"{len(result.class_names)}")
   if not result.records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
   source = RecordSource(result.records, spec, nc,
@@ -83,15 +103,15 @@ def make_source(task_cfg: Any, task: str | TaskSpec, split: str) -> Any:
   return source
 
 
-def augmentation(task_cfg: Any, task: str | TaskSpec, source: Any = None
+def augmentation(task_cfg: Any, spec: DataSpec, source: Any = None
                  ) -> grain.transforms.RandomMap:
-  """The training augmentation of a task section (``task_cfg.augment``, its label maps)."""
-  return build_augment(task_cfg["augment"], source, label_maps=get_task(task).label_maps)
+  """The training augmentation of a task section (``task_cfg.augment``) for its fields."""
+  return build_augment(task_cfg["augment"], source, fields=fields(task_cfg, spec))
 
 
-def eval_transform(task_cfg: Any, task: str | TaskSpec) -> grain.transforms.RandomMap:
+def eval_transform(task_cfg: Any, spec: DataSpec) -> grain.transforms.RandomMap:
   """The evaluation transform of a task section (``task_cfg.eval_augment``)."""
-  return build_chain(task_cfg["eval_augment"], label_maps=get_task(task).label_maps)
+  return build_chain(task_cfg["eval_augment"], fields=fields(task_cfg, spec))
 
 
 def _describe(source: Any, record: int) -> str:
@@ -110,22 +130,19 @@ class TrainExample(grain.transforms.Map):
   file (``policy="strict"``), or (``policy="skip"``) is replaced by the next record that
   works, deterministically; the example's ``skipped`` field counts the records passed over
   (0 for most), so the trainer can count skips across grain worker processes.
+
+  ``task`` names the task in messages; ``fields`` are its fields and their kinds.
   """
 
   source: Any
   augment: Any
   task: str
   image_size: tuple[int, int]
-  max_boxes: int
+  fields: Fields
   seed: int
   epoch_len: int
   num_epochs: int
   policy: str = "strict"
-  spec: Any = None  # the task's spec (default: the registered one), pickled to the workers
-
-  def __post_init__(self):
-    if self.spec is None:
-      object.__setattr__(self, "spec", get_task(self.task))
 
   def example(self, epoch: int, record: int) -> dict[str, Any]:
     """The augmented (variable-shape) example of ``record`` in ``epoch``."""
@@ -141,8 +158,7 @@ class TrainExample(grain.transforms.Map):
     for skipped in range(n):
       record = (int(first) + skipped) % n
       try:
-        ex = pad_example(self.example(epoch, record), self.spec, self.image_size,
-                         self.max_boxes)
+        ex = pad_example(self.example(epoch, record), self.fields, self.image_size)
       except Exception as e:  # noqa: BLE001 - any reader or augmentation error
         where = f"{self.task}: {_describe(self.source, record)}, epoch {epoch}"
         if self.policy != "skip":
@@ -183,53 +199,49 @@ class EvalExample(grain.transforms.Map):
   transform: Any
   task: str
   image_size: tuple[int, int]
-  max_boxes: int
-  spec: Any = None  # the task's spec (default: the registered one), pickled to the workers
-
-  def __post_init__(self):
-    if self.spec is None:
-      object.__setattr__(self, "spec", get_task(self.task))
+  fields: Fields
 
   def map(self, element: int) -> dict[str, np.ndarray]:
     i = int(element)
     if i >= len(self.source):
-      return padding_example(self.spec, self.image_size, self.max_boxes)
+      return padding_example(self.fields, self.image_size)
     try:
       ex = self.transform.random_map(self.source[i], np.random.default_rng(0))
     except Exception as e:  # noqa: BLE001 - name the record whatever the error
       raise DataValidationError(
           f"{self.task} eval: {_describe(self.source, i)}: {type(e).__name__}: {e}") from e
-    return pad_example(ex, self.spec, self.image_size, self.max_boxes)
+    return pad_example(ex, self.fields, self.image_size)
 
 
-def train_dataset(task_cfg: Any, task: str | TaskSpec, *, seed: int, num_epochs: int,
+def train_dataset(task_cfg: Any, spec: DataSpec, *, seed: int, num_epochs: int,
                   batch_size: int | None = None, shard_index: int = 0, shard_count: int = 1,
                   source: Any = None) -> grain.MapDataset:
   """Training batches of one task over ``num_epochs`` epochs, as a ``grain.MapDataset``.
 
   Args:
     task_cfg: the task section of the data config.
-    task: a registered task's name (or its spec).
+    spec: the task's data spec.
     seed: data seed (shuffle and augmentation).
     num_epochs: epochs to run (also the curriculum horizon).
     batch_size: examples per batch on this host (default ``task_cfg.batch_size``).
     shard_index: this host's part of each global batch (multi-host data parallelism).
     shard_count: number of hosts; the global batch (``batch_size * shard_count`` examples)
       is the same whatever the number of hosts.
-    source: a ready source (default ``make_source(task_cfg, task, "train")``).
+    source: a ready source (default ``make_source(task_cfg, spec, "train")``).
 
   Returns:
     ``len(ds)`` batches (``drop_remainder``) of fixed-shape numpy dicts, with ``skipped``
-    (int32 per example: unreadable records passed over under ``task_cfg.policy == "skip"``).
+    (int32 per example: unreadable records passed over under ``task_cfg.policy == "skip"``)
+    and the drop counters of the fields (``num_dropped_<field>``).
   """
-  spec = get_task(task)
+  spec = _spec(spec)
   source = source if source is not None else make_source(task_cfg, spec, "train")
   batch_size = int(batch_size or task_cfg["batch_size"])
   aug = augmentation(task_cfg, spec, source)
   epoch_len = len(source)
   fn = TrainExample(source, aug, spec.name, tuple(task_cfg["image_size"]),
-                    int(_get(task_cfg, "max_boxes", 0) or 0), int(seed), epoch_len,
-                    int(num_epochs), _get(task_cfg, "policy", "strict"), spec)
+                    fields(task_cfg, spec), int(seed), epoch_len, int(num_epochs),
+                    _get(task_cfg, "policy", "strict"))
   stream = grain.MapDataset.range(epoch_len).shuffle(seed=int(seed)).repeat(int(num_epochs))
   global_batches = len(stream) // (batch_size * shard_count)
   ds = grain.MapDataset.range(global_batches * batch_size).map(
@@ -263,7 +275,7 @@ def _iterate(ds: grain.MapDataset, num_workers: int, read_threads: int | None,
   return iter(it_ds)
 
 
-def train_iterator(task_cfg: Any, task: str | TaskSpec, *, seed: int, num_epochs: int,
+def train_iterator(task_cfg: Any, spec: DataSpec, *, seed: int, num_epochs: int,
                    batch_size: int | None = None, num_workers: int = 0,
                    read_threads: int | None = None, prefetch: int | None = None,
                    shard_index: int = 0, shard_count: int = 1, source: Any = None
@@ -275,29 +287,28 @@ def train_iterator(task_cfg: Any, task: str | TaskSpec, *, seed: int, num_epochs
   uninterrupted run would have produced. ``read_threads`` (default 2) and ``prefetch``
   (default 8 batches) set grain's per-process read threads and prefetch buffer.
   """
-  ds = train_dataset(task_cfg, task, seed=seed, num_epochs=num_epochs, batch_size=batch_size,
+  ds = train_dataset(task_cfg, spec, seed=seed, num_epochs=num_epochs, batch_size=batch_size,
                      shard_index=shard_index, shard_count=shard_count, source=source)
   return _iterate(ds, num_workers, read_threads, prefetch)
 
 
-def eval_dataset(task_cfg: Any, task: str | TaskSpec, *, split: str = "val",
+def eval_dataset(task_cfg: Any, spec: DataSpec, *, split: str = "val",
                  batch_size: int | None = None, source: Any = None) -> grain.MapDataset:
   """Evaluation batches: file order, deterministic resize, last batch padded (valid=False)."""
-  spec = get_task(task)
+  spec = _spec(spec)
   source = source if source is not None else make_source(task_cfg, spec, split)
   batch_size = int(batch_size or task_cfg["batch_size"])
   n = len(source)
   padded = math.ceil(n / batch_size) * batch_size
   fn = EvalExample(source, eval_transform(task_cfg, spec), spec.name,
-                   tuple(task_cfg["eval_image_size"]),
-                   int(_get(task_cfg, "max_boxes", 0) or 0), spec)
+                   tuple(task_cfg["eval_image_size"]), fields(task_cfg, spec))
   return grain.MapDataset.range(padded).map(fn).batch(batch_size, drop_remainder=True)
 
 
-def eval_iterator(task_cfg: Any, task: str | TaskSpec, *, split: str = "val",
+def eval_iterator(task_cfg: Any, spec: DataSpec, *, split: str = "val",
                   batch_size: int | None = None, num_workers: int = 0,
                   read_threads: int | None = None, prefetch: int | None = None,
                   source: Any = None) -> grain.DatasetIterator:
   """Iterator over ``eval_dataset(...)`` with ``num_workers`` processes (order preserved)."""
-  ds = eval_dataset(task_cfg, task, split=split, batch_size=batch_size, source=source)
+  ds = eval_dataset(task_cfg, spec, split=split, batch_size=batch_size, source=source)
   return _iterate(ds, num_workers, read_threads, prefetch)

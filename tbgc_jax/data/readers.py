@@ -12,6 +12,9 @@ Every malformed case, its strict error and its skip behaviour: ``docs/data.md``,
 "Validation of inputs". Image files: see ``tbgc_jax.data.checks`` (header, format,
 completeness always; full decodes with ``deep_check=True``). Paths must stay inside the
 dataset root (symlinks resolved) unless ``allow_outside_root=True``.
+
+Each format registers a reader (``tbgc_jax.data.formats``) under its name: ``coco``,
+``tt100k``, ``bdd100k``, ``cls_list`` (the classification list file) and ``tfds``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from tbgc_jax.data import checks
 from tbgc_jax.data.checks import MISSING, BadField
+from tbgc_jax.data.formats import ReadContext, register_reader
 from tbgc_jax.data.records import (
     ClsRecord,
     DataValidationError,
@@ -37,6 +41,7 @@ from tbgc_jax.data.records import (
     check_label_values,
     read_label_map,
 )
+from tbgc_jax.data.spec import RecordSet
 from tbgc_jax.schema import IGNORE_LABEL
 
 _log = logging.getLogger(__name__)
@@ -575,8 +580,6 @@ class TfdsClsSource:
     name: TFDS dataset name.
   """
 
-  task = "cls"
-
   def __init__(self, split: str, data_dir: str | None = None, name: str = "cars196"):
     import tensorflow_datasets as tfds
 
@@ -631,3 +634,36 @@ class TfdsClsSource:
 
   def __setstate__(self, state):
     self.__init__(**state)
+
+
+# ---------------------------------------------------------------- the format registry
+
+
+def _coco(kwargs: Mapping[str, Any], ctx: ReadContext) -> RecordSet:
+  result = read_coco(**kwargs, **ctx.checks)
+  return RecordSet(result.records, result.category_ids, result.class_names, kwargs["ann_file"])
+
+
+def _tt100k(kwargs: Mapping[str, Any], ctx: ReadContext) -> RecordSet:
+  result = read_tt100k(**kwargs, **ctx.checks)
+  return RecordSet(result.records, result.category_ids, result.class_names)
+
+
+def _bdd100k(kwargs: Mapping[str, Any], ctx: ReadContext) -> RecordSet:
+  return RecordSet(read_bdd100k_seg(**kwargs, num_classes=ctx.num_classes, **ctx.checks))
+
+
+def _cls_list(kwargs: Mapping[str, Any], ctx: ReadContext) -> RecordSet:
+  return RecordSet(read_cls_list(**kwargs, num_classes=ctx.num_classes, **ctx.checks))
+
+
+def _tfds(kwargs: Mapping[str, Any], ctx: ReadContext) -> TfdsClsSource:
+  del ctx
+  return TfdsClsSource(**kwargs)
+
+
+register_reader("coco", _coco)
+register_reader("tt100k", _tt100k)
+register_reader("bdd100k", _bdd100k)
+register_reader("cls_list", _cls_list)
+register_reader("tfds", _tfds)

@@ -1,15 +1,15 @@
-"""Record schema per task, validation policies and random-access sources that decode records.
+"""Records of the built-in formats, validation policies and random-access sources that decode
+records.
 
 A *record* is what a reader returns: file paths plus annotations, cheap to hold for a whole
 dataset. A *source* turns record ``i`` into an *example*: a dict of numpy arrays with the
-decoded image, the annotations (the task's ``TaskSpec.decode``) and bookkeeping fields.
+decoded image, the task's fields (its ``DataSpec.decode``) and bookkeeping fields.
 Examples have variable shapes; the pipeline makes them fixed-shape
 (``tbgc_jax.data.batching``).
 
 Example keys (all tasks): ``image`` uint8 [H,W,3] RGB, ``index`` int32 (record position),
-``orig_hw`` int32 [2]. Detection adds ``boxes`` float32 [n,4] xyxy pixels, ``labels`` int32
-[n], ``image_id`` int32. Segmentation adds ``label`` uint8 [H,W] (255 = ignore).
-Classification adds ``label`` int32.
+``orig_hw`` int32 [2]; then the task's fields (``DataSpec.fields``: their kinds say how
+augmentations and batching treat them).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tbgc_jax.data.spec import DataSpec
 from tbgc_jax.schema import IGNORE_LABEL
-from tbgc_jax.tasks import TaskSpec, get_task
 
 POLICIES = ("strict", "skip")
 
@@ -196,7 +196,7 @@ class RecordSource:
 
   Args:
     records: the records of one task (e.g. all ``DetRecord``, ``SegRecord`` or ``ClsRecord``).
-    task: a registered task's name (or its spec); its ``decode`` makes the task fields.
+    spec: the task's data spec; its ``decode`` makes the task fields.
     num_classes: number of classes (checked again at decode time for segmentation).
     min_decode_side: tasks with ``reduced_decode`` (detection): when > 0, images whose long
       side is at least 2x (4x, 8x) this are decoded at 1/2 (1/4, 1/8) size, boxes scaled to
@@ -213,11 +213,12 @@ class RecordSource:
     class_names: tuple of strings, one per label.
   """
 
-  def __init__(self, records: Sequence[Any], task: str | TaskSpec, num_classes: int,
+  def __init__(self, records: Sequence[Any], spec: DataSpec, num_classes: int,
                min_decode_side: int = 0, category_ids: Sequence[int] | None = None,
                class_names: Sequence[str] | None = None, annotation_file: str | None = None):
-    # The spec itself is kept (and pickled to grain's workers), not only its name.
-    self.spec = get_task(task)
+    if not isinstance(spec, DataSpec):
+      raise TypeError(f"RecordSource: expected a task's DataSpec, got {spec!r}")
+    self.spec = spec  # pickled to grain's workers with the source
     self.records = list(records)
     self.task = self.spec.name
     self.num_classes = num_classes

@@ -1,16 +1,16 @@
 """Host-side augmentations as picklable grain ``RandomMap`` transforms (OpenCV pixel work).
 
 Each transform maps an example dict (see ``tbgc_jax.data.records``) and draws randomness
-only from the injected ``np.random.Generator``. Geometric transforms keep detection boxes
-(xyxy, pixel-edge coordinates: pixel j covers [j, j+1]) and per-pixel label maps
-(nearest-neighbour, 255 outside the image) aligned with the pixels; boxes are transformed
-by their 4 corners (enclosing box), clipped to the image, and dropped when narrower or
-shorter than 1 pixel. Photometric transforms leave annotations untouched.
+only from the injected ``np.random.Generator``. A geometric transform computes one transform
+from its draw (a resize, a 3x3 affine in pixel-edge coordinates: pixel j covers [j, j+1], a
+crop window, a flip) and applies it to the image and to every field of the example by the
+field's kind (``tbgc_jax.data.fields``: boxes by their corners, clipped and filtered; class
+maps nearest with their fill; dense maps bilinear; keypoints with their flip pairs;
+image-level labels untouched). Photometric transforms leave the fields untouched.
 
-Which example keys are label maps is the task's (``TaskSpec.label_maps``, e.g. ``("label",)``
-for segmentation): every transform has a ``label_maps`` field, set by ``build_chain`` from the
-task, and the functions below take it as an argument. Boxes are the ``boxes`` / ``labels``
-keys when present.
+Which keys are fields, and of which kind, is the task's: every transform has a ``fields``
+attribute, set by ``build_chain`` from the task's data spec, and the functions below take it
+as an argument. Fields the transform is not told of pass through unchanged.
 
 ``Mosaic`` and ``MixUp`` read extra examples from the random-access ``source`` they hold, at
 indices drawn from the rng, so a sample stays a function of (seed, epoch, index).
@@ -20,34 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import cv2
 import grain
 import numpy as np
 
-from tbgc_jax.schema import IGNORE_LABEL
+from tbgc_jax.data.fields import Boxes, Fields, as_fields, present
 
 Example = dict[str, Any]
 
 
-def _clip_filter(ex: Example, min_size: float = 1.0) -> Example:
-  """Clips boxes to the image and drops the degenerate ones (side < ``min_size`` pixels)."""
-  if "boxes" not in ex:
-    return ex
-  h, w = ex["image"].shape[:2]
-  b = np.asarray(ex["boxes"], np.float32).reshape(-1, 4).copy()
-  b[:, 0::2] = np.clip(b[:, 0::2], 0, w)
-  b[:, 1::2] = np.clip(b[:, 1::2], 0, h)
-  keep = ((b[:, 2] - b[:, 0]) >= min_size) & ((b[:, 3] - b[:, 1]) >= min_size)
-  ex["boxes"] = b[keep]
-  ex["labels"] = np.asarray(ex["labels"], np.int32).reshape(-1)[keep]
-  return ex
-
-
-def resize(ex: Example, out_hw: tuple[int, int], label_maps: Sequence[str] = ()) -> Example:
-  """Resizes image (bilinear), the ``label_maps`` (nearest) and boxes to ``out_hw`` = (h, w)."""
+def resize(ex: Example, out_hw: tuple[int, int], fields: Fields = ()) -> Example:
+  """Resizes the image (bilinear, area when shrinking) to ``out_hw`` = (h, w), and
+  ``fields`` by their kinds."""
   ex = dict(ex)
   h, w = ex["image"].shape[:2]
   oh, ow = max(1, int(out_hw[0])), max(1, int(out_hw[1]))
@@ -55,21 +41,15 @@ def resize(ex: Example, out_hw: tuple[int, int], label_maps: Sequence[str] = ())
     return ex
   interp = cv2.INTER_AREA if oh * ow < h * w else cv2.INTER_LINEAR
   ex["image"] = cv2.resize(ex["image"], (ow, oh), interpolation=interp)
-  for k in label_maps:
-    # NEAREST_EXACT samples at pixel centres like the bilinear image resize (plain NEAREST
-    # is offset by up to half a source pixel).
-    ex[k] = cv2.resize(ex[k], (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
-  if "boxes" in ex:
-    # Clipped: float32 rounding can put a box edge on the border a hair outside the image.
-    b = np.asarray(ex["boxes"], np.float32) * np.asarray([ow / w, oh / h, ow / w, oh / h],
-                                                         np.float32)
-    ex["boxes"] = np.minimum(b, np.asarray([ow, oh, ow, oh], np.float32))
+  for k, kind in present(fields, ex):
+    kind.resize(ex, k, (h, w), (oh, ow))
   return ex
 
 
 def warp_affine(ex: Example, m: np.ndarray, out_hw: tuple[int, int],
-                label_maps: Sequence[str] = ()) -> Example:
-  """Applies a 3x3 affine ``m`` (pixel-edge coordinates, source -> output) to an example."""
+                fields: Fields = ()) -> Example:
+  """Applies a 3x3 affine ``m`` (pixel-edge coordinates, source -> output) to the image
+  (bilinear, black outside) and ``fields`` by their kinds."""
   ex = dict(ex)
   oh, ow = int(out_hw[0]), int(out_hw[1])
   # OpenCV maps pixel centres (pixel j at x=j); our coordinates put it at x=j+0.5.
@@ -77,25 +57,37 @@ def warp_affine(ex: Example, m: np.ndarray, out_hw: tuple[int, int],
   m_cv = (t(-0.5) @ m @ t(0.5))[:2]
   ex["image"] = cv2.warpAffine(ex["image"], m_cv, (ow, oh), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-  for k in label_maps:
-    ex[k] = cv2.warpAffine(ex[k], m_cv, (ow, oh), flags=cv2.INTER_NEAREST,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
-  if "boxes" in ex and len(ex["boxes"]):
-    b = np.asarray(ex["boxes"], np.float64).reshape(-1, 4)
-    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], axis=1)
-    pts = corners @ m[:2, :2].T + m[:2, 2]
-    ex["boxes"] = np.concatenate([pts.min(1), pts.max(1)], axis=1).astype(np.float32)
-    ex = _clip_filter(ex)
+  for k, kind in present(fields, ex):
+    kind.warp(ex, k, m, m_cv, (oh, ow))
   return ex
 
 
-def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int, int, int],
-          label_maps: Sequence[str] = ()) -> None:
+def new_canvas(ex: Example, hw: tuple[int, int], fields: Fields = (), keep: bool = False
+               ) -> dict[str, Any]:
+  """A black ``hw`` canvas for multi-image transforms, with the canvas entries of the fields
+  ``ex`` holds (``keep``: they start with ``ex``'s own values)."""
+  canvas: dict[str, Any] = {"image": np.zeros((*hw, 3), np.uint8)}
+  for k, kind in present(fields, ex):
+    canvas |= kind.canvas(ex, k, hw, keep)
+  return canvas
+
+
+def finish_canvas(ex: Example, canvas: dict[str, Any], fields: Fields = ()) -> Example:
+  """``ex`` with the canvas's image and its fields (those ``ex`` holds)."""
+  out = dict(ex)
+  out["image"] = canvas["image"]
+  for k, kind in present(fields, ex):
+    out |= kind.finish(canvas, k)
+  return out
+
+
+def paste(canvas: dict[str, Any], ex: Example, x0: int, y0: int,
+          region: tuple[int, int, int, int], fields: Fields = ()) -> None:
   """Pastes ``ex`` with its top-left at (x0, y0) into ``canvas``, inside ``region`` only.
 
-  ``region`` = (rx0, ry0, rx1, ry1) in canvas pixels. The ``label_maps`` are pasted like the
-  image. Boxes are shifted, clipped to the region and degenerate ones dropped; they are
-  appended to the canvas lists.
+  ``region`` = (rx0, ry0, rx1, ry1) in canvas pixels. The fields the canvas holds are pasted
+  by their kinds (maps like the image; boxes shifted, clipped to the region, degenerate ones
+  dropped, appended to the canvas lists).
   """
   h, w = ex["image"].shape[:2]
   rx0, ry0, rx1, ry1 = region
@@ -104,33 +96,21 @@ def paste(canvas: Example, ex: Example, x0: int, y0: int, region: tuple[int, int
   if cx1 <= cx0 or cy1 <= cy0:
     return
   canvas["image"][cy0:cy1, cx0:cx1] = ex["image"][cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-  for k in label_maps:
-    canvas[k][cy0:cy1, cx0:cx1] = ex[k][cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-  if "boxes" in ex:
-    b = np.asarray(ex["boxes"], np.float32).reshape(-1, 4) + np.float32([x0, y0, x0, y0])
-    b[:, 0::2] = np.clip(b[:, 0::2], cx0, cx1)
-    b[:, 1::2] = np.clip(b[:, 1::2], cy0, cy1)
-    keep = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
-    canvas["boxes"].append(b[keep])
-    canvas["labels"].append(np.asarray(ex["labels"], np.int32).reshape(-1)[keep])
+  for k, kind in present(fields, canvas):
+    if k in ex:
+      kind.paste(canvas, ex, k, x0, y0, (cx0, cy0, cx1, cy1))
 
 
 def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator,
-            label_maps: Sequence[str] = ()) -> Example:
-  """Crops a ``ch`` x ``cw`` window at a uniformly drawn position (sides <= the image's).
-
-  Boxes are shifted, clipped and filtered (``_clip_filter``); label maps are cropped alike.
-  """
+            fields: Fields = ()) -> Example:
+  """Crops a ``ch`` x ``cw`` window at a uniformly drawn position (sides <= the image's);
+  ``fields`` follow by their kinds (boxes shifted, clipped and filtered)."""
   h, w = ex["image"].shape[:2]
   y0 = int(rng.integers(0, h - ch + 1))
   x0 = int(rng.integers(0, w - cw + 1))
   ex["image"] = np.ascontiguousarray(ex["image"][y0:y0 + ch, x0:x0 + cw])
-  for k in label_maps:
-    ex[k] = np.ascontiguousarray(ex[k][y0:y0 + ch, x0:x0 + cw])
-  if "boxes" in ex:
-    ex["boxes"] = np.asarray(ex["boxes"], np.float32).reshape(-1, 4) - np.float32(
-        [x0, y0, x0, y0])
-    ex = _clip_filter(ex)
+  for k, kind in present(fields, ex):
+    kind.crop(ex, k, x0, y0, ch, cw)
   return ex
 
 
@@ -138,13 +118,17 @@ def crop_at(ex: Example, ch: int, cw: int, rng: np.random.Generator,
 class Transform(grain.transforms.RandomMap):
   """Base: applies ``apply`` with probability ``p`` (one rng draw when ``p < 1``).
 
-  ``label_maps``: the example keys holding label maps (the task's ``TaskSpec.label_maps``,
-  set by ``build_chain``), transformed with the image.
+  ``fields``: the example's fields and their kinds (`tbgc_jax.data.fields`; a mapping or
+  ``(key, kind)`` pairs, kept as pairs), set by ``build_chain`` from the task; geometric
+  transforms move each by its kind.
   """
 
   p: float = 1.0
-  label_maps: tuple[str, ...] = ()
+  fields: Fields = ()
   strong: ClassVar[bool] = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "fields", as_fields(self.fields))
 
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     if self.p < 1.0 and rng.random() >= self.p:
@@ -172,6 +156,7 @@ class MultiScale(Transform):
   step: int = 1
 
   def __post_init__(self):
+    super().__post_init__()
     if self.step < 1 or self.short_max < self.short_min or (
         (self.short_max - self.short_min) % self.step):
       raise ValueError(f"MultiScale: need step >= 1 and short_max = short_min + k * step, "
@@ -186,7 +171,7 @@ class MultiScale(Transform):
     short = self.short_min + self.step * int(rng.integers(0, len(self.shorts)))
     h, w = ex["image"].shape[:2]
     s = min(self.long_edge / max(h, w), short / min(h, w))
-    return resize(ex, (round(h * s), round(w * s)), self.label_maps)
+    return resize(ex, (round(h * s), round(w * s)), self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +186,7 @@ class RandomResize(Transform):
     r = rng.uniform(self.ratio_min, self.ratio_max)
     h, w = ex["image"].shape[:2]
     s = self.long_edge * r / max(h, w)
-    return resize(ex, (round(h * s), round(w * s)), self.label_maps)
+    return resize(ex, (round(h * s), round(w * s)), self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +197,7 @@ class Resize(Transform):
 
   def apply(self, ex, rng):
     del rng
-    return resize(ex, tuple(self.size), self.label_maps)
+    return resize(ex, tuple(self.size), self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +211,7 @@ class ResizeFit(Transform):
     h, w = ex["image"].shape[:2]
     s = min(self.size[0] / h, self.size[1] / w)
     return resize(ex, (min(self.size[0], round(h * s)), min(self.size[1], round(w * s))),
-                  self.label_maps)
+                  self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,11 +224,8 @@ class HFlip(Transform):
     del rng
     w = ex["image"].shape[1]
     ex["image"] = np.ascontiguousarray(ex["image"][:, ::-1])
-    for k in self.label_maps:
-      ex[k] = np.ascontiguousarray(ex[k][:, ::-1])
-    if "boxes" in ex:
-      b = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
-      ex["boxes"] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1)
+    for k, kind in present(self.fields, ex):
+      kind.hflip(ex, k, w)
     return ex
 
 
@@ -259,7 +241,7 @@ class Rotate(Transform):
     h, w = ex["image"].shape[:2]
     m = np.eye(3)
     m[:2] = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-    return warp_affine(ex, m, (h, w), self.label_maps)
+    return warp_affine(ex, m, (h, w), self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +252,7 @@ class RandomCrop(Transform):
 
   def apply(self, ex, rng):
     h, w = ex["image"].shape[:2]
-    return crop_at(ex, min(h, self.size[0]), min(w, self.size[1]), rng, self.label_maps)
+    return crop_at(ex, min(h, self.size[0]), min(w, self.size[1]), rng, self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +260,10 @@ class RangeCrop(Transform):
   """Random crop whose height and width are each drawn from U{min_size..max_size} (capped by
   the image side), mmdet's ``RandomCrop(crop_type='absolute_range')``.
 
-  With ``keep_boxes`` (mmdet's ``allow_negative_crop=False``), a detection example that has
-  boxes is re-cropped (up to ``tries`` draws) until a box survives; if none does, the example
-  is returned uncropped (mmdet would re-sample another image, which a map cannot).
+  With ``keep_boxes`` (mmdet's ``allow_negative_crop=False``), an example with boxes (fields
+  of kind `Boxes`) is re-cropped (up to ``tries`` draws) until a box survives; if none does,
+  the example is returned uncropped (mmdet would re-sample another image, which a map
+  cannot).
   """
 
   min_size: int = 384
@@ -290,12 +273,13 @@ class RangeCrop(Transform):
 
   def apply(self, ex, rng):
     h, w = ex["image"].shape[:2]
-    need_box = self.keep_boxes and len(ex.get("boxes", ())) > 0
+    boxes = [k for k, kind in present(self.fields, ex) if isinstance(kind, Boxes)]
+    need_box = self.keep_boxes and any(len(ex[k]) for k in boxes)
     for _ in range(self.tries):
       ch = int(rng.integers(min(h, self.min_size), min(h, self.max_size) + 1))
       cw = int(rng.integers(min(w, self.min_size), min(w, self.max_size) + 1))
-      out = crop_at(dict(ex), ch, cw, rng, self.label_maps)
-      if not need_box or len(out["boxes"]):
+      out = crop_at(dict(ex), ch, cw, rng, self.fields)
+      if not need_box or any(len(out[k]) for k in boxes):
         return out
     return ex
 
@@ -309,8 +293,9 @@ class Mosaic(Transform):
 
   A centre is drawn in the middle half of the canvas; each image is resized (aspect kept) to
   fit the canvas times U[scale_min, scale_max] and placed with a corner at the centre, cropped
-  to its quadrant. Boxes are shifted, clipped to the quadrant, degenerate ones dropped; label
-  maps tile the same way (255 where no image lands).
+  to its quadrant. The fields follow by their kinds: boxes are shifted, clipped to the
+  quadrant, degenerate ones dropped; maps tile the same way (their fill where no image
+  lands).
   """
 
   source: Any = None
@@ -326,36 +311,26 @@ class Mosaic(Transform):
     cx = int(rng.uniform(0.25, 0.75) * W)
     cy = int(rng.uniform(0.25, 0.75) * H)
     others = [self.source[int(i)] for i in rng.integers(0, len(self.source), size=3)]
-    canvas: dict[str, Any] = {"image": np.zeros((H, W, 3), np.uint8)}
-    for k in self.label_maps:
-      canvas[k] = np.full((H, W), IGNORE_LABEL, np.uint8)
-    if "boxes" in ex:
-      canvas["boxes"], canvas["labels"] = [], []
+    canvas = new_canvas(ex, (H, W), self.fields)
     regions = [(0, 0, cx, cy), (cx, 0, W, cy), (0, cy, cx, H), (cx, cy, W, H)]
     for q, item in enumerate([ex, *others]):
       h, w = item["image"].shape[:2]
       s = min(H / h, W / w) * rng.uniform(self.scale_min, self.scale_max)
-      item = resize(item, (max(1, round(h * s)), max(1, round(w * s))), self.label_maps)
+      item = resize(item, (max(1, round(h * s)), max(1, round(w * s))), self.fields)
       h, w = item["image"].shape[:2]
       x0 = cx - w if q in (0, 2) else cx
       y0 = cy - h if q in (0, 1) else cy
-      paste(canvas, item, x0, y0, regions[q], self.label_maps)
-    out = dict(ex)
-    out["image"] = canvas["image"]
-    for k in self.label_maps:
-      out[k] = canvas[k]
-    if "boxes" in canvas:
-      out["boxes"] = np.concatenate(canvas["boxes"]).reshape(-1, 4)
-      out["labels"] = np.concatenate(canvas["labels"]).reshape(-1)
-    return out
+      paste(canvas, item, x0, y0, regions[q], self.fields)
+    return finish_canvas(ex, canvas, self.fields)
 
 
 @dataclasses.dataclass(frozen=True)
 class MixUp(Transform):
   """Blends with an example read from ``source`` (resized to fit, top-left aligned).
 
-  The blend weight is ``ratio`` (YOLOX uses 0.5); boxes of both images are kept. Label maps
-  have no meaningful blend: examples of a task with ``label_maps`` pass through unchanged.
+  The blend weight is ``ratio`` (YOLOX uses 0.5); boxes of both images are kept, image-level
+  labels are the first image's. Maps and keypoints have no meaningful blend: examples of a
+  task with a field of a kind that is not ``blendable`` pass through unchanged.
   """
 
   source: Any = None
@@ -368,22 +343,19 @@ class MixUp(Transform):
     if self.source is None:
       raise ValueError("MixUp needs a source to read the second example from")
     j = int(rng.integers(0, len(self.source)))
-    if self.label_maps:
+    if not all(kind.blendable for _, kind in self.fields):
       return ex
     other = self.source[j]
     h, w = ex["image"].shape[:2]
     oh, ow = other["image"].shape[:2]
     s = min(h / oh, w / ow)
-    other = resize(other, (min(h, max(1, round(oh * s))), min(w, max(1, round(ow * s)))))
-    canvas = {"image": np.zeros_like(ex["image"]), "boxes": [], "labels": []}
-    paste(canvas, other, 0, 0, (0, 0, w, h))
-    ex["image"] = cv2.addWeighted(ex["image"], 1 - self.ratio, canvas["image"], self.ratio, 0)
-    if "boxes" in ex:
-      ex["boxes"] = np.concatenate([np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
-                                    *canvas["boxes"]])
-      ex["labels"] = np.concatenate([np.asarray(ex["labels"], np.int32).reshape(-1),
-                                     *canvas["labels"]])
-    return ex
+    other = resize(other, (min(h, max(1, round(oh * s))), min(w, max(1, round(ow * s)))),
+                   self.fields)
+    canvas = new_canvas(ex, (h, w), self.fields, keep=True)
+    paste(canvas, other, 0, 0, (0, 0, w, h), self.fields)
+    out = finish_canvas(ex, canvas, self.fields)
+    out["image"] = cv2.addWeighted(ex["image"], 1 - self.ratio, canvas["image"], self.ratio, 0)
+    return out
 
 
 # ---------------------------------------------------------------- photometric
@@ -513,8 +485,7 @@ def _magnitude(op: str, bin_: int) -> float:
   return float(table[op][bin_]) if op in table else 0.0
 
 
-def _apply_op(ex: Example, op: str, mag: float, sign: float,
-              label_maps: Sequence[str] = ()) -> Example:
+def _apply_op(ex: Example, op: str, mag: float, sign: float, fields: Fields = ()) -> Example:
   img = ex["image"]
   if op in _GEOMETRIC:
     h, w = img.shape[:2]
@@ -525,7 +496,7 @@ def _apply_op(ex: Example, op: str, mag: float, sign: float,
       m[0, 1] = sign * mag
     else:
       m[1, 0] = sign * mag
-    return warp_affine(ex, m, (h, w), label_maps)
+    return warp_affine(ex, m, (h, w), fields)
   if op == "Posterize":
     keep = 0xFF & ~((1 << (8 - int(mag))) - 1)
     img = img & np.uint8(keep)
@@ -562,8 +533,8 @@ class ImageNetAutoAugment(Transform):
   """AutoAugment with the published ImageNet policy (one random sub-policy per example).
 
   Mostly colour operations (Posterize, Solarize, Equalize, Invert, Color, ...). Geometric ops
-  (Rotate, ShearX/Y) are box- and mask-aware (boxes via their corners, label maps nearest
-  with 255 fill); ``photometric_only=True`` skips them instead.
+  (Rotate, ShearX/Y) move the fields by their kinds (boxes via their corners, class maps
+  nearest with their fill); ``photometric_only=True`` skips them instead.
   """
 
   photometric_only: bool = False
@@ -575,7 +546,7 @@ class ImageNetAutoAugment(Transform):
       go, sign = rng.random() < prob, (1.0 if rng.random() < 0.5 else -1.0)
       if not go or (self.photometric_only and op in _GEOMETRIC):
         continue
-      ex = _apply_op(ex, op, _magnitude(op, bin_ or 0), sign, self.label_maps)
+      ex = _apply_op(ex, op, _magnitude(op, bin_ or 0), sign, self.fields)
     return ex
 
 
@@ -610,11 +581,11 @@ class DetAutoAugment(Transform):
   def policies(self) -> tuple[tuple[Transform, ...], ...]:
     """The two sub-policies, each a sequence of transforms applied in order."""
     final = MultiScale(long_edge=self.long_edge, short_min=self.short_min,
-                       short_max=self.short_max, step=self.step, label_maps=self.label_maps)
+                       short_max=self.short_max, step=self.step, fields=self.fields)
     pre = MultiScale(long_edge=self.crop_long_edge, short_min=self.crop_short_min,
                      short_max=self.crop_short_max, step=self.crop_short_step,
-                     label_maps=self.label_maps)
-    crop = RangeCrop(min_size=self.crop_min, max_size=self.crop_max, label_maps=self.label_maps)
+                     fields=self.fields)
+    crop = RangeCrop(min_size=self.crop_min, max_size=self.crop_max, fields=self.fields)
     return (final,), (pre, crop, final)
 
   def apply_policy(self, ex: Example, k: int, rng: np.random.Generator) -> Example:

@@ -27,7 +27,7 @@ def top1_counts(pred_label, label, valid=None) -> tuple[int, int]:
 class Top1Accuracy:
   """Accumulates top-1 accuracy over batches (``update`` per batch, then ``result``).
 
-  Example:
+  Examples:
     >>> acc = Top1Accuracy()
     >>> acc.update({"label": np.array([1, 2, 0])},
     ...            {"label": np.array([1, 0, 5]), "valid": np.array([True, True, False])})

@@ -9,8 +9,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tbgc_jax.data import embedded, readers
-from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
+from tbgc_jax.data import embedded
+from tbgc_jax.data.fields import ImageLabel
+from tbgc_jax.data.spec import DataSpec, EmbeddedPool
+from tbgc_jax.tasks.base import EvalContext, TaskSpec, register_task
 
 EMBEDDED_HW = (64, 64)  # 20 fine-grained classes: digit x ink colour variant
 EMBEDDED_SIZES = {"train": 2000, "val": 400}
@@ -43,43 +45,22 @@ class ClassificationEvaluator:
     return {"top1": float(self.acc.result())}
 
 
-class ClassificationTask(TaskSpec):
-  """One class id per image (``label`` int32)."""
+class ClassificationData(DataSpec):
+  """One class id per image (``label`` int32); list files or TFDS."""
 
   name = "cls"
-  metric = "top1"
+  formats = ("cls_list", "tfds")
   rng_stream = 2
-  submission_key = "cls"
   embedded_format = "cls_list"
   embedded_data = True
 
-  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
-    from tbgc_jax.models.classification import ClassificationHead
-
-    m = config.model.cls
-    return ClassificationHead(channels, int(config.data.cls.num_classes),
-                              hidden_dim=m.hidden_dim or None, margin=m.margin, scale=m.scale,
-                              rngs=rngs)
-
-  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
-    if fmt == "tfds":
-      return readers.TfdsClsSource(**kwargs)
-    if fmt != "cls_list":
-      raise self.unsupported_format(fmt)
-    return RecordSet(readers.read_cls_list(
-        **kwargs, num_classes=num_classes, policy=policy, deep_check=deep_check,
-        allow_outside_root=allow_outside_root))
+  def fields(self, task_cfg):
+    del task_cfg
+    return {"label": ImageLabel(dtype="int32", fill=0)}
 
   def decode(self, record, image, orig_hw, num_classes):
     del image, orig_hw, num_classes
     return {"label": np.int32(record.label)}
-
-  def pad_targets(self, ex, image_hw, *, max_boxes):
-    del image_hw, max_boxes
-    return {"label": np.int32(ex["label"])}
-
-  def padding_targets(self):
-    return {"label": np.int32(0)}
 
   def embedded_reader_args(self, root, split):
     return {"list_file": os.path.join(root, "cls", f"{split}.txt"),
@@ -109,6 +90,23 @@ class ClassificationTask(TaskSpec):
     with open(os.path.join(root, "cls", f"{split}.txt"), "w") as f:
       f.writelines(lines)
 
+
+class ClassificationTask(TaskSpec):
+  """ArcFace head, top-1 accuracy, the submission's ``cls`` section."""
+
+  name = "cls"
+  data = ClassificationData()
+  metric = "top1"
+  submission_key = "cls"
+
+  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
+    from tbgc_jax.models.classification import ClassificationHead
+
+    m = config.model.cls
+    return ClassificationHead(channels, int(config.data.cls.num_classes),
+                              hidden_dim=m.hidden_dim or None, margin=m.margin, scale=m.scale,
+                              rngs=rngs)
+
   def evaluator(self, ctx):
     return ClassificationEvaluator(ctx)
 
@@ -117,12 +115,6 @@ class ClassificationTask(TaskSpec):
 
   def prediction_example(self, ex, prediction):
     return {**ex, "label": np.int32(prediction["label"])}
-
-  def draw(self, image, ex, num_classes):
-    del num_classes
-    cv2.putText(image, str(int(ex["label"])), (2, 10), cv2.FONT_HERSHEY_PLAIN, 0.8,
-                (255, 255, 0), 1)
-    return image
 
 
 register_task(ClassificationTask())

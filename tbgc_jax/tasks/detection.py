@@ -11,12 +11,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tbgc_jax.data import embedded, readers
-from tbgc_jax.data.batching import note_box_overflow
+from tbgc_jax.data import embedded
+from tbgc_jax.data.fields import Boxes, ImageLabel
+from tbgc_jax.data.spec import DataSpec, EmbeddedPool
 from tbgc_jax.models.detection import PRESETS as DINO_PRESETS
 from tbgc_jax.models.detection import DINOConfig
 from tbgc_jax.presets import preset, with_overrides
-from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
+from tbgc_jax.tasks.base import EvalContext, TaskSpec, register_task
 
 _log = logging.getLogger(__name__)
 EMBEDDED_HW = (144, 192)  # the embedded scenes: 192x144 (w x h), 2-5 digits, 10 classes
@@ -77,46 +78,29 @@ class DetectionEvaluator:
     return {k: float(out[k]) for k in ("mAP50", "mAP50_agnostic")}
 
 
-class DetectionTask(TaskSpec):
-  """Boxes (xyxy pixels) and labels per image; ``max_boxes`` slots per example."""
+class DetectionData(DataSpec):
+  """Boxes (xyxy pixels) with their labels, and the file's image id, per image; COCO or
+  TT100K files; ``config.data.det.max_boxes`` box slots per example."""
 
   name = "det"
-  metric = "mAP50"
+  formats = ("coco", "tt100k")
   reduced_decode = True
   rng_stream = 0
-  submission_key = "dec"
   embedded_format = "coco"
   embedded_data = True
 
-  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
-    from tbgc_jax.models.detection import DINOHead
-
-    det = det_config(config)
-    if det.num_queries < config.data.det.max_boxes:
-      raise ValueError(
-          f"config.model.det: num_queries={det.num_queries} must be >= "
-          f"config.data.det.max_boxes={config.data.det.max_boxes} (one query per target)")
-    return DINOHead(channels, int(config.data.det.num_classes), det, rngs=rngs)
-
-  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
-    if fmt not in ("coco", "tt100k"):
-      raise self.unsupported_format(fmt)
-    reader = readers.read_coco if fmt == "coco" else readers.read_tt100k
-    result = reader(**kwargs, policy=policy, deep_check=deep_check,
-                    allow_outside_root=allow_outside_root)
-    if len(result.class_names) != num_classes:
-      raise ValueError(f"{kwargs}: expected {num_classes} categories (data.det.num_classes), "
-                       f"got {len(result.class_names)}")
-    return RecordSet(result.records, result.category_ids, result.class_names,
-                     kwargs["ann_file"] if fmt == "coco" else None)
+  def fields(self, task_cfg):
+    return {"boxes": Boxes(labels="labels", mask="box_mask",
+                           max_boxes=int(task_cfg["max_boxes"])),
+            "image_id": ImageLabel(fill=-1, show=False)}
 
   def check_source(self, source, task_cfg, split):
     max_boxes = int(task_cfg["max_boxes"])
     over = sum(len(r.labels) > max_boxes for r in source.records)
     if over:
       _log.warning("%s/%s: %d of %d records have more than max_boxes=%d boxes; the extra "
-                   "boxes are dropped (counted in batching.box_overflow_count())", self.name,
-                   split, over, len(source.records), max_boxes)
+                   "boxes are dropped (counted in the batch field num_dropped_boxes)",
+                   self.name, split, over, len(source.records), max_boxes)
 
   def decode(self, record, image, orig_hw, num_classes):
     del num_classes
@@ -125,24 +109,6 @@ class DetectionTask(TaskSpec):
                 [sx, sy, sx, sy]),
             "labels": np.asarray(record.labels, np.int32).reshape(-1),
             "image_id": np.int32(record.image_id)}
-
-  def pad_targets(self, ex, image_hw, *, max_boxes):
-    boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
-    labels = np.asarray(ex["labels"], np.int32).reshape(-1)
-    n = boxes.shape[0]
-    if n > max_boxes:
-      note_box_overflow(n - max_boxes, max_boxes, int(ex["index"]))
-      boxes, labels, n = boxes[:max_boxes], labels[:max_boxes], max_boxes
-    out = {"boxes": np.zeros((max_boxes, 4), np.float32),
-           "labels": np.zeros((max_boxes,), np.int32)}
-    out["boxes"][:n] = boxes
-    out["labels"][:n] = labels
-    out["box_mask"] = np.arange(max_boxes) < n
-    out["image_id"] = np.int32(ex.get("image_id", -1))
-    return out
-
-  def padding_targets(self):
-    return {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int32)}
 
   def embedded_reader_args(self, root, split):
     return {"ann_file": os.path.join(root, "det", "annotations", f"instances_{split}.json"),
@@ -174,6 +140,25 @@ class DetectionTask(TaskSpec):
     with open(os.path.join(root, "det", "annotations", f"instances_{split}.json"), "w") as f:
       json.dump({"images": images, "annotations": anns, "categories": cats}, f)
 
+
+class DetectionTask(TaskSpec):
+  """DINO head, mAP50 (pycocotools), the submission's ``dec`` section."""
+
+  name = "det"
+  data = DetectionData()
+  metric = "mAP50"
+  submission_key = "dec"
+
+  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
+    from tbgc_jax.models.detection import DINOHead
+
+    det = det_config(config)
+    if det.num_queries < config.data.det.max_boxes:
+      raise ValueError(
+          f"config.model.det: num_queries={det.num_queries} must be >= "
+          f"config.data.det.max_boxes={config.data.det.max_boxes} (one query per target)")
+    return DINOHead(channels, int(config.data.det.num_classes), det, rngs=rngs)
+
   def evaluator(self, ctx):
     return DetectionEvaluator(ctx)
 
@@ -188,20 +173,6 @@ class DetectionTask(TaskSpec):
     boxes[:min(n, slots)] = prediction["boxes"][keep][:slots]
     labels[:min(n, slots)] = prediction["labels"][keep][:slots]
     return {**ex, "boxes": boxes, "labels": labels, "box_mask": np.arange(slots) < n}
-
-  def draw(self, image, ex, num_classes):
-    from tbgc_jax.data.preview import palette
-
-    pal = palette(num_classes + 1)
-    for box, label in zip(ex["boxes"][ex["box_mask"]], ex["labels"][ex["box_mask"]],
-                          strict=True):
-      x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-      c = tuple(int(v) for v in pal[int(label) + 1])
-      cv2.rectangle(image, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (0, 0, 0), 2)
-      cv2.rectangle(image, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), c, 1)
-      cv2.putText(image, str(int(label)), (x0, max(8, y0 - 1)), cv2.FONT_HERSHEY_PLAIN, 0.7, c,
-                  1)
-    return image
 
 
 register_task(DetectionTask())

@@ -9,13 +9,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tbgc_jax.data import embedded, readers
+from tbgc_jax.data import embedded
+from tbgc_jax.data.fields import ClassMap
 from tbgc_jax.data.records import DataValidationError, check_label_values, read_label_map
+from tbgc_jax.data.spec import DataSpec, EmbeddedPool
 from tbgc_jax.models.segmentation import PRESETS as MASK2FORMER_PRESETS
 from tbgc_jax.models.segmentation import Mask2FormerConfig
 from tbgc_jax.presets import preset, with_overrides
 from tbgc_jax.schema import IGNORE_LABEL
-from tbgc_jax.tasks.base import EmbeddedPool, EvalContext, RecordSet, TaskSpec, register_task
+from tbgc_jax.tasks.base import EvalContext, TaskSpec, register_task
 
 EMBEDDED_HW = (128, 160)  # the embedded scenes: 160x128
 EMBEDDED_SIZES = {"train": 800, "val": 100}
@@ -62,40 +64,26 @@ class SegmentationEvaluator:
       if self.ctx.submission is not None:
         self.ctx.submission[SegmentationTask.submission_key].update(
             seg_submission([pred], [name], num_classes=self.num_classes))
-      if self.ctx.label_png_dir:
-        save_label_png(os.path.join(self.ctx.label_png_dir, os.path.splitext(name)[0] + ".png"),
+      if self.ctx.output_dir:
+        save_label_png(os.path.join(self.ctx.output_dir, os.path.splitext(name)[0] + ".png"),
                        pred)
 
   def compute(self) -> dict[str, float]:
     return {"mIoU": float(self.acc.compute()["miou"])}
 
 
-class SegmentationTask(TaskSpec):
-  """A uint8 label map per image (``label``, 255 = ignore)."""
+class SegmentationData(DataSpec):
+  """A uint8 label map per image (``label``, 255 = ignore); BDD100K layout."""
 
   name = "seg"
-  metric = "mIoU"
-  label_maps = ("label",)
+  formats = ("bdd100k",)
   rng_stream = 1
-  submission_key = "seg"
   embedded_format = "bdd100k"
   embedded_data = True
 
-  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
-    from tbgc_jax.models.segmentation import Mask2FormerHead
-
-    return Mask2FormerHead(channels, int(config.data.seg.num_classes), seg_config(config),
-                           rngs=rngs)
-
-  def predict_kwargs(self):
-    return {"return_scores": True}  # per-class scores, for evaluation at the original size
-
-  def read(self, fmt, kwargs, *, num_classes, policy, deep_check, allow_outside_root):
-    if fmt != "bdd100k":
-      raise self.unsupported_format(fmt)
-    return RecordSet(readers.read_bdd100k_seg(
-        **kwargs, num_classes=num_classes, policy=policy, deep_check=deep_check,
-        allow_outside_root=allow_outside_root))
+  def fields(self, task_cfg):
+    del task_cfg
+    return {"label": ClassMap(dtype="uint8", fill=IGNORE_LABEL)}
 
   def decode(self, record, image, orig_hw, num_classes):
     lab = read_label_map(record.label_path)
@@ -135,6 +123,24 @@ class SegmentationTask(TaskSpec):
       cv2.imwrite(os.path.join(idir, name + ".jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                   [cv2.IMWRITE_JPEG_QUALITY, 92])
       cv2.imwrite(os.path.join(mdir, name + ".png"), lab)
+
+
+class SegmentationTask(TaskSpec):
+  """Mask2Former head, mIoU at the original size, the submission's ``seg`` section."""
+
+  name = "seg"
+  data = SegmentationData()
+  metric = "mIoU"
+  submission_key = "seg"
+
+  def build_head(self, config: Any, channels: Sequence[int], *, rngs: Any) -> Any:
+    from tbgc_jax.models.segmentation import Mask2FormerHead
+
+    return Mask2FormerHead(channels, int(config.data.seg.num_classes), seg_config(config),
+                           rngs=rngs)
+
+  def predict_kwargs(self):
+    return {"return_scores": True}  # per-class scores, for evaluation at the original size
 
   def prediction_example(self, ex, prediction):
     return {**ex, "label": np.asarray(prediction["seg"], np.uint8)}

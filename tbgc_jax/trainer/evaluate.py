@@ -5,11 +5,17 @@ then ``compute() -> {name: value}``): detection mAP50 with pycocotools, segmenta
 the original resolution, classification top-1, or a task of your own. A task section may
 name another evaluator: ``config.data.<task>.evaluator = "package.module:factory"``, a
 callable taking the `EvalContext` and returning an evaluator.
+
+During training the evaluations are the config's ``evals`` (`eval_specs`), big_vision
+style: ``config.evals.<name> = {type, task, split, every}``, several per task allowed. A
+``type`` is a task's name (that task's own evaluator) or an evaluator type added with
+`register_evaluator` (one module defining the evaluator, one registration line).
 """
 
+import dataclasses
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -40,8 +46,89 @@ def make_predict_fn(graphdef: nnx.GraphDef, task: str, mesh: jax.sharding.Mesh):
   return jax.jit(predict, out_shardings=sharding.replicated(mesh))
 
 
-def make_evaluator(task_cfg: Any, task: str, ctx: EvalContext) -> Evaluator:
-  """The task's evaluator: ``task_cfg.evaluator`` ("module:factory") if set, else its spec's."""
+_EVALUATOR_TYPES: dict[str, Callable[[EvalContext], Evaluator]] = {}
+
+
+def register_evaluator(name: str, factory: Callable[[EvalContext], Evaluator]) -> None:
+  """Adds an evaluator type for ``config.evals.<name>.type``.
+
+  Args:
+    name: the type's name; must not be a task's name (those are the tasks' own evaluators).
+    factory: builds the evaluator of one evaluation from its `EvalContext` (the task's data
+      section, the split's source, the split).
+  """
+  if name in task_names() or name in _EVALUATOR_TYPES:
+    raise ValueError(f"evaluator type {name!r} is taken (task names and "
+                     f"{sorted(_EVALUATOR_TYPES)})")
+  _EVALUATOR_TYPES[name] = factory
+
+
+def evaluator_types() -> tuple[str, ...]:
+  """The ``type`` values of ``config.evals``: registered types, then the task names."""
+  return (*sorted(_EVALUATOR_TYPES), *task_names())
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """One evaluation of ``config.evals``: ``type`` on ``task``'s ``split``, every ``every``
+  training steps (0: after the last step only)."""
+
+  name: str
+  type: str
+  task: str
+  split: str = "val"
+  every: int = 0
+
+
+def eval_specs(config: Any) -> dict[str, EvalSpec]:
+  """``config.evals`` as `EvalSpec` s, checked. Without ``config.evals`` (or with it empty):
+  one per task, named after it, its own evaluator on "val" every ``config.eval_every`` steps.
+
+  Raises:
+    ValueError: naming the evaluation and field, on an unknown type or task, a task outside
+      ``config.tasks``, or a negative ``every``.
+  """
+  every = int(config.get("eval_every", 0) or 0)
+  evals = config.get("evals", None)
+  if not evals:
+    return {t: EvalSpec(t, t, t, "val", every) for t in config.tasks}
+  out = {}
+  for name, e in evals.items():
+    task = str(e.get("task", name))
+    spec = EvalSpec(str(name), str(e.get("type", task)), task, str(e.get("split", "val")),
+                    int(e.get("every", every)))
+    if spec.task not in tuple(config.tasks):
+      raise ValueError(f"config.evals.{name}.task: {spec.task!r} is not one of config.tasks "
+                       f"{tuple(config.tasks)}")
+    if spec.type not in _EVALUATOR_TYPES and spec.type != spec.task:
+      raise ValueError(f"config.evals.{name}.type: expected the task's name ({spec.task!r}) or "
+                       f"a registered evaluator type {sorted(_EVALUATOR_TYPES)}, got "
+                       f"{spec.type!r}")
+    if spec.every < 0:
+      raise ValueError(f"config.evals.{name}.every must be >= 0, got {spec.every}")
+    out[spec.name] = spec
+  return out
+
+
+def challenge_score(tasks, specs: Mapping[str, EvalSpec], metrics: Mapping[str, float]
+                    ) -> float | None:
+  """The mean of the tasks' headline metrics (the challenge score) when every task has an
+  evaluation named after it with its own evaluator on "val" and its metrics are in
+  ``metrics``; else None."""
+  keys = [metric_key(t) for t in tasks]
+  default = all(t in specs and (specs[t].type, specs[t].task, specs[t].split) == (t, t, "val")
+                for t in tasks)
+  if default and all(k in metrics for k in keys):
+    return float(np.mean([metrics[k] for k in keys]))
+  return None
+
+
+def make_evaluator(task_cfg: Any, task: str, ctx: EvalContext,
+                   evaluator_type: str | None = None) -> Evaluator:
+  """The evaluator of one evaluation: the registered ``evaluator_type`` if given (and not the
+  task's name), else ``task_cfg.evaluator`` ("module:factory") if set, else the task spec's."""
+  if evaluator_type is not None and evaluator_type != task:
+    return _EVALUATOR_TYPES[evaluator_type](ctx)
   name = task_cfg.get("evaluator", None)
   if not name:
     return get_task(task).evaluator(ctx)
@@ -57,7 +144,7 @@ def make_evaluator(task_cfg: Any, task: str, ctx: EvalContext) -> Evaluator:
 def task_metrics(config: Any, task: str, predict: Callable[[dict], dict], *,
                  split: str = "val", batch_size: int | None = None,
                  submission: dict | None = None, seg_png_dir: str | None = None,
-                 source: Any = None) -> dict[str, float]:
+                 source: Any = None, evaluator_type: str | None = None) -> dict[str, float]:
   """The metrics of one task on ``split``: its evaluator over every evaluation batch.
 
   Args:
@@ -71,15 +158,17 @@ def task_metrics(config: Any, task: str, predict: Callable[[dict], dict], *,
     seg_png_dir: tasks predicting label maps (segmentation) also write each predicted map
       (original resolution) as ``<image stem>.png`` here, BDD100K's mask format.
     source: the split's source, if already read.
+    evaluator_type: a ``config.evals`` type (default: the task's own evaluator).
 
   Returns:
     ``{name: value}`` as the evaluator computes it (without the ``<task>/`` prefix).
   """
   cfg = config.data[task]
-  source = source if source is not None else pipeline.make_source(cfg, task, split)
+  spec = get_task(task).data
+  source = source if source is not None else pipeline.make_source(cfg, spec, split)
   evaluator = make_evaluator(cfg, task, EvalContext(cfg, source, split, submission,
-                                                    seg_png_dir))
-  for batch in pipeline.eval_iterator(cfg, task, split=split, batch_size=batch_size,
+                                                    seg_png_dir), evaluator_type)
+  for batch in pipeline.eval_iterator(cfg, spec, split=split, batch_size=batch_size,
                                       source=source, num_workers=int(config.num_workers)):
     evaluator.update(batch, predict(batch))
   return {k: float(v) for k, v in evaluator.compute().items()}
@@ -147,10 +236,32 @@ class Evaluation:
     metrics["score"] = float(np.mean([metrics[metric_key(t)] for t in self.tasks]))
     return metrics, sub
 
+  def run(self, params: Any, rest: Any, specs: Mapping[str, EvalSpec]) -> dict[str, float]:
+    """Runs the evaluations ``specs`` (`eval_specs`); returns ``{<name>/<metric>: value}``.
+
+    With the default evaluations (one named after each task, on "val") the result is what
+    ``__call__`` returns on "val": ``<task>/<metric>`` and ``score``, the mean of the tasks'
+    headline metrics; ``score`` is there whenever every task has an evaluation named after it
+    with its own evaluator on "val".
+    """
+    metrics = {}
+    for name, e in specs.items():
+      result = task_metrics(
+          self.config, e.task,
+          lambda batch, task=e.task: self._predict_host(task, params, rest, batch),
+          split=e.split, batch_size=self._batch_size(e.task), source=self._source(e.task, e.split),
+          evaluator_type=e.type)
+      metrics.update({f"{name}/{k}": v for k, v in result.items()})
+    score = challenge_score(self.tasks, specs, metrics)
+    if score is not None:
+      metrics["score"] = score
+    return metrics
+
   def _source(self, task: str, split: str) -> Any:
     """The split's source, read once per `Evaluation`."""
     if (task, split) not in self._sources:
-      self._sources[task, split] = pipeline.make_source(self.config.data[task], task, split)
+      self._sources[task, split] = pipeline.make_source(self.config.data[task],
+                                                        get_task(task).data, split)
     return self._sources[task, split]
 
   def _batch_size(self, task: str) -> int:
@@ -178,8 +289,9 @@ class Evaluation:
     sections = []
     for task in self.tasks:
       spec, cfg = get_task(task), self.config.data[task]
+      fields = pipeline.fields(cfg, spec.data)
       pairs = []
-      for batch in pipeline.eval_iterator(cfg, task, split=split,
+      for batch in pipeline.eval_iterator(cfg, spec.data, split=split,
                                           batch_size=self._batch_size(task),
                                           source=self._source(task, split)):
         preds = self._predict_host(task, params, rest, batch)
@@ -188,7 +300,7 @@ class Evaluation:
           shown = spec.prediction_example(ex, {k: v[i] for k, v in preds.items()})
           if shown is None:
             break
-          truth, pred = (draw(e, task, int(cfg.num_classes)) for e in (ex, shown))
+          truth, pred = (draw(e, fields, int(cfg.num_classes)) for e in (ex, shown))
           gap = np.full((truth.shape[0], 4, 3), 255, np.uint8)
           pairs.append(np.concatenate([truth, gap, pred], axis=1))
         if len(pairs) >= num or not pairs:

@@ -9,17 +9,22 @@ import numpy as np
 from flax import nnx
 
 from tbgc_jax.data import configs as data_configs
+from tbgc_jax.data import pipeline
 from tbgc_jax.data.augment import AUGMENT_MODES
 from tbgc_jax.data.batching import padding_example
+from tbgc_jax.data.fields import pop_counts
 from tbgc_jax.models.rngs import construction_rngs
-from tbgc_jax.tasks import task_names
+from tbgc_jax.tasks import get_task, task_names
 from tbgc_jax.trainer import sharding
+from tbgc_jax.trainer.cli import ConfigError
+from tbgc_jax.trainer.evaluate import eval_specs
 from tbgc_jax.trainer.model_factory import build_model
 from tbgc_jax.trainer.optim import method_hyperparameters
 from tbgc_jax.trainer.step import STEP_MODES
 
 NO_PRETRAINED = "none"  # config.model.pretrained value that asks for random init explicitly
 NONFINITE_POLICIES = ("drop_task", "stop")
+INIT_FROM_PARTS = ("params", "params+opt_state")
 _log = logging.getLogger(__name__)
 
 
@@ -33,9 +38,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.grad.step_mode not in STEP_MODES:
     raise ValueError(f"config.grad.step_mode must be one of {STEP_MODES}, got "
                      f"{config.grad.step_mode!r}")
-  if config.augment_mode not in AUGMENT_MODES:
-    raise ValueError(f"config.augment_mode must be one of {AUGMENT_MODES}, got "
-                     f"{config.augment_mode!r}")
+  if config.get("augment_mode", "") and config.augment_mode not in AUGMENT_MODES:
+    raise ValueError(f"config.augment_mode must be '' (each task's data.<task>.augment.mode) "
+                     f"or one of {AUGMENT_MODES}, got {config.augment_mode!r}")
+  if str(config.get("init_from_parts", "params")) not in INIT_FROM_PARTS:
+    raise ValueError(f"config.init_from_parts must be one of {INIT_FROM_PARTS}, got "
+                     f"{config.init_from_parts!r}")
   for task in tasks:
     if task not in config.data:
       raise ValueError(f"config.data has no section for task {task!r}")
@@ -48,6 +56,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not int(config.get("eval_every", 0) or 0) >= 0:
     raise ValueError(f"config.eval_every must be >= 0 (0: evaluate only at the end), got "
                      f"{config.eval_every}")
+  eval_specs(config)
   pretrained = str(config.model.pretrained)
   if config.model.get("require_pretrained", False) and not pretrained:
     raise ValueError(
@@ -81,28 +90,48 @@ def use_compilation_cache(workdir: str) -> None:
 
 
 def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with the choices the trainer derives applied (the augment mode).
+  """A copy of ``config`` with its shortcuts applied: the one the run reads and records.
 
-  The caller's config is left as it is; a locked config gives a locked copy, a
-  ``FrozenConfigDict`` a (locked) ``ConfigDict``.
+  ``config.augment_mode``, when not empty, is a shortcut that sets every task's
+  ``data.<task>.augment.mode``; the copy holds the modes there only (its ``augment_mode`` is
+  ''), so that each task's mode has one place. The caller's config is left as it is; a
+  locked config gives a locked copy, a ``FrozenConfigDict`` a (locked) ``ConfigDict``.
   """
   if isinstance(config, ml_collections.FrozenConfigDict):
     config = ml_collections.ConfigDict(config)
   else:
     config = config.copy_and_resolve_references()
-  data_configs.set_augment_mode(config.data, config.augment_mode)
+  if config.get("augment_mode", ""):
+    data_configs.set_augment_mode(config.data, config.augment_mode)
+    config.augment_mode = ""
   return config
+
+
+def augment_modes(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """``{task: augmentation mode}`` of a resolved config (tasks with an ``augment`` section)."""
+  return {t: str(config.data[t].augment.mode) for t in config.tasks
+          if "augment" in config.data[t]}
 
 
 class Setup:
   """Everything ``train_and_evaluate`` and ``eval.py`` build from a config, in one place.
 
-  ``config`` is checked (`validate_config`) and not modified: ``self.config`` is its
-  `resolved_config`, the one the run reads from then on.
+  ``config`` is checked (`validate_config`; a mistake raises `ConfigError`) and not modified:
+  ``self.config`` is its `resolved_config`, the one the run reads from then on. The model is
+  built abstractly (``nnx.eval_shape``): ``abstract_params`` are shapes and shardings, the
+  restore target of a checkpoint. ``params``, the initial parameters (with the pretrained
+  backbone of ``config.model.pretrained``), are computed on first use only, so that a run
+  restoring a checkpoint, and ``eval.py``, never initialise or read the pretrained file.
+  ``rest`` (the model's non-parameter state) is always concrete.
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    validate_config(config)
+    try:
+      validate_config(config)
+    except ConfigError:
+      raise
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
     config = resolved_config(config)
     self.config = config
     self.tasks = tuple(config.tasks)
@@ -118,17 +147,32 @@ class Setup:
     self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     abstract.eval()
     self.eval_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
-    self.params, self.rest = jax.jit(
-        lambda: tuple(nnx.split(create(), nnx.Param, ...)[1:]),
-        out_shardings=(jax.tree.map(lambda _: self.replicated, abs_params),
-                       jax.tree.map(lambda _: self.replicated, abs_rest)))()
-    if config.model.pretrained and config.model.pretrained != NO_PRETRAINED:
-      from tbgc_jax.models.convert import load_backbone_weights
+    self.abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abs_params)
+    self._create = create
+    # The non-parameter state only: XLA drops the parameters' initialisation.
+    self.rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2],
+                        out_shardings=jax.tree.map(lambda _: self.replicated, abs_rest))()
+    self._params = None
 
-      model = nnx.merge(self.graphdef, self.params, self.rest)
-      load_backbone_weights(model, config.model.pretrained)
-      _, params, _ = nnx.split(model, nnx.Param, ...)
-      self.params = jax.device_put(params, self.replicated)
+  @property
+  def params(self):
+    """The initial parameters (random, with the pretrained backbone if the config names
+    one), replicated over the mesh; computed on first use."""
+    if self._params is None:
+      params = jax.jit(lambda: nnx.split(self._create(), nnx.Param, ...)[1],
+                       out_shardings=jax.tree.map(lambda _: self.replicated,
+                                                  self.abstract_params))()
+      pretrained = self.config.model.pretrained
+      if pretrained and pretrained != NO_PRETRAINED:
+        from tbgc_jax.models.convert import load_backbone_weights
+
+        model = nnx.merge(self.graphdef, params, self.rest)
+        load_backbone_weights(model, pretrained)
+        _, params, _ = nnx.split(model, nnx.Param, ...)
+        params = jax.device_put(params, self.replicated)
+      self._params = params
+    return self._params
 
   def local_batch_size(self, task: str) -> int:
     """Examples of ``task`` per step on this host: per-device batch x this host's devices."""
@@ -143,13 +187,15 @@ def train_batch_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
   The fields, shapes and dtypes are those of the data pipeline's padded examples
   (`tbgc_jax.data.batching.padding_example`) at ``config.data.<task>.image_size``, without
-  the pipeline's ``skipped`` counter, which the trainer takes off before the step; a batch
+  the pipeline's ``skipped`` counter and the drop counters (``num_dropped_<field>``), which
+  the trainer takes off before the step; a batch
   has ``config.data.<task>.batch_size`` rows per device of ``mesh``.
   """
   out = {}
   for t in config.tasks:
     d = config.data[t]
-    ex = padding_example(t, d.image_size, int(d.get("max_boxes", 0) or 0))
+    ex = padding_example(pipeline.fields(d, get_task(t).data), d.image_size)
+    pop_counts(ex)
     rows = int(d.batch_size) * mesh.size
     out[t] = {k: jax.ShapeDtypeStruct((rows, *np.shape(v)), np.asarray(v).dtype,
                                       sharding=sharding.data_sharding(mesh))
