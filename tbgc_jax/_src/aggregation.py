@@ -262,7 +262,7 @@ def from_weighting(
     The weighting/aggregator split of TorchJD (Quinton & Rey, `Jacobian Descent for
     Multi-Objective Optimization`, 2024).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tbgc_jax
     >>> def inverse_norm(step):  # each task's gradient scaled to unit backbone norm
     ...   return tbgc_jax.safe_div(1.0, jnp.sqrt(jnp.diag(step.gram)))
