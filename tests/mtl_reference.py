@@ -424,7 +424,8 @@ def excess_mtl(Js, eta=1.0, n_warmup=0):
     else:
       if base is None:
         base = risk if n_warmup == 0 else warm_sum / n_warmup
-      e = alpha * np.exp(eta * risk / (base + 1e-7))
+      logits = np.log(alpha) + eta * risk / (base + 1e-7)  # alpha e^x, normalised, without
+      e = np.exp(logits - logits.max())  # overflow where the risk ratios span decades
       alpha = e / e.sum()
     out.append(alpha @ J)
   return out

@@ -97,17 +97,18 @@ def test_matches_float64_reference(name, J, heads):
   np.testing.assert_allclose(out["head"], heads[:, :2].sum(0), rtol=1e-5, atol=1e-6)
 
 
-def _ill_conditioned(count=4, seed=11):
-  """3 x 5 Jacobians with task norms 1e-2, 1 and 1e2 (shuffled): cond(G) ~ 1e7 to 1e9."""
+def _ill_conditioned(count=2, seed=11):
+  """3 x 5 Jacobians with task norms 1e-2, 1 and 1e2 (shuffled): cond(G) 7e7 and 5e8 (an
+  eigendecomposition of G in float32 gives Aligned-MTL a cosine of 0.82 and 73x the norm)."""
   rng = np.random.default_rng(seed)
   scales = 10.0 ** np.array([-2.0, 0.0, 2.0])
   return [(rng.normal(size=(3, 5)) * rng.permutation(scales)[:, None]).astype(np.float32)
           for _ in range(count)]
 
 
-# (1 - cosine, |norm ratio - 1|) against float64 on `_ill_conditioned`; CAGrad's
-# majorize-minimize loop stops short on these (measured 4e-3 and 3.5e-2).
-ILL_TOLERANCE = {"cagrad": (1e-2, 5e-2)}
+# (1 - cosine, |norm ratio - 1|) against float64 on `_ill_conditioned`, where not the default
+# (1e-4, 2e-3).
+ILL_TOLERANCE = {"sdmgrad_pref": (1e-3, 1e-2)}  # measured 1.6e-4 and 6.6e-3
 # The Gramian methods with a float64 reference; pcgrad and gradvac against all their orders.
 ILL_CONDITIONED = sorted(set(tbgc_jax.method_names()) & (set(ref.DETERMINISTIC) | {"pcgrad",
                                                                                    "gradvac"}))
@@ -293,6 +294,23 @@ def test_stateful_methods_follow_float64_references_over_steps(case):
     out, state = _run(case.split("_pref")[0].split("_init")[0].removesuffix("_warmup"), J,
                       state=state, **hparams)
     assert _rel_err(_backbone(out), want[step]) < 2e-4, (case, step, _backbone(out), want[step])
+
+
+@pytest.mark.parametrize("case", sorted(STATEFUL_REFERENCES))
+def test_stateful_methods_on_ill_conditioned_gramians(case):
+  """Two steps on `_ill_conditioned` Jacobians (task norms four decades apart)."""
+  hparams, reference = STATEFUL_REFERENCES[case]
+  Js = _ill_conditioned()
+  want = reference([J.astype(np.float64) for J in Js])
+  cos_tol, norm_tol = ILL_TOLERANCE.get(case, (1e-4, 2e-3))
+  state = None
+  for step, J in enumerate(Js):
+    out, state = _run(case.split("_pref")[0].split("_init")[0].removesuffix("_warmup"), J,
+                      state=state, **hparams)
+    got = _backbone(out)
+    cos = got @ want[step] / (np.linalg.norm(got) * np.linalg.norm(want[step]))
+    assert 1.0 - cos < cos_tol, (case, step, cos)
+    assert abs(np.linalg.norm(got) / np.linalg.norm(want[step]) - 1.0) < norm_tol, (case, step)
 
 
 def test_pcd_special_cases():
