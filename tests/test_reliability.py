@@ -36,12 +36,18 @@ def _toy_params():
           "head": {"w": jax.random.normal(k[1], (3, 2))}}
 
 
+# Hyperparameters without a default (per task, or naming a task) for the two tasks below.
+_REQUIRED = {"constant": {"weights": {"a": 1.0, "b": 2.0}}, "trimmed_mean": {"trim_number": 0},
+             "pcd": {"primary": "b", "tau": {"a": 0.2}}}
+
+
 def _run_updates(method, losses_and_grads):
   """Runs the trainer's update (method with its non-finite policy + AdamW) over given steps."""
   config = tiny.get_config()
   config.grad.method = method
   if "max_norm" not in tbgc_jax.get_method(method).hyperparameters:
     del config.grad.hparams["max_norm"]
+  config.grad.hparams.update(_REQUIRED.get(method, {}))
   tx, schedules = make_optimizer(config, TASKS, _mask, total_steps=10, steps_per_epoch=5)
   params = _toy_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -75,7 +81,8 @@ def _steps(poison):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", tbgc_jax.method_names())
+# Krum needs three tasks or more; it drops a task through the same engine (test_methods.py).
+@pytest.mark.parametrize("method", [m for m in tbgc_jax.method_names() if m != "krum"])
 def test_a_nonfinite_task_is_dropped_and_counted_for_every_method(method):
   poisoned = _run_updates(method, _steps({1: "nan_loss", 2: "inf_grad"}))
   reference = _run_updates(method, _steps({1: "zero", 2: "zero"}))
