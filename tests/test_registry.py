@@ -260,7 +260,8 @@ def test_no_decay_paths_and_the_backbone_lr_multiplier(flat):
             "heads": {"norm": {"bias": jnp.ones(2)}, "out": {"kernel": jnp.ones(3)}}}
   zero = {t: jax.tree.map(jnp.zeros_like, params) for t in TASKS}
   c = _trainer_config("none")
-  c.optim.update(weight_decay=0.5, backbone_lr_mult=0.1, no_decay="norm", flat_update=flat)
+  c.optim.update(weight_decay=0.5, backbone_lr_mult=0.1, no_decay="norm")
+  c.backend = ml_collections.ConfigDict({"flat_update": flat})
   tx, _ = make_optimizer(c, TASKS, tbgc_jax.path_mask("^backbone"), 10, 5)
   updates, _ = jax.jit(tx.update)(zero, tx.init(params), params, losses={"a": 1.0, "b": 1.0})
   # A zero gradient leaves only AdamW's decay: -lr * mult * wd * p, and 0 on the no-decay paths.

@@ -259,7 +259,10 @@ def crmogm(backbone_mask: MaskOrFn | None = None, *, tasks: Sequence[str],
                                     losses=losses)
     w_hat = jnp.stack([inner_state.diagnostics.weights[t] for t in names]).astype(_F32)
     lam = smooth(w_hat, st)
-    out, outer_state = outer.update(updates, GramianState(state.diagnostics, lam), params)
+    # The losses too: a task the non-finite policy drops (its loss, or its gradient) is dropped
+    # by the outer sum as by the wrapped method.
+    out, outer_state = outer.update(updates, GramianState(state.diagnostics, lam), params,
+                                    losses=losses)
     return out, GramianState(outer_state.diagnostics,
                              CrmogmState(lam, st.count + 1, inner_state.inner))
 

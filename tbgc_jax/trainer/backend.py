@@ -49,7 +49,7 @@ def workarounds(config: Any, backend: str | None = None) -> Workarounds:
   Raises:
     ValueError: naming the field, for another value or an unknown field.
 
-  Example:
+  Examples:
     >>> import ml_collections
     >>> config = ml_collections.ConfigDict({"backend": {"flat_update": False}})
     >>> workarounds(config, backend="cpu")
