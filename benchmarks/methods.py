@@ -23,9 +23,10 @@ import tbgc_jax
 
 LEAF = 1 << 20
 CLIPPING = ("none", "vanilla", "tbgc_star", "tbgc", "backbone_clip")
-# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate);
-# MoCo and DB-MTL update one running estimate per task of the whole backbone gradient.
-ELEMENTWISE = ("graddrop", "moco", "db_mtl")
+# Not Gramian methods: GradDrop works per coordinate (one random draw per backbone coordinate),
+# the trimmed mean ranks the tasks' values per coordinate; MoCo, DB-MTL and ExcessMTL update
+# per-task running statistics of the whole backbone gradient.
+ELEMENTWISE = ("graddrop", "trimmed_mean", "moco", "db_mtl", "excess_mtl")
 
 
 def make_grads(num_tasks: int, millions: float, seed: int = 0):
@@ -47,8 +48,13 @@ def make_grads(num_tasks: int, millions: float, seed: int = 0):
   return tasks, grads
 
 
-def hyperparameters(name: str) -> dict:
-  return {"max_norm": 0.1} if name in CLIPPING[1:] else {}
+def hyperparameters(name: str, tasks: tuple[str, ...]) -> dict:
+  """The clipping threshold, and what the methods that require hyperparameters are given."""
+  n = len(tasks)
+  return {"max_norm": 0.1} if name in CLIPPING[1:] else {
+      "constant": {"weights": (1.0,) * n}, "krum": {"n_byzantine": 0, "n_selected": 2},
+      "trimmed_mean": {"trim_number": (n - 1) // 2},
+      "pcd": {"primary": tasks[0]}}.get(name, {})
 
 
 def time_config(num_tasks: int, millions: float, names, rounds: int, paired: bool = False
@@ -61,7 +67,7 @@ def time_config(num_tasks: int, millions: float, names, rounds: int, paired: boo
   mask = tbgc_jax.path_mask("^backbone/")
   compiled = {}
   for name in names:
-    tx = tbgc_jax.make_method(name, mask, tasks=tasks, **hyperparameters(name))
+    tx = tbgc_jax.make_method(name, mask, tasks=tasks, **hyperparameters(name, tasks))
     state = tx.init(params)
     losses = ({t: jnp.float32(1.0 + k) for k, t in enumerate(tasks)}
               if tbgc_jax.get_method(name).uses_losses else None)

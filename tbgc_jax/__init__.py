@@ -59,4 +59,18 @@ from tbgc_jax._src.scalarization import imtl_l as imtl_l
 from tbgc_jax._src.scalarization import pbi as pbi
 from tbgc_jax._src.scalarization import stch as stch
 
+# isort: split
+# Methods after TorchJD 0.18
+from tbgc_jax._src.robust import constant as constant
+from tbgc_jax._src.robust import krum as krum
+from tbgc_jax._src.robust import trimmed_mean as trimmed_mean
+from tbgc_jax._src.stateful import CrmogmState as CrmogmState
+from tbgc_jax._src.stateful import ExcessMtlState as ExcessMtlState
+from tbgc_jax._src.stateful import PcdState as PcdState
+from tbgc_jax._src.stateful import crmogm as crmogm
+from tbgc_jax._src.stateful import excess_mtl as excess_mtl
+from tbgc_jax._src.stateful import modo as modo
+from tbgc_jax._src.stateful import pcd as pcd
+from tbgc_jax._src.stateful import sdmgrad as sdmgrad
+
 __version__ = "0.1.0"

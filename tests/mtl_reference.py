@@ -185,6 +185,29 @@ def gradvac(J, orders, targets, beta=0.5):
   return np.sum(out, 0), targets
 
 
+def constant(J, weights):
+  return np.asarray(weights, np.float64) @ J
+
+
+def krum(J, n_byzantine, n_selected=1):
+  """Blanchard et al. 2017, Sec. 4: score(i) = sum of the squared distances to the
+  T - f - 2 nearest other rows; Multi-Krum (El Mhamdi et al. 2018) averages the n_selected rows
+  of lowest score (ties: the first rows)."""
+  n = len(J)
+  scores = []
+  for i in range(n):
+    d = sorted(np.sum((J[i] - J[j]) ** 2) for j in range(n) if j != i)
+    scores.append(sum(d[:n - n_byzantine - 2]))
+  chosen = np.argsort(scores, kind="stable")[:n_selected]
+  return J[chosen].mean(0)
+
+
+def trimmed_mean(J, trim_number):
+  """Yin et al. 2018, Definition 2: per coordinate, the mean without the b largest and b
+  smallest values."""
+  return np.sort(J, axis=0)[trim_number:len(J) - trim_number].mean(0)
+
+
 class Adam:
   """Adam (Kingma & Ba 2015, Algorithm 1) with optional L2 decay added to the gradient."""
 
@@ -290,4 +313,119 @@ DETERMINISTIC = {
     "mean": mean, "mgda": mgda, "upgrad": upgrad, "dualproj": dualproj, "cagrad": cagrad,
     "imtl_g": imtl_g, "aligned_mtl": aligned_mtl, "config": config, "fairgrad": fairgrad,
     "nash_mtl": nash_mtl,
+    # With the hyperparameters of `hyperparameters` below.
+    "constant": lambda J: constant(J, **hyperparameters("constant", len(J))),
+    "krum": lambda J: krum(J, **hyperparameters("krum", len(J))),
+    "trimmed_mean": lambda J: trimmed_mean(J, **hyperparameters("trimmed_mean", len(J))),
 }
+
+
+def hyperparameters(name, n):
+  """What the tests and benchmarks/accuracy.py give the methods that require hyperparameters
+  (per task, or naming a task), for ``n`` tasks named t0, t1, ... (Krum needs n >= 3)."""
+  return {"constant": {"weights": tuple(0.5 * 2.0**k for k in range(n))},
+          "krum": {"n_byzantine": 0, "n_selected": 2},
+          "trimmed_mean": {"trim_number": (n - 1) // 2},
+          "pcd": {"primary": "t0", "tau": 0.3}}.get(name, {})
+
+
+# ------------------------------------------------------------- methods with state across steps
+def project_simplex(v):
+  """Euclidean projection onto the simplex: v - tau clipped at 0, tau found by root finding."""
+  v = np.asarray(v, np.float64)
+  tau = scipy.optimize.brentq(lambda t: np.maximum(v - t, 0).sum() - 1, v.min() - 1, v.max())
+  return np.maximum(v - tau, 0)
+
+
+def modo(Js, gamma=0.1, rho=0.1):
+  """Chen et al. 2024, Eqs. 2.9a-b with G = J J^T: the update of each step."""
+  lam = np.full(len(Js[0]), 1.0 / len(Js[0]))
+  out = []
+  for J in Js:
+    lam = project_simplex(lam - gamma * (J @ J.T @ lam + rho * lam))
+    out.append(lam @ J)
+  return out
+
+
+def sdmgrad(Js, lr=10.0, momentum=0.5, iterations=20, lam=0.3, pref=None):
+  """Xiao et al. 2023, Eq. 9 by heavy-ball projected steps on G / (mean ||g_t||)^2 (the
+  authors' normalisation), warm-started across steps."""
+  n = len(Js[0])
+  pref = np.full(n, 1.0 / n) if pref is None else np.asarray(pref, np.float64)
+  w = np.full(n, 1.0 / n)
+  out = []
+  for J in Js:
+    a = J @ J.T / (np.mean(np.linalg.norm(J, axis=1)) ** 2 + 1e-8)
+    v = None
+    for _ in range(iterations):
+      grad = a @ (w + lam * pref)
+      v = grad if v is None else momentum * v + grad
+      w = project_simplex(w - lr * v)
+    out.append((w + lam * pref) @ J / (1 + lam))
+  return out
+
+
+def weights_of(J, update):
+  """The weights w with J^T w = update (unique for full-rank J)."""
+  return np.linalg.lstsq(J.T, update, rcond=None)[0]
+
+
+def crmogm(Js, inner, alpha=0.9, initial=None):
+  """Zhou et al. 2022, Eq. 5 on the weights of ``inner`` (a reference update function)."""
+  lam, out = initial, []
+  for J in Js:
+    w_hat = weights_of(J, inner(J))
+    lam = w_hat if lam is None else alpha * lam + (1 - alpha) * w_hat
+    out.append(lam @ J)
+  return out
+
+
+def pcd_direction(Jn, taus):
+  """argmin 1/2 ||d - Jn[0]||^2 s.t. Jn[j] . d >= tau_j ||Jn[j]||^2 (j >= 1): the feasible
+  point among the projections of Jn[0] onto the intersections of subsets of the constraint
+  planes (KKT: the multipliers of the subset are >= 0); None if none is feasible."""
+  g, rows = Jn[0], Jn[1:]
+  b = np.asarray(taus) * np.sum(rows**2, axis=1)
+  best = g if np.all(rows @ g >= b - 1e-12) else None
+  for s in _subsets(len(rows)):
+    A = rows[list(s)]
+    mu = np.linalg.lstsq(A @ A.T, b[list(s)] - A @ g, rcond=None)[0]
+    d = g + mu @ A
+    if np.all(mu >= -1e-12) and np.all(rows @ d >= b - 1e-9 * np.abs(b).max()):
+      if best is None or np.linalg.norm(d - g) < np.linalg.norm(best - g):
+        best = d
+  return best
+
+
+def pcd(Js, primary=0, tau=0.02, beta=0.999, eps=1e-8):
+  """Priority-Constrained Descent (Varam et al. 2026) on EMA-normalised gradients, rescaled to
+  the primary gradient's norm; g_p when infeasible."""
+  n = len(Js[0])
+  ema, out = np.zeros(n), []
+  order = [primary] + [k for k in range(n) if k != primary]
+  for k, J in enumerate(Js, 1):
+    ema = beta * ema + (1 - beta) * np.sum(J**2, axis=1)
+    s = 1 / np.sqrt(ema / (1 - beta**k) + eps)
+    d = pcd_direction((s[:, None] * J)[order], np.broadcast_to(tau, [n - 1]))
+    g = J[primary]
+    out.append(g if d is None else d * np.linalg.norm(g) / np.linalg.norm(d))
+  return out
+
+
+def excess_mtl(Js, eta=1.0, n_warmup=0):
+  """He et al. 2024, Eqs. 6-9 with the baseline of Sec. 3.2 (ratio at every step)."""
+  n = len(Js[0])
+  alpha, sq, warm_sum, base, out = np.full(n, 1.0 / n), 0.0, 0.0, None, []
+  for k, J in enumerate(Js):
+    sq = sq + J**2
+    risk = np.sum(J**2 / np.sqrt(sq + 1e-7), axis=1)
+    if k < n_warmup:
+      warm_sum = warm_sum + risk
+    else:
+      if base is None:
+        base = risk if n_warmup == 0 else warm_sum / n_warmup
+      logits = np.log(alpha) + eta * risk / (base + 1e-7)  # alpha e^x, normalised, without
+      e = np.exp(logits - logits.max())  # overflow where the risk ratios span decades
+      alpha = e / e.sum()
+    out.append(alpha @ J)
+  return out

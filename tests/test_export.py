@@ -39,11 +39,6 @@ def _functions(tasks):
   return ({f"grad[{t}]" for t in tasks} | {"update"} | {f"predict[{t}]" for t in tasks})
 
 
-def test_tiny_config_lowers_for_cuda_and_tpu():
-  config = tiny.get_config()
-  _check(config, _functions(config.tasks))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,batches", [
     (challenge, {"det": 2, "seg": 2, "cls": 8}),  # the paper's per-GPU batches
@@ -56,9 +51,13 @@ def test_challenge_config_step_lowers_for_cuda_and_tpu_at_its_per_device_batches
   _check(config, _functions(config.tasks))
 
 
-def test_cli_prints_the_table_and_exits_zero():
+def test_tiny_config_lowers_for_cuda_and_tpu_through_the_cli():
   out = subprocess.run(
-      [sys.executable, "-m", "tbgc_jax.trainer.export", "--config", "tests/micro_config.py",
-       "--platforms", "cuda"], capture_output=True, text=True, timeout=600, check=False)
+      [sys.executable, "-m", "tbgc_jax.trainer.export", "--config", "configs/tiny.py",
+       "--platforms", "cuda,tpu"], capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "| grad[seg] |" in out.stdout and "| update |" in out.stdout
+  rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.stdout.splitlines()
+          if line.startswith("| ") and not line.startswith("| function")}
+  assert set(rows) == _functions(tiny.get_config().tasks), out.stdout
+  for name, (ops, calls, _) in rows.items():
+    assert int(ops) > 100 and calls.strip() == "-", (name, ops, calls)

@@ -36,10 +36,19 @@ def _toy_params():
           "head": {"w": jax.random.normal(k[1], (3, 2))}}
 
 
+# Hyperparameters without a default (per task, or naming a task) for the two tasks below.
+_REQUIRED = {"constant": {"weights": {"a": 1.0, "b": 2.0}}, "trimmed_mean": {"trim_number": 0},
+             "pcd": {"primary": "b", "tau": {"a": 0.2}}}
+
+
 def _run_updates(method, losses_and_grads):
   """Runs the trainer's update (non-finite policy + method + AdamW) over given steps."""
   config = tiny.get_config()
   config.grad.method = method
+  hparams = dict(_REQUIRED.get(method, {}))
+  if "max_norm" in tbgc_jax.get_method(method).hyperparameters:
+    hparams["max_norm"] = 0.1  # the config's TBGC S, for every method with a clipping norm
+  config.grad.hparams = hparams
   tx, schedules = make_optimizer(config, TASKS, _mask, total_steps=10, steps_per_epoch=5)
   params = _toy_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -73,7 +82,8 @@ def _steps(poison):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", tbgc_jax.method_names())
+# Krum needs three tasks or more; it drops a task through the same engine (test_methods.py).
+@pytest.mark.parametrize("method", [m for m in tbgc_jax.method_names() if m != "krum"])
 def test_a_nonfinite_task_is_dropped_and_counted_for_every_method(method):
   poisoned = _run_updates(method, _steps({1: "nan_loss", 2: "inf_grad"}))
   reference = _run_updates(method, _steps({1: "zero", 2: "zero"}))

@@ -8,6 +8,10 @@ writes task ``t``'s manipulated backbone gradient as a combination of the raw on
 leaves. The Gramian is computed leaf by leaf in float32 (no T x D matrix, no host round trip), so
 the cost is about two passes over the gradients whatever the method, and sharded gradients work
 unchanged.
+
+The public entry is `from_weighting` (``tbgc_jax.from_weighting``): a method from a weighting
+``Step -> w`` (``C = diag(w)``), as most methods are. `gramian_method` takes the general rule
+(PCGrad's and GradVac's per-task combinations) or an elementwise one (GradDrop's).
 """
 
 from collections.abc import Callable, Sequence
@@ -262,7 +266,7 @@ def from_weighting(
     The weighting/aggregator split of TorchJD (Quinton & Rey, `Jacobian Descent for
     Multi-Objective Optimization`, 2024).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, tbgc_jax
     >>> def inverse_norm(step):  # each task's gradient scaled to unit backbone norm
     ...   return tbgc_jax.safe_div(1.0, jnp.sqrt(jnp.diag(step.gram)))

@@ -20,7 +20,7 @@ def check_tasks(tasks: Sequence[str], where: str) -> tuple[str, ...]:
   Returns:
     The names as a sorted tuple.
 
-  Example:
+  Examples:
     >>> check_tasks(["seg", "det", "cls"], "tbgc")
     ('cls', 'det', 'seg')
   """
@@ -52,7 +52,7 @@ def safe_div(num, den, *, fallback=0.0, where=None) -> jax.Array:
   Returns:
     ``jnp.where(where, num / den, fallback)``, safely.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> safe_div(jnp.array([1.0, 1.0, 2.0]), jnp.array([2.0, 0.0, -1.0])).tolist()
     [0.5, 0.0, 0.0]

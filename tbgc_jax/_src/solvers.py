@@ -110,12 +110,14 @@ def min_norm_simplex(gram: jax.Array, active: jax.Array) -> jax.Array:
 
 
 def cagrad_inner(gram: jax.Array, active: jax.Array, c: float | jax.Array,
-                 iterations: int = 20) -> jax.Array:
+                 iterations: int = 100) -> jax.Array:
   """``argmin_{w in simplex} w^T G m + c sqrt(m^T G m) sqrt(w^T G w)``, ``m = 1 / T``
   (CAGrad's inner problem), by majorize-minimize: ``sqrt(q) <= q / (2 s) + s / 2`` with
   equality at ``q = s^2``, so each of the ``iterations`` steps solves the simplex QP
   ``min w^T G w + (2 s / beta) (G m)^T w`` (`simplex_qp`, 50 FISTA steps warm-started, then
-  the exact active-set steps) and the objective never increases."""
+  the exact active-set steps) and the objective never increases. Its convergence is linear:
+  with norms two decades apart 20 steps can stop 10% short of the optimum's weights; 100
+  reach float32's fixed point on such cases (T x T work: nothing beside the gradient passes)."""
   g, _ = normalized(gram.astype(_F32))
   n = g.shape[0]
   m = jnp.full([n], 1.0 / n, _F32)

@@ -6,7 +6,7 @@ Parameter paths are ``("backbone", ...)`` for the shared backbone and ``("heads"
 that task's head, so the gradient of ``task_loss(task, ...)`` is exactly zero on the other
 heads.
 
-Example:
+Examples:
   >>> import jax
   >>> from flax import nnx
   >>> from tbgc_jax.models.internimage import InternImage
