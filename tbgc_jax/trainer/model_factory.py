@@ -29,7 +29,7 @@ def set_compute_dtype(model: nnx.Module, dtype: Any) -> nnx.Module:
   (positional encodings, reference grids, parameters used outside a flax layer) keep their
   dtype, and an operation mixing them with ``dtype`` activations promotes to float32.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> layer = set_compute_dtype(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), jnp.bfloat16)
     >>> layer(jnp.ones((1, 2))).dtype, layer.kernel.dtype

@@ -28,7 +28,7 @@ def method_hyperparameters(grad_cfg: Any) -> dict[str, Any]:
     ValueError: naming the config field: an unknown method, a hyperparameter the method does
       not take, a missing required one, an invalid value, or another field in ``config.grad``.
 
-  Example:
+  Examples:
     >>> import ml_collections
     >>> grad = ml_collections.ConfigDict({"method": "tbgc", "hparams": {"max_norm": 0.1}})
     >>> method_hyperparameters(grad)
@@ -58,7 +58,7 @@ def param_labels(params: Any, backbone_mask: Callable[[Any], Any], no_decay: str
   Returns:
     A tree of strings shaped like ``params``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> params = {"backbone": {"norm": {"scale": jnp.ones(2)}, "fc": {"kernel": jnp.ones(2)}},
     ...           "heads": {"cls": {"kernel": jnp.ones(2)}}}

@@ -70,7 +70,7 @@ def accumulate(fn: Callable[[Any, jax.Array], Any], batch: Any, rng: jax.Array,
   divided by ``num``. For a loss that is a mean over the examples of a micro-batch, the mean
   gradient is the gradient of the mean loss over all ``num`` micro-batches.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> f = lambda b, key: jax.grad(lambda w: jnp.mean((b * w) ** 2))(2.0)
     >>> x = jnp.arange(6.0)
