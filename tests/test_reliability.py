@@ -45,9 +45,10 @@ def _run_updates(method, losses_and_grads):
   """Runs the trainer's update (method with its non-finite policy + AdamW) over given steps."""
   config = tiny.get_config()
   config.grad.method = method
-  if "max_norm" not in tbgc_jax.get_method(method).hyperparameters:
-    del config.grad.hparams["max_norm"]
-  config.grad.hparams.update(_REQUIRED.get(method, {}))
+  hparams = dict(_REQUIRED.get(method, {}))
+  if "max_norm" in tbgc_jax.get_method(method).hyperparameters:
+    hparams["max_norm"] = 0.1  # the config's TBGC S, for every method with a clipping norm
+  config.grad.hparams = hparams
   tx, schedules = make_optimizer(config, TASKS, _mask, total_steps=10, steps_per_epoch=5)
   params = _toy_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
