@@ -49,7 +49,7 @@ def _define_flags() -> None:
   _LAYOUTS = flags.DEFINE_list(
       "layouts", ["config"], "Layouts to measure, in one run: config (as given), unrolled "
       "(every scan_blocks / scan_layers off: the baseline).")
-  _OPTIONS = flags.DEFINE_list("options", ["default"], "XLA:CPU option sets: default, fast.")
+  _OPTIONS = flags.DEFINE_list("options", ["default"], "XLA:CPU option sets (OPTION_SETS).")
   _STEP_TIME = flags.DEFINE_bool("step_time", False, "Also time steps (real data; tiny config).")
   _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds of step timing.")
   _CONCURRENT = flags.DEFINE_bool("concurrent", True, "Also compile all functions in threads.")
@@ -60,6 +60,10 @@ def _define_flags() -> None:
 OPTION_SETS = {
     "default": {},
     "fast": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
+    "o1": {"xla_backend_optimization_level": 1},
+    "noexpensive": {"xla_llvm_disable_expensive_passes": True},
+    "o1_noexpensive": {"xla_backend_optimization_level": 1,
+                       "xla_llvm_disable_expensive_passes": True},
 }
 
 
