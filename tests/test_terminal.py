@@ -248,15 +248,15 @@ class _ValidCount:
     return {"n": self.n}
 
 
-eval_lib.register_evaluator("valid_count", _ValidCount)
+eval_lib.register_evaluator("valid_rows", _ValidCount)
 
 
 def test_evaluations_are_named_by_the_config():
   config = _micro_cls()
   assert eval_lib.eval_specs(config) == {"cls": eval_lib.EvalSpec("cls", "cls", "cls", "val", 0)}
-  config.evals = {"cls": {"task": "cls"}, "size": {"type": "valid_count", "task": "cls"}}
+  config.evals = {"cls": {"task": "cls"}, "size": {"type": "valid_rows", "task": "cls"}}
   specs = eval_lib.eval_specs(config)
-  assert specs["size"] == eval_lib.EvalSpec("size", "valid_count", "cls", "val", 0)
+  assert specs["size"] == eval_lib.EvalSpec("size", "valid_rows", "cls", "val", 0)
   setup = Setup(config)
   evaluation = eval_lib.Evaluation(setup.config, setup.eval_graphdef, setup.mesh)
   metrics = evaluation.run(setup.params, setup.rest, specs)

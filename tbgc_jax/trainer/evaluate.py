@@ -63,6 +63,14 @@ def register_evaluator(name: str, factory: Callable[[EvalContext], Evaluator]) -
   _EVALUATOR_TYPES[name] = factory
 
 
+def unregister_evaluator(name: str) -> None:
+  """Removes an evaluator type added by `register_evaluator`."""
+  if name not in _EVALUATOR_TYPES:
+    raise KeyError(f"evaluator type {name!r} is not registered; registered: "
+                   f"{sorted(_EVALUATOR_TYPES)}")
+  del _EVALUATOR_TYPES[name]
+
+
 def evaluator_types() -> tuple[str, ...]:
   """The ``type`` values of ``config.evals``: registered types, then the task names."""
   return (*sorted(_EVALUATOR_TYPES), *task_names())
