@@ -65,3 +65,13 @@ def with_overrides(preset: Any, overrides: Mapping[str, Any] | None, where: str)
                      f"{sorted(known)}")
   overrides = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in overrides.items()}
   return dataclasses.replace(preset, **overrides)
+
+
+def config_value(cfg: Any, key: str, default: Any = None) -> Any:
+  """``cfg[key]`` of a config section (ConfigDict or mapping), or ``default`` where the key is
+  missing or its value is None (None means "not set" in the configs)."""
+  try:
+    value = cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value

@@ -31,6 +31,7 @@ import numpy as np
 
 from tbgc_jax.data.fields import as_fields
 from tbgc_jax.data.transforms import REGISTRY, Transform
+from tbgc_jax.presets import config_value
 
 Example = dict[str, Any]
 
@@ -154,16 +155,8 @@ class RandomChoice(grain.transforms.RandomMap):
 AUGMENT_MODES = ("plain", "parallel", "multi_branch")
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  try:
-    value = cfg[key]
-  except (KeyError, AttributeError):
-    return default
-  return default if value is None else value
-
-
 def _branch_specs(cfg: Any) -> tuple[str, ...]:
-  specs = tuple(_get(cfg, "branches", ()))
+  specs = tuple(config_value(cfg, "branches", ()))
   return specs or (cfg["plain"],)
 
 
@@ -174,7 +167,7 @@ def build_parallel(cfg: Any, source: Any = None, fields: Any = ()) -> Chain:
     ValueError: unless it holds exactly the union of the branches' transforms, each once.
   """
   specs = _branch_specs(cfg)
-  spec = _get(cfg, "parallel", None)
+  spec = config_value(cfg, "parallel", None)
   if spec is None:
     if len(specs) > 1:
       raise ValueError("augmentation mode 'parallel' needs a 'parallel' chain when there is "
@@ -221,11 +214,11 @@ def build_augment(cfg: Any, source: Any = None, *, max_strong: int | None = 1,
                          f"multi-branch paradigm allows at most {max_strong} per branch")
   n = len(branches)
   # Validate every probability field given, used or not: a typo fails at start.
-  given = {k: check_probs(k, _get(cfg, k), n) for k in ("probs", "probs_start", "probs_end")
-           if _get(cfg, k, ())}
+  given = {k: check_probs(k, config_value(cfg, k), n) for k in ("probs", "probs_start", "probs_end")
+           if config_value(cfg, k, ())}
   if n == 1:
     return branches[0]
-  if _get(cfg, "curriculum", False):
+  if config_value(cfg, "curriculum", False):
     if "probs_start" not in given or "probs_end" not in given:
       raise ValueError("curriculum=True needs probs_start and probs_end")
     return RandomChoice(branches, given["probs_start"], given["probs_end"])

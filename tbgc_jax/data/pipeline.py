@@ -36,15 +36,9 @@ from tbgc_jax.data.fields import Fields, as_fields
 from tbgc_jax.data.formats import ReadContext, get_reader, reads
 from tbgc_jax.data.records import DataValidationError, RecordSource
 from tbgc_jax.data.spec import DataSpec, RecordSet
+from tbgc_jax.presets import config_value
 
 _log = logging.getLogger(__name__)
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  try:
-    return cfg[key]
-  except (KeyError, AttributeError):
-    return default
 
 
 def _spec(spec: Any) -> DataSpec:
@@ -82,11 +76,11 @@ def make_source(task_cfg: Any, spec: DataSpec, split: str) -> Any:
   if fmt != "embedded" and not reads(spec.formats, fmt):
     raise ValueError(f"source format {fmt!r} is not available for task {task!r} (its "
                      f"formats: {('embedded', *spec.formats)})")
-  kwargs = dict(_get(src, split, None) or {})
+  kwargs = dict(config_value(src, split, None) or {})
   nc = int(task_cfg["num_classes"])
-  ctx = ReadContext(spec, split, src, nc, policy=_get(task_cfg, "policy", "strict"),
-                    deep_check=bool(_get(task_cfg, "deep_check", False)),
-                    allow_outside_root=bool(_get(task_cfg, "allow_outside_root", False)))
+  ctx = ReadContext(spec, split, src, nc, policy=config_value(task_cfg, "policy", "strict"),
+                    deep_check=bool(config_value(task_cfg, "deep_check", False)),
+                    allow_outside_root=bool(config_value(task_cfg, "allow_outside_root", False)))
   result = get_reader(fmt)(kwargs, ctx)
   if not isinstance(result, RecordSet):
     return result  # a ready source (e.g. TFDS)
@@ -96,7 +90,7 @@ def make_source(task_cfg: Any, spec: DataSpec, split: str) -> Any:
   if not result.records:
     raise ValueError(f"{task}/{split}: no records left after reading {kwargs}")
   source = RecordSource(result.records, spec, nc,
-                        int(_get(task_cfg, "min_decode_side", 0) or 0),
+                        int(config_value(task_cfg, "min_decode_side", 0) or 0),
                         category_ids=result.category_ids, class_names=result.class_names,
                         annotation_file=result.annotation_file)
   spec.check_source(source, task_cfg, split)
@@ -241,7 +235,7 @@ def train_dataset(task_cfg: Any, spec: DataSpec, *, seed: int, num_epochs: int,
   epoch_len = len(source)
   fn = TrainExample(source, aug, spec.name, tuple(task_cfg["image_size"]),
                     fields(task_cfg, spec), int(seed), epoch_len, int(num_epochs),
-                    _get(task_cfg, "policy", "strict"))
+                    config_value(task_cfg, "policy", "strict"))
   stream = grain.MapDataset.range(epoch_len).shuffle(seed=int(seed)).repeat(int(num_epochs))
   global_batches = len(stream) // (batch_size * shard_count)
   ds = grain.MapDataset.range(global_batches * batch_size).map(
